@@ -1,0 +1,193 @@
+//! Stream framing: how many bytes a packet needs, asked incrementally (FORMAT.md §13 "Streaming").
+//!
+//! A stream reader calls [`frame`] with the bytes it has; `Need(n)` asks for at least `n` bytes in
+//! total before calling again, `Complete(n)` says the packet is `prefix[..n]`. Every `Need` is proven
+//! necessary by the bytes already seen (a header before the shape, a length field before the value it
+//! delimits), so a reader can grow its buffer as data arrives. Sizes are checked against the decode
+//! limits before they are requested.
+//!
+//! ```text
+//! dense      header, shape, [exponent], pad, N·itemsize, [footer]      (compressed: Unframeable)
+//! quantized  header, shape, metadata (num_scales), [exponent], pad, codes, [footer]
+//! bundle     header, count × (klen u32, key, vlen u32, value)          values are skipped, not parsed
+//! sparse     header, shape, 3 × (n u32, packet)
+//! string     header, count, [exponent], pad, offsets (C+1)×u64, offsets[C] bytes, [footer]
+//! ```
+
+use crate::consts::*;
+use crate::decode::DecodeOptions;
+use crate::dtype::{DType, QDType, QuantScheme, Version};
+use crate::error::FormatError;
+use crate::header::{checked_elements, parse_header, read_u32, read_u64, read_u8};
+
+/// The answer of [`frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// Read until at least this many bytes are available (always more than the prefix), then call again.
+    Need(usize),
+    /// The packet is complete: it is `prefix[..n]`.
+    Complete(usize),
+}
+
+/// Given the first bytes of a packet, says how many bytes it needs in total so far.
+///
+/// A top-level compressed dense packet has no recorded length and gives [`FormatError::Unframeable`];
+/// bundles (even with compressed leaves), sparse, quantized and string packets all frame. The packet
+/// contents are not validated beyond what framing needs: decode the complete packet afterwards.
+pub fn frame(prefix: &[u8], opts: &DecodeOptions) -> Result<Frame, FormatError> {
+    Framer { p: prefix, opts }.run()
+}
+
+struct Framer<'a, 'o> {
+    p: &'a [u8],
+    opts: &'o DecodeOptions,
+}
+
+/// Early return of a `Need` when fewer than `n` bytes are present.
+macro_rules! need {
+    ($s:expr, $n:expr) => {{
+        let n: usize = $n;
+        if $s.p.len() < n {
+            return Ok(Frame::Need(n));
+        }
+    }};
+}
+
+fn sum(parts: &[usize]) -> Result<usize, FormatError> {
+    parts
+        .iter()
+        .try_fold(0usize, |a, &b| a.checked_add(b))
+        .ok_or(FormatError::LengthOverflow {
+            what: "packet length",
+        })
+}
+
+fn to_usize(v: u64) -> Result<usize, FormatError> {
+    usize::try_from(v).map_err(|_| FormatError::LengthOverflow {
+        what: "packet length",
+    })
+}
+
+impl Framer<'_, '_> {
+    fn done(&self, end: usize) -> Result<Frame, FormatError> {
+        need!(self, end);
+        Ok(Frame::Complete(end))
+    }
+
+    fn run(&self) -> Result<Frame, FormatError> {
+        need!(self, HEADER_SIZE_V3);
+        if self.p[4] == 4 {
+            need!(self, HEADER_SIZE_V4);
+        }
+        let h = parse_header(self.p)?;
+        let f = h.flags;
+        let hl = h.len();
+        if f & !KNOWN_FLAGS != 0 {
+            return Err(FormatError::BadFlags { flags: f });
+        }
+        if f & FLAG_GPU_IPC_REF != 0 {
+            return Err(FormatError::Unsupported {
+                what: "gpu ipc reference packets",
+            });
+        }
+        if f & FLAG_BUNDLE != 0 {
+            let mut pos = hl;
+            for _ in 0..h.count {
+                need!(self, sum(&[pos, 4])?);
+                let klen = read_u32(self.p, pos)? as usize;
+                let vlen_at = sum(&[pos, 4, klen])?;
+                need!(self, sum(&[vlen_at, 4])?);
+                let vlen = read_u32(self.p, vlen_at)? as usize;
+                pos = sum(&[vlen_at, 4, vlen])?;
+            }
+            return self.done(pos);
+        }
+        if f & SPARSE_FLAGS != 0 {
+            let mut pos = hl + 8;
+            for _ in 0..3 {
+                need!(self, pos + 4);
+                let n = read_u32(self.p, pos)? as usize;
+                pos = sum(&[pos, 4, n])?;
+            }
+            return self.done(pos);
+        }
+        let footer = if f & FLAG_INTEGRITY != 0 { 8 } else { 0 };
+        if f & FLAG_STRING != 0 {
+            need!(self, hl + 4);
+            let count = u64::from(read_u32(self.p, hl)?);
+            checked_elements(&[count], self.opts.max_elements)?;
+            let b = self.body_start(f, hl + 4)?;
+            let b = match b {
+                Ok(b) => b,
+                Err(need) => return Ok(need),
+            };
+            let offsets_end = sum(&[b, to_usize((count + 1) * 8)?])?;
+            need!(self, offsets_end);
+            let total = to_usize(read_u64(self.p, offsets_end - 8)?)?;
+            return self.done(sum(&[offsets_end, total, footer])?);
+        }
+        if f & FLAG_RAGGED != 0 {
+            return Err(FormatError::Unsupported {
+                what: "ragged direct framing (FLAG_RAGGED)",
+            });
+        }
+        let ndim = usize::from(h.count);
+        if ndim > MAX_NDIM {
+            return Err(FormatError::TooManyDims {
+                ndim,
+                limit: MAX_NDIM,
+            });
+        }
+        let m = hl + 4 * ndim;
+        need!(self, m);
+        let shape = crate::decode::read_shape(self.p, hl, ndim)?;
+        let n = checked_elements(&shape, self.opts.max_elements)?;
+        if (QDTYPE_QINT8..=QDTYPE_QUINT4).contains(&h.dtype_code) {
+            let qd = QDType::from_code(h.dtype_code)?;
+            let fixed = if h.version == Version::V3 { 9 } else { 10 };
+            need!(self, m + fixed);
+            let scheme = QuantScheme::from_code(read_u8(self.p, m)?)?;
+            let axis = if h.version == Version::V4 {
+                read_u8(self.p, m + 1)?
+            } else {
+                0
+            };
+            let group_size = read_u32(self.p, m + fixed - 8)?;
+            let ns = read_u32(self.p, m + fixed - 4)?;
+            if u64::from(ns) != scheme.expected_num_scales(&shape, group_size, usize::from(axis))? {
+                return Err(FormatError::BadQuant {
+                    reason: "num_scales does not match the scheme and shape",
+                });
+            }
+            let q = sum(&[m, fixed, 8 * ns as usize])?;
+            let b = match self.body_start(f, q)? {
+                Ok(b) => b,
+                Err(need) => return Ok(need),
+            };
+            return self.done(sum(&[b, qd.packed_len(n), footer])?);
+        }
+        let dtype = DType::from_code(h.dtype_code)?;
+        if f & FLAG_COMPRESSION != 0 {
+            return Err(FormatError::Unframeable {
+                reason: "a compressed packet does not record its length; frame it externally",
+            });
+        }
+        let b = match self.body_start(f, m)? {
+            Ok(b) => b,
+            Err(need) => return Ok(need),
+        };
+        let nbytes = to_usize(
+            n.checked_mul(dtype.itemsize() as u64)
+                .ok_or(FormatError::LengthOverflow { what: "body" })?,
+        )?;
+        self.done(sum(&[b, nbytes, footer])?)
+    }
+
+    /// The body start after `pos` (the exponent byte position), or the `Need` for the exponent byte.
+    fn body_start(&self, flags: u16, pos: usize) -> Result<Result<usize, Frame>, FormatError> {
+        if flags & FLAG_CUST_ALIGN != 0 && self.p.len() <= pos {
+            return Ok(Err(Frame::Need(pos + 1)));
+        }
+        crate::decode::body_start(self.p, flags, pos).map(|(b, _)| Ok(b))
+    }
+}

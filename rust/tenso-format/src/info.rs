@@ -1,0 +1,135 @@
+//! Header inspection without decoding the body (FORMAT.md Appendix A, 0.24.0 semantics).
+
+use crate::consts::*;
+use crate::decode::read_shape;
+use crate::dtype::{DType, QDType, SparseFormat, Version};
+use crate::error::FormatError;
+use crate::header::{checked_elements, parse_header};
+
+/// The kind of packet a header selects (FORMAT.md §13 dispatch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PacketKind {
+    /// Dense array.
+    Dense,
+    /// Bundle.
+    Bundle,
+    /// Sparse matrix of the given format.
+    Sparse(SparseFormat),
+    /// Quantized tensor.
+    Quantized,
+    /// v4 string tensor.
+    Strings,
+    /// v4 direct ragged framing (not decodable here).
+    Ragged,
+    /// v4 GPU IPC reference (not decodable here).
+    GpuIpcRef,
+}
+
+impl PacketKind {
+    /// `"dense"`, `"bundle"`, `"sparse"`, `"quantized"`, `"string"`, `"ragged"` or `"gpu_ipc_ref"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PacketKind::Dense => "dense",
+            PacketKind::Bundle => "bundle",
+            PacketKind::Sparse(_) => "sparse",
+            PacketKind::Quantized => "quantized",
+            PacketKind::Strings => "string",
+            PacketKind::Ragged => "ragged",
+            PacketKind::GpuIpcRef => "gpu_ipc_ref",
+        }
+    }
+}
+
+/// What the header and shape of a packet say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketInfo {
+    /// Protocol version.
+    pub version: Version,
+    /// Raw flags (v3's u8 widened).
+    pub flags: u16,
+    /// Dtype code.
+    pub dtype_code: u8,
+    /// The `ndim` header byte (the entry count for bundles).
+    pub ndim: u8,
+    /// Shape (`()` for bundles; the logical shape for sparse; `(count,)` for strings).
+    pub shape: Vec<u64>,
+    /// Product of the shape (0 for bundles).
+    pub total_elements: u64,
+    /// The `ALIGNED` bit only (a `CUST_ALIGN` packet reports false).
+    pub aligned: bool,
+    /// The `INTEGRITY` bit.
+    pub integrity_protected: bool,
+    /// Kind selected by the header.
+    pub kind: PacketKind,
+    /// Entry count, for bundles.
+    pub entry_count: Option<u8>,
+    /// Uncompressed body size: `N·itemsize`, `ceil(N/2)` for 4-bit codes, `N` for 8-bit codes, 0 for
+    /// kinds without a fixed item size (bundle, sparse, string).
+    pub data_size_bytes: u64,
+    /// The quantized dtype, for quantized packets.
+    pub quantized: Option<QDType>,
+    /// The element dtype, for dense packets.
+    pub dtype: Option<DType>,
+}
+
+/// Reads the header and shape of a packet (O(ndim), no body access, no integrity check).
+pub fn packet_info(buf: &[u8]) -> Result<PacketInfo, FormatError> {
+    let h = parse_header(buf)?;
+    let f = h.flags;
+    if f & !KNOWN_FLAGS != 0 {
+        return Err(FormatError::BadFlags { flags: f });
+    }
+    let kind = if f & FLAG_GPU_IPC_REF != 0 {
+        PacketKind::GpuIpcRef
+    } else if f & FLAG_BUNDLE != 0 {
+        PacketKind::Bundle
+    } else if f & SPARSE_FLAGS != 0 {
+        PacketKind::Sparse(SparseFormat::from_flags(f)?)
+    } else if f & FLAG_STRING != 0 {
+        PacketKind::Strings
+    } else if f & FLAG_RAGGED != 0 {
+        PacketKind::Ragged
+    } else if (QDTYPE_QINT8..=QDTYPE_QUINT4).contains(&h.dtype_code) {
+        PacketKind::Quantized
+    } else {
+        PacketKind::Dense
+    };
+    let mut info = PacketInfo {
+        version: h.version,
+        flags: f,
+        dtype_code: h.dtype_code,
+        ndim: h.count,
+        shape: Vec::new(),
+        total_elements: 0,
+        aligned: f & FLAG_ALIGNED != 0,
+        integrity_protected: f & FLAG_INTEGRITY != 0,
+        kind,
+        entry_count: None,
+        data_size_bytes: 0,
+        quantized: None,
+        dtype: None,
+    };
+    match kind {
+        PacketKind::Bundle => info.entry_count = Some(h.count),
+        PacketKind::GpuIpcRef => {}
+        PacketKind::Sparse(_) | PacketKind::Strings | PacketKind::Ragged => {
+            info.shape = read_shape(buf, h.len(), usize::from(h.count))?;
+            info.total_elements = checked_elements(&info.shape, u64::MAX)?;
+        }
+        PacketKind::Quantized => {
+            let q = QDType::from_code(h.dtype_code)?;
+            info.shape = read_shape(buf, h.len(), usize::from(h.count))?;
+            info.total_elements = checked_elements(&info.shape, MAX_ELEMENTS)?;
+            info.quantized = Some(q);
+            info.data_size_bytes = q.packed_len(info.total_elements) as u64;
+        }
+        PacketKind::Dense => {
+            let d = DType::from_code(h.dtype_code)?;
+            info.shape = read_shape(buf, h.len(), usize::from(h.count))?;
+            info.total_elements = checked_elements(&info.shape, MAX_ELEMENTS)?;
+            info.dtype = Some(d);
+            info.data_size_bytes = info.total_elements * d.itemsize() as u64;
+        }
+    }
+    Ok(info)
+}

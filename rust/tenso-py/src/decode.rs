@@ -1,0 +1,188 @@
+//! Packets to Python objects: zero-copy NumPy views over the caller's buffer wherever the bytes allow it.
+
+use numpy::{PyArray1, PyArrayDescrMethods};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use tenso_format::{Body, Dense, Packet, SparseFormat};
+
+use crate::buffers::{alloc_aligned, bytes_mut, data_ptr, descr_for, view_over, Source};
+use crate::encode::{quantized_tensor_type, string_tensor_type, DETACH_BYTES};
+use crate::errors::decode_error;
+
+/// How decoded arrays relate to the source buffer.
+pub(crate) struct Decoder<'s, 'py> {
+    pub source: &'s Source<'py>,
+    /// Every array gets its own fresh, writeable, 64-byte-aligned memory.
+    pub copy: bool,
+    /// Zero-copy views may be writeable: the source is a private buffer of ours (stream readers).
+    pub writeable: bool,
+}
+
+impl<'py> Decoder<'_, 'py> {
+    pub fn to_python(&self, py: Python<'py>, packet: &Packet<'_>) -> PyResult<Bound<'py, PyAny>> {
+        match packet {
+            Packet::Dense(dense) => self.dense(py, dense, self.copy),
+            Packet::Bundle(entries) => {
+                let dict = PyDict::new(py);
+                for (key, value) in entries {
+                    // Duplicate keys: the later entry wins, as in both reference versions.
+                    dict.set_item(*key, self.to_python(py, value)?)?;
+                }
+                Ok(dict.into_any())
+            }
+            Packet::Sparse(sparse) => {
+                // SciPy may sort or deduplicate in place later, so sparse components always own their memory.
+                let [a, b, c] = &sparse.components;
+                let (a, b, c) = (
+                    self.dense(py, a, true)?,
+                    self.dense(py, b, true)?,
+                    self.dense(py, c, true)?,
+                );
+                let shape = PyTuple::new(py, sparse.shape)?;
+                let scipy = scipy_sparse(py)?;
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("shape", shape)?;
+                let (ctor, args) = match sparse.format {
+                    SparseFormat::Coo => (
+                        "coo_matrix",
+                        (a, PyTuple::new(py, [b, c])?.into_any()).into_pyobject(py)?,
+                    ),
+                    SparseFormat::Csr => ("csr_matrix", (a, b, c).into_pyobject(py)?),
+                    SparseFormat::Csc => ("csc_matrix", (a, b, c).into_pyobject(py)?),
+                };
+                scipy.getattr(ctor)?.call((args,), Some(&kwargs))
+            }
+            Packet::Quantized(q) => {
+                let descr = descr_for(py, tenso_format::DType::UInt8)?;
+                let data =
+                    self.bytes_array(py, q.codes, descr, &[q.codes.len() as u64], self.copy)?;
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("quant_scheme", q.scheme.code())?;
+                kwargs.set_item("group_size", q.group_size)?;
+                kwargs.set_item("axis", q.axis)?;
+                let args = (
+                    data,
+                    PyArray1::from_slice(py, &q.scales),
+                    PyArray1::from_slice(py, &q.zero_points),
+                    PyTuple::new(py, &q.shape)?,
+                    q.qdtype.code(),
+                );
+                quantized_tensor_type(py)?.call(args, Some(&kwargs))
+            }
+            Packet::Strings(s) => {
+                let offsets = PyArray1::from_slice(py, &s.offsets);
+                let payload = PyBytes::new(py, s.payload);
+                string_tensor_type(py)?.call_method1("_from_parts", (offsets, payload))
+            }
+            #[allow(unreachable_patterns)]
+            _ => Err(decode_error(tenso_format::FormatError::Unsupported {
+                what: "this packet kind",
+            })),
+        }
+    }
+
+    fn dense(&self, py: Python<'py>, dense: &Dense<'_>, copy: bool) -> PyResult<Bound<'py, PyAny>> {
+        let descr = descr_for(py, dense.dtype)?;
+        let nbytes = dense.nbytes();
+        match &dense.body {
+            Body::Raw(bytes) => {
+                // A misaligned element type (bundle leaves sit at arbitrary offsets) is copied: NumPy, torch and BLAS
+                // all work on aligned data, and the copy of such small leaves costs less than the slow paths.
+                let misaligned = (bytes.as_ptr() as usize) % descr.alignment().max(1) != 0;
+                self.bytes_array(py, bytes, descr, &dense.shape, copy || misaligned)
+            }
+            Body::Lz4Frame { frame, decoded_len } => {
+                let out = self.fresh(py, *decoded_len)?;
+                // SAFETY: `out` is a fresh array of exactly `decoded_len` bytes that nothing else references yet.
+                let dst = unsafe { bytes_mut(&out, *decoded_len) };
+                let mut run = || tenso_format::lz4::decompress_frame_into(frame, dst);
+                if nbytes >= DETACH_BYTES {
+                    py.detach(run)
+                } else {
+                    run()
+                }
+                .map_err(decode_error)?;
+                self.over_fresh(out, descr, &dense.shape)
+            }
+            Body::Lz4Block { block, decoded_len } => {
+                let out = self.fresh(py, *decoded_len)?;
+                // SAFETY: as above, a fresh exclusively-owned buffer of `decoded_len` bytes.
+                let dst = unsafe { bytes_mut(&out, *decoded_len) };
+                let mut run = || tenso_format::lz4::decompress_block_into(block, dst);
+                if nbytes >= DETACH_BYTES {
+                    py.detach(run)
+                } else {
+                    run()
+                }
+                .map_err(decode_error)?;
+                self.over_fresh(out, descr, &dense.shape)
+            }
+        }
+    }
+
+    fn fresh(&self, py: Python<'py>, len: usize) -> PyResult<Bound<'py, numpy::PyUntypedArray>> {
+        alloc_aligned(py, len)
+    }
+
+    fn over_fresh(
+        &self,
+        out: Bound<'py, numpy::PyUntypedArray>,
+        descr: Bound<'py, numpy::PyArrayDescr>,
+        shape: &[u64],
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ptr = data_ptr(&out);
+        // SAFETY: `out` holds exactly product(shape) * itemsize bytes (the decoded length was checked against the
+        // shape by tenso-format) and owns them exclusively; it becomes the base.
+        unsafe { view_over(out.as_any(), descr, shape, ptr, true) }
+    }
+
+    /// An array of `descr`/`shape` over `bytes` (a sub-slice of the source): a view, or a fresh copy.
+    fn bytes_array(
+        &self,
+        py: Python<'py>,
+        bytes: &[u8],
+        descr: Bound<'py, numpy::PyArrayDescr>,
+        shape: &[u64],
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if copy {
+            let out = self.fresh(py, bytes.len())?;
+            // SAFETY: a fresh exclusively-owned buffer of bytes.len() bytes.
+            let dst = unsafe { bytes_mut(&out, bytes.len()) };
+            if bytes.len() >= DETACH_BYTES {
+                py.detach(|| dst.copy_from_slice(bytes));
+            } else {
+                dst.copy_from_slice(bytes);
+            }
+            return self.over_fresh(out, descr, shape);
+        }
+        debug_assert!(bytes.as_ptr() as usize >= self.source.base_addr());
+        // SAFETY: `bytes` is a sub-slice of the source buffer (tenso-format only returns sub-slices of its input),
+        // of exactly product(shape) * itemsize bytes, kept alive by `source.owner`, which becomes the view's base.
+        // The view is writeable only when the source is our own private stream buffer.
+        unsafe {
+            view_over(
+                &self.source.owner,
+                descr,
+                shape,
+                bytes.as_ptr(),
+                self.writeable,
+            )
+        }
+    }
+}
+
+fn scipy_sparse(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    let module = MODULE.get_or_try_init(py, || -> PyResult<_> {
+        py.import("scipy.sparse").map(Bound::unbind).map_err(|e| {
+            let err = pyo3::exceptions::PyImportError::new_err(
+                "decoding sparse matrices needs scipy: pip install 'tenso-ray[sparse]'",
+            );
+            err.set_cause(py, Some(e));
+            err
+        })
+    })?;
+    Ok(module.bind(py).clone())
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# THE test command (used by .ci/run): Rust lint + tests, wheel build + install,
+# reference venvs, then pytest against the INSTALLED wheel.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if command -v rustup >/dev/null 2>&1; then
+    for comp in rustfmt clippy; do
+        if ! rustup component list --installed 2>/dev/null | grep -q "^$comp"; then
+            step "rustup component add $comp"
+            rustup component add "$comp"
+        fi
+    done
+fi
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "cargo test -p tenso-format --no-default-features"
+cargo test -p tenso-format --no-default-features
+
+step "scripts/setup.sh (wheel build + install)"
+bash scripts/setup.sh
+
+step "scripts/refvenvs.sh (reference tenso 0.24.0 / 0.19.4)"
+bash scripts/refvenvs.sh
+
+step "pytest (installed wheel)"
+# Run from tests/ so that nothing in the source tree can shadow the installed `tenso`;
+# TENSO_RAY_REQUIRE_INSTALLED makes conftest assert `import tenso` resolves to site-packages.
+cd "$ROOT/tests"
+TENSO_RAY_REQUIRE_INSTALLED=1 "$ROOT/.venv/bin/python" -m pytest -q \
+    -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -p no:cacheprovider "$ROOT/tests" "$@"

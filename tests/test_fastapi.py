@@ -1,0 +1,123 @@
+"""FastAPI integration over a real uvicorn server on 127.0.0.1 and a real httpx client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import tensohelp
+
+pytestmark = pytest.mark.server
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+tenso = pytest.importorskip("tenso")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from fastapi import Depends, FastAPI
+    from tenso.fastapi import TensoResponse, get_tenso_data
+
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(data=Depends(get_tenso_data)):
+        return TensoResponse(data)
+
+    @app.post("/double")
+    async def double(data=Depends(get_tenso_data)):
+        return TensoResponse(np.asarray(data) * 2, check_integrity=True, filename="double.tenso")
+
+    @app.get("/ones/{n}")
+    async def ones(n: int):
+        return TensoResponse(np.ones(n, dtype=np.float32))
+
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    srv = uvicorn.Server(config)
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not th.is_alive():
+            srv.should_exit = True
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    th.join(30)
+    assert not th.is_alive()
+
+
+HEADERS = {"content-type": "application/octet-stream"}
+
+
+def test_echo_dense(server):
+    arr = np.arange(24, dtype=np.float64).reshape(4, 6)
+    with httpx.Client(timeout=30) as c:
+        r = c.post(server + "/echo", content=bytes(tenso.dumps(arr)), headers=HEADERS)
+    assert r.status_code == 200, r.text
+    tensohelp.assert_dense_equal(tenso.loads(r.content), arr)
+
+
+def test_echo_large_and_bundle(server):
+    big = np.random.default_rng(1).standard_normal((512, 512)).astype(np.float32)
+    with httpx.Client(timeout=60) as c:
+        r = c.post(server + "/echo", content=bytes(tenso.dumps(big, check_integrity=True)), headers=HEADERS)
+        assert r.status_code == 200
+        tensohelp.assert_dense_equal(tenso.loads(r.content), big)
+        r2 = c.post(server + "/double", content=bytes(tenso.dumps(np.arange(5))), headers=HEADERS)
+        assert r2.status_code == 200
+        assert tenso.loads(r2.content).tolist() == [0, 2, 4, 6, 8]
+        assert bytes(r2.content)[5] & 0x02  # integrity requested on the response
+        assert "double.tenso" in r2.headers.get("content-disposition", "")
+
+
+def test_get_response(server):
+    with httpx.Client(timeout=30) as c:
+        r = c.get(server + "/ones/7")
+    assert r.status_code == 200
+    assert tenso.loads(r.content).tolist() == [1.0] * 7
+
+
+def test_compressed_body_accepted(server):
+    # HTTP gives external framing, so a top-level compressed packet is fine here
+    arr = np.zeros(10_000)
+    with httpx.Client(timeout=30) as c:
+        r = c.post(server + "/echo", content=bytes(tenso.dumps(arr, compress=True)), headers=HEADERS)
+    assert r.status_code == 200
+    tensohelp.assert_dense_equal(tenso.loads(r.content), arr)
+
+
+@pytest.mark.parametrize("body", [b"", b"not a tenso packet", b"TNSO\x04\x01\x00\x01\x01\x00\x03\x00",
+                                  b"TNSO\x09" + b"\x00" * 60])
+def test_invalid_body_is_400(server, body):
+    with httpx.Client(timeout=30) as c:
+        r = c.post(server + "/echo", content=body, headers=HEADERS)
+    assert r.status_code == 400, (r.status_code, r.text)
+
+
+def test_async_client(server):
+    import asyncio
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as c:
+            rs = await asyncio.gather(*[
+                c.post(server + "/echo", content=bytes(tenso.dumps(np.full(3, i))), headers=HEADERS)
+                for i in range(8)
+            ])
+        return [tenso.loads(r.content).tolist() for r in rs]
+
+    assert asyncio.run(main()) == [[i] * 3 for i in range(8)]
