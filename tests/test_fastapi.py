@@ -103,10 +103,29 @@ def test_compressed_body_accepted(server):
 
 @pytest.mark.parametrize("body", [b"", b"not a tenso packet", b"TNSO\x04\x01\x00\x01\x01\x00\x03\x00",
                                   b"TNSO\x09" + b"\x00" * 60])
-def test_invalid_body_is_400(server, body):
+def test_invalid_body_is_rejected(server, body):
+    # Seed (0.19.4) and 0.24.0 answer 422 for a body that is not a valid packet; 400 is for a wrong content type.
     with httpx.Client(timeout=30) as c:
         r = c.post(server + "/echo", content=body, headers=HEADERS)
-    assert r.status_code == 400, (r.status_code, r.text)
+    assert r.status_code == 422, (r.status_code, r.text)
+    assert "Invalid Tenso packet" in r.json()["detail"]
+
+
+def test_integrity_failure_is_rejected(server):
+    pkt = bytearray(tenso.dumps(np.arange(10), check_integrity=True))
+    pkt[64] ^= 1
+    with httpx.Client(timeout=30) as c:
+        r = c.post(server + "/echo", content=bytes(pkt), headers=HEADERS)
+    assert r.status_code == 422
+
+
+def test_wrong_content_type_is_400(server):
+    with httpx.Client(timeout=30) as c:
+        r = c.post(server + "/echo", content=bytes(tenso.dumps(np.arange(3))), headers={"content-type": "text/plain"})
+        r2 = c.post(server + "/echo", content=bytes(tenso.dumps(np.arange(3))),
+                    headers={"content-type": "application/octet-stream; charset=binary"})
+    assert r.status_code == 400
+    assert r2.status_code == 200 and tenso.loads(r2.content).tolist() == [0, 1, 2]
 
 
 def test_async_client(server):

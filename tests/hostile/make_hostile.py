@@ -314,7 +314,7 @@ def section14() -> None:
     add("sparse_two_components", sparse(4, CSR, (2, 2), [f32([1.5, 2.5]), i32([1, 0])]), FMT, cat,
         "sparse with 2 components")
     add("sparse_3d_shape", sparse(4, CSR, (2, 2, 2), [f32([1.5, 2.5]), i32([1, 0]), i32([0, 1, 2])]), FMT, cat,
-        "sparse with 3-D shape", stream=[FMT])
+        "sparse with 3-D shape", stream=[FMT, TRUNC])
     add("sparse_float_indices", sparse(4, CSR, (2, 2), [f32([1.5, 2.5]), f32([1, 0]), i32([0, 1, 2])]), FMT, cat,
         "CSR with float32 indices", stream=[FMT])
     add("sparse_float_indptr", sparse(4, CSR, (2, 2), [f32([1.5, 2.5]), i32([1, 0]), f64([0, 1, 2])]), FMT, cat,
@@ -382,7 +382,7 @@ def section14() -> None:
         stream=[FMT])
     add("quant_integrity_wrong", quant(4, integrity=True)[:-8] + b"\x00" * 8, INTEG, cat,
         "quantized footer wrong")
-    add("quant_integrity_meta_flip", (lambda p: p[:20] + bytes([p[20] ^ 0x10]) + p[21:])(quant(4, integrity=True)),
+    add("quant_integrity_meta_flip", (lambda p: p[:26] + bytes([p[26] ^ 0x10]) + p[27:])(quant(4, integrity=True)),
         INTEG, cat, "v4 quantized: scale bit flipped (meta is hashed)", stream=[INTEG])
     add("quant_v3_integrity_wrong", quant(3, integrity=True)[:-8] + b"\x11" * 8, INTEG, cat,
         "v3 quantized footer wrong")
@@ -402,7 +402,7 @@ def section14() -> None:
         FMT, cat, "string count 2^32-1, no offsets")
     add("string_integrity_wrong", strings(integrity=True)[:-8] + b"\x00" * 8, INTEG, cat, "string footer wrong")
     add("string_v3", (lambda p: p[:4] + b"\x03" + p[5:])(strings()), FMT, cat,
-        "string packet with version byte 3 (v3 has no strings)", stream=[FMT])
+        "string packet with version byte 3 (v3 has no strings)", stream=[FMT, TRUNC])
     # v4-only kinds
     ipc = header(4, IPC, 0, 0, reserved=1) + bytes(64) + struct.pack("<QQ", 0, 16) + bytes(16)
     add("ipc_ref", ipc, FMT, cat, "GPU IPC reference", stream=[FMT])
@@ -464,7 +464,7 @@ def truncations() -> None:
     leaf = dense(4, 5, (2,), b"\x01\x02")
     TRUNC_BASES.update({
         "dense_v4": dense(4, 1, (3,)),
-        "dense_v3_integrity": dense(3, 3, (2,), integrity=True),
+        "dense_v3_integrity": dense(3, 3, (2,), itemsize=8, integrity=True),
         "dense_v4_align16": dense(4, 5, (2, 2), b"\x01\x02\x03\x04", alignment=16),
         "bundle_v4": bundle(4, [("a", leaf), ("bb", bundle(4, [("c", dense(4, 4, (1,), bytes(8)))]))]),
         "bundle_v3": bundle(3, [("a", dense(3, 5, (2,), b"\x01\x02"))]),

@@ -38,10 +38,14 @@ use crate::header::{
     add, checked_elements, pad_to, parse_header, read_u32, read_u8, slice, Header,
 };
 
+/// The most container levels a decoder follows whatever `DecodeOptions::max_depth` says (the recursion
+/// uses a few hundred bytes of stack per level).
+pub const HARD_MAX_DEPTH: usize = 128;
+
 /// Limits and switches for decoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeOptions {
-    /// Most nested container levels (a top-level bundle is one level). Default 64.
+    /// Most nested container levels (a top-level bundle is one level). Default 64; capped at [`HARD_MAX_DEPTH`].
     pub max_depth: usize,
     /// Most elements per dense/quantized/string packet or sparse component. Default 1e9.
     pub max_elements: u64,
@@ -111,6 +115,16 @@ impl Dense<'_> {
     /// Size of the uncompressed body, `N * itemsize` (validated against the limits during decode).
     pub fn nbytes(&self) -> usize {
         (self.num_elements() as usize) * self.dtype.itemsize()
+    }
+
+    /// For bool arrays, checks that every byte is 0 or 1 (decoding does not scan bodies; call this when
+    /// the values will be exposed as bools). Other dtypes pass. Compressed bodies are checked after
+    /// decompression with [`check_bool_body`].
+    pub fn check_bool(&self) -> Result<(), FormatError> {
+        match (self.dtype, self.body) {
+            (DType::Bool, Body::Raw(b)) => check_bool_body(b),
+            _ => Ok(()),
+        }
     }
 
     /// The uncompressed body bytes when the body is not compressed.
@@ -263,6 +277,21 @@ impl<'a> Strings<'a> {
     }
 }
 
+/// Checks that every byte of an uncompressed bool body is 0 or 1.
+pub fn check_bool_body(body: &[u8]) -> Result<(), FormatError> {
+    // OR-ing each block vectorises; only a bad block pays for finding the offending byte.
+    if !body.chunks(4096).any(|block| block.iter().fold(0u8, |acc, &b| acc | b) > 1) {
+        return Ok(());
+    }
+    match body.iter().position(|&b| b > 1) {
+        None => Ok(()),
+        Some(index) => Err(FormatError::BadBool {
+            index,
+            value: body[index],
+        }),
+    }
+}
+
 /// Decodes a packet with the default options. Trailing bytes after an uncompressed top-level packet are
 /// ignored; a compressed dense body runs to the end of `buf` (minus 8 with `INTEGRITY`).
 pub fn decode(buf: &[u8]) -> Result<Packet<'_>, FormatError> {
@@ -395,10 +424,11 @@ impl Decoder<'_> {
     }
 
     fn enter(&self, depth: usize) -> Result<(), FormatError> {
-        if depth >= self.opts.max_depth {
-            return Err(FormatError::NestingTooDeep {
-                limit: self.opts.max_depth,
-            });
+        // The recursion is bounded by this limit; a caller asking for more than HARD_MAX_DEPTH levels
+        // gets HARD_MAX_DEPTH, so that no option can turn a packet into a stack overflow.
+        let limit = self.opts.max_depth.min(HARD_MAX_DEPTH);
+        if depth >= limit {
+            return Err(FormatError::NestingTooDeep { limit });
         }
         Ok(())
     }
@@ -558,10 +588,11 @@ impl Decoder<'_> {
         #[cfg(feature = "xxh3")]
         if let Err(FormatError::Integrity { .. }) = plain {
             // 0.19.4's `dumps` hashes bodies of 1 MiB or more in 1 MiB chunks (FORMAT.md §5.3).
-            if version == Version::V3 && data.len() >= CHUNKED_HASH_CHUNK {
-                if crate::hash::xxh3_64_chunked(data) == stored {
-                    return Ok(());
-                }
+            if version == Version::V3
+                && data.len() >= CHUNKED_HASH_CHUNK
+                && crate::hash::xxh3_64_chunked(data) == stored
+            {
+                return Ok(());
             }
         }
         let _ = version;
@@ -703,6 +734,14 @@ fn compressed_body(
     if cfg!(not(feature = "lz4")) {
         return Err(FormatError::Unsupported {
             what: "lz4 compression (built without the \"lz4\" feature)",
+        });
+    }
+    // LZ4 cannot expand a byte into more than 255 bytes, so a shape that promises more than that is a lie
+    // that would only make the caller allocate for nothing (FORMAT.md §14, "LZ4 bombs").
+    if decoded_len / 256 > data.len() {
+        return Err(FormatError::DecompressedSize {
+            expected: decoded_len,
+            found: data.len().saturating_mul(256),
         });
     }
     if data.starts_with(&LZ4_FRAME_MAGIC) {

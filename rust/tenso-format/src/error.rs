@@ -5,7 +5,8 @@ use std::fmt;
 /// Everything that can go wrong while reading or writing a packet.
 ///
 /// Variants carry the offsets and values involved so that a message can say what was wrong and where.
-/// Offsets are relative to the first byte of the buffer handed to the decoder unless stated otherwise.
+/// Offsets are relative to the first byte of the innermost packet being decoded (for a packet nested in a
+/// bundle or sparse packet, that packet's own first byte).
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FormatError {
@@ -157,6 +158,13 @@ pub enum FormatError {
         /// The buffer's length.
         found: usize,
     },
+    /// A bool element that is neither 0 nor 1 (reported by [`crate::Dense::check_bool`]).
+    BadBool {
+        /// Index of the element.
+        index: usize,
+        /// Its byte value.
+        value: u8,
+    },
     /// A length does not fit its field (a value over 4 GiB in a bundle, a size over `usize`).
     LengthOverflow {
         /// Which length.
@@ -261,6 +269,10 @@ impl fmt::Display for FormatError {
             OutputSize { expected, found } => write!(
                 f,
                 "output buffer has {found} bytes, the packet needs exactly {expected}"
+            ),
+            BadBool { index, value } => write!(
+                f,
+                "bool element {index} has byte value {value}, expected 0 or 1"
             ),
             LengthOverflow { what } => write!(f, "{what} is too large for its length field"),
         }

@@ -191,3 +191,123 @@ impl Framer<'_, '_> {
         crate::decode::body_start(self.p, flags, pos).map(|(b, _)| Ok(b))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{encode, BodySrc, EncodeOptions, Item};
+
+    fn steps(bytes: &[u8]) -> Vec<Frame> {
+        let opts = DecodeOptions::default();
+        let mut have = 0;
+        let mut out = Vec::new();
+        loop {
+            let f = frame(&bytes[..have], &opts).unwrap();
+            out.push(f);
+            match f {
+                Frame::Need(n) => {
+                    assert!(n > have);
+                    have = n;
+                }
+                Frame::Complete(n) => {
+                    assert_eq!(n, bytes.len());
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dense_asks_header_then_total() {
+        let body = [0u8; 12];
+        let item = Item::Dense {
+            dtype: DType::Float32,
+            shape: vec![3],
+            body: BodySrc::Bytes(&body),
+        };
+        let p = encode(&item, &EncodeOptions::default()).unwrap();
+        assert_eq!(
+            steps(&p),
+            [
+                Frame::Need(8),
+                Frame::Need(10),
+                Frame::Need(14),
+                Frame::Need(76),
+                Frame::Complete(76)
+            ]
+        );
+        let p16 = encode(
+            &item,
+            &EncodeOptions {
+                alignment: 16,
+                ..EncodeOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            steps(&p16)[3],
+            Frame::Need(15),
+            "the exponent byte before the body size"
+        );
+    }
+
+    #[test]
+    fn bundle_asks_entry_by_entry() {
+        let leaf = Item::Dense {
+            dtype: DType::UInt8,
+            shape: vec![1],
+            body: BodySrc::Bytes(&[1]),
+        };
+        let item = Item::Bundle(vec![("ab", leaf.clone()), ("c", leaf)]);
+        let p = encode(&item, &EncodeOptions::default()).unwrap();
+        let s = steps(&p);
+        assert_eq!(
+            s[..4],
+            [
+                Frame::Need(8),
+                Frame::Need(10),
+                Frame::Need(14),
+                Frame::Need(20)
+            ]
+        );
+        assert_eq!(*s.last().unwrap(), Frame::Complete(p.len()));
+        // Trailing bytes are not part of the packet.
+        let mut more = p.clone();
+        more.extend_from_slice(&[0; 5]);
+        assert_eq!(
+            frame(&more, &DecodeOptions::default()).unwrap(),
+            Frame::Complete(p.len())
+        );
+    }
+
+    #[test]
+    fn strings_and_limits() {
+        let item = Item::Strings {
+            offsets: &[0, 3],
+            payload: b"abc",
+        };
+        let p = encode(&item, &EncodeOptions::default()).unwrap();
+        let s = steps(&p);
+        assert_eq!(
+            s[..4],
+            [
+                Frame::Need(8),
+                Frame::Need(10),
+                Frame::Need(14),
+                Frame::Need(80)
+            ]
+        );
+        // A header claiming 2^32 elements of float64 is refused rather than asked for.
+        let mut big = p[..10].to_vec();
+        big[5..9].copy_from_slice(&[1, 0, 3, 2]);
+        big.extend_from_slice(&[0xff; 8]);
+        assert!(matches!(
+            frame(&big, &DecodeOptions::default()),
+            Err(FormatError::TooManyElements { .. })
+        ));
+        assert!(matches!(
+            frame(b"XXXXXXXX", &DecodeOptions::default()),
+            Err(FormatError::BadMagic { .. })
+        ));
+    }
+}

@@ -133,3 +133,61 @@ pub fn packet_info(buf: &[u8]) -> Result<PacketInfo, FormatError> {
     }
     Ok(info)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{encode, BodySrc, EncodeOptions, Item};
+
+    #[test]
+    fn appendix_a_semantics() {
+        let body = [0u8; 12];
+        let item = Item::Dense {
+            dtype: DType::Float32,
+            shape: vec![3],
+            body: BodySrc::Bytes(&body),
+        };
+        let i = packet_info(&encode(&item, &EncodeOptions::default()).unwrap()).unwrap();
+        assert_eq!(
+            (i.kind, i.aligned, i.total_elements, i.data_size_bytes),
+            (PacketKind::Dense, true, 3, 12)
+        );
+        assert_eq!(i.dtype, Some(DType::Float32));
+        let o = EncodeOptions {
+            alignment: 16,
+            ..EncodeOptions::default()
+        };
+        let i = packet_info(&encode(&item, &o).unwrap()).unwrap();
+        assert!(!i.aligned, "CUST_ALIGN reports aligned: false");
+
+        let b = Item::Bundle(vec![("a", item.clone()), ("b", item)]);
+        let i = packet_info(&encode(&b, &EncodeOptions::default()).unwrap()).unwrap();
+        assert_eq!(
+            (i.kind, i.entry_count, i.shape.len(), i.total_elements),
+            (PacketKind::Bundle, Some(2), 0, 0)
+        );
+
+        let q = Item::Quantized {
+            qdtype: QDType::QUInt4,
+            scheme: crate::QuantScheme::PerTensor,
+            axis: 0,
+            group_size: 0,
+            shape: vec![5],
+            scales: &[1.0],
+            zero_points: &[0.0],
+            codes: &[0, 0, 0],
+        };
+        let i = packet_info(&encode(&q, &EncodeOptions::default()).unwrap()).unwrap();
+        assert_eq!(
+            (i.kind.name(), i.quantized, i.dtype, i.data_size_bytes),
+            ("quantized", Some(QDType::QUInt4), None, 3)
+        );
+
+        let s = Item::Strings {
+            offsets: &[0, 1],
+            payload: b"x",
+        };
+        let i = packet_info(&encode(&s, &EncodeOptions::default()).unwrap()).unwrap();
+        assert_eq!((i.kind, i.shape.clone()), (PacketKind::Strings, vec![1]));
+    }
+}

@@ -25,11 +25,11 @@
 //! own packet. All integers are little-endian.
 //!
 //! Entry points:
-//! * [`decode`] / [`decode_with`]: borrowing, zero-copy, fully validated decoding (limits, checked
+//! * [`decode()`] / [`decode_with`]: borrowing, zero-copy, fully validated decoding (limits, checked
 //!   arithmetic, nesting depth, integrity before decompression, sparse and string validation);
-//! * [`plan`] / [`encode_into`] / [`seal`] / [`encode`]: writing, with bodies either given or copied by the
+//! * [`plan`] / [`encode_into`] / [`seal`] / [`encode()`]: writing, with bodies either given or copied by the
 //!   caller into [`Slot`]s;
-//! * [`frame`]: incremental stream framing;
+//! * [`frame()`]: incremental stream framing;
 //! * [`packet_info`]: header inspection;
 //! * [`quant`]: quantization arithmetic; `lz4` and `hash` (features `lz4`, `xxh3`).
 //!
@@ -69,8 +69,8 @@ pub mod sparse;
 
 pub use consts::*;
 pub use decode::{
-    decode, decode_exact, decode_prefix, decode_with, Body, DecodeOptions, Dense, Packet,
-    Quantized, Sparse, Strings,
+    check_bool_body, decode, decode_exact, decode_prefix, decode_with, Body, DecodeOptions, Dense,
+    Packet, Quantized, Sparse, Strings,
 };
 pub use dtype::{DType, QDType, QuantScheme, SparseFormat, Version};
 pub use encode::{

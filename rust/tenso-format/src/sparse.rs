@@ -139,3 +139,83 @@ pub fn validate(s: &Sparse<'_>) -> Result<(), FormatError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Body;
+    use crate::dtype::Version;
+
+    fn comp(dtype: DType, body: &[u8]) -> Dense<'_> {
+        let n = (body.len() / dtype.itemsize()) as u64;
+        Dense {
+            version: Version::V4,
+            dtype,
+            shape: vec![n],
+            alignment: 64,
+            body: Body::Raw(body),
+        }
+    }
+
+    fn le(v: &[i64]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn csr_checks() {
+        let data = [0u8; 16];
+        let indices = le(&[1, 0]);
+        let ok_ptr = le(&[0, 1, 2]);
+        fn s<'a>(data: &'a [u8], indices: &'a [u8], ptr: &'a [u8], shape: [u64; 2]) -> Sparse<'a> {
+            Sparse {
+                format: SparseFormat::Csr,
+                shape,
+                components: [
+                    comp(DType::Float64, data),
+                    comp(DType::Int64, indices),
+                    comp(DType::Int64, ptr),
+                ],
+            }
+        }
+        validate(&s(&data, &indices, &ok_ptr, [2, 2])).unwrap();
+        assert!(
+            validate(&s(&data, &indices, &ok_ptr, [2, 1])).is_err(),
+            "index 1 out of range for 1 column"
+        );
+        assert!(
+            validate(&s(&data, &indices, &ok_ptr, [3, 2])).is_err(),
+            "indptr length"
+        );
+        assert!(
+            validate(&s(&data, &indices, &le(&[0, 5, 2]), [2, 2])).is_err(),
+            "the upstream segfault case"
+        );
+        let csc = Sparse {
+            format: SparseFormat::Csc,
+            ..s(&data, &indices, &ok_ptr, [2, 2])
+        };
+        validate(&csc).unwrap();
+    }
+
+    #[test]
+    fn coo_checks() {
+        let data = [0u8; 8];
+        let rows = le(&[0, 1]);
+        let cols = le(&[-1, 1]);
+        let s = Sparse {
+            format: SparseFormat::Coo,
+            shape: [2, 2],
+            components: [
+                comp(DType::Float32, &data),
+                comp(DType::Int64, &rows),
+                comp(DType::Int64, &cols),
+            ],
+        };
+        assert_eq!(
+            validate(&s).unwrap_err(),
+            FormatError::BadSparse {
+                reason: "negative index"
+            }
+        );
+    }
+}

@@ -85,6 +85,8 @@ impl<'py> Decoder<'_, 'py> {
     fn dense(&self, py: Python<'py>, dense: &Dense<'_>, copy: bool) -> PyResult<Bound<'py, PyAny>> {
         let descr = descr_for(py, dense.dtype)?;
         let nbytes = dense.nbytes();
+        // Bool elements must be 0 or 1 (FORMAT.md §2.3): other bytes would be values NumPy never produces.
+        dense.check_bool().map_err(decode_error)?;
         match &dense.body {
             Body::Raw(bytes) => {
                 // A misaligned element type (bundle leaves sit at arbitrary offsets) is copied: NumPy, torch and BLAS
@@ -96,7 +98,10 @@ impl<'py> Decoder<'_, 'py> {
                 let out = self.fresh(py, *decoded_len)?;
                 // SAFETY: `out` is a fresh array of exactly `decoded_len` bytes that nothing else references yet.
                 let dst = unsafe { bytes_mut(&out, *decoded_len) };
-                let mut run = || tenso_format::lz4::decompress_frame_into(frame, dst);
+                let mut run = || {
+                    tenso_format::lz4::decompress_frame_into(frame, dst)?;
+                    check_decoded_bool(dense.dtype, dst)
+                };
                 if nbytes >= DETACH_BYTES {
                     py.detach(run)
                 } else {
@@ -109,7 +114,10 @@ impl<'py> Decoder<'_, 'py> {
                 let out = self.fresh(py, *decoded_len)?;
                 // SAFETY: as above, a fresh exclusively-owned buffer of `decoded_len` bytes.
                 let dst = unsafe { bytes_mut(&out, *decoded_len) };
-                let mut run = || tenso_format::lz4::decompress_block_into(block, dst);
+                let mut run = || {
+                    tenso_format::lz4::decompress_block_into(block, dst)?;
+                    check_decoded_bool(dense.dtype, dst)
+                };
                 if nbytes >= DETACH_BYTES {
                     py.detach(run)
                 } else {
@@ -170,6 +178,14 @@ impl<'py> Decoder<'_, 'py> {
                 self.writeable,
             )
         }
+    }
+}
+
+fn check_decoded_bool(dtype: tenso_format::DType, body: &[u8]) -> Result<(), tenso_format::FormatError> {
+    if dtype == tenso_format::DType::Bool {
+        tenso_format::check_bool_body(body)
+    } else {
+        Ok(())
     }
 }
 

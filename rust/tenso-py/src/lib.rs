@@ -10,6 +10,7 @@ mod decode;
 mod encode;
 mod errors;
 mod quant;
+mod shm;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -19,6 +20,7 @@ use pyo3::types::PyBytes;
 fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
     quant::register(m)?;
+    shm::register(m)?;
     constants(m)?;
     Ok(())
 }

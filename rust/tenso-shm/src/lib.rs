@@ -1,0 +1,16 @@
+//! Shared memory for tenso-ray: POSIX segments ([`segment`]), the robust lock word ([`lock`]), the free-space table
+//! ([`alloc`]) and the TensoCache pool ([`pool`]).
+//!
+//! This is the crate that owns `mmap` and the atomics over shared memory; it has no Python in it. The bindings in
+//! `tenso-py` wrap [`segment::Segment`] as `tenso.TensoShm` and [`pool::Pool`] as `tenso.TensoCache`.
+#![deny(missing_docs)]
+
+pub mod alloc;
+pub mod error;
+pub mod lock;
+pub mod pool;
+pub mod segment;
+
+pub use error::ShmError;
+pub use pool::{Hit, Lease, LeaseHandle, Pool, PoolStats, Reservation};
+pub use segment::{unlink, validate_name, Segment};

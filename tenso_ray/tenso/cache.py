@@ -1,0 +1,302 @@
+"""TensoCache: a tensor cache in one shared-memory pool, shared by every process that opens it by name.
+
+Memory layout (one segment; see ``rust/tenso-shm/src/pool.rs`` for offsets)::
+
+    ┌──────────────────────────────────────────────┐
+    │ POOL HEADER (4096 bytes)                     │
+    │ magic | version | pool_size | max_entries    │
+    │ lock word (pid | epoch) | index generation   │
+    │ active | used_bytes | pending | hits | misses│
+    ├──────────────────────────────────────────────┤
+    │ ENTRY INDEX (max_entries × 256 B): seqlock,  │
+    │ state, key, block, times; LRU ticks; hash    │
+    │ buckets; free-slot stack; free-extent table  │
+    ├──────────────────────────────────────────────┤
+    │ DATA REGION (rest of pool)                   │
+    │ 64-byte aligned tenso packets + free space   │
+    └──────────────────────────────────────────────┘
+
+Guarantees across processes:
+
+* ``put`` encodes into free space first and publishes the entry afterwards, so
+  no reader ever finds a half-written value, and a writer killed at any point
+  loses at most its own entry. The lock word holds the owner's pid; a process
+  that dies holding it is detected (within milliseconds) and the next process
+  rebuilds the index from the entries instead of clearing the pool.
+* ``get(copy=True)`` always returns a whole value (copied under a seqlock, retried
+  if the entry changed meanwhile).
+* ``get()`` (zero-copy) returns read-only views of the live bytes in the pool.
+  They are whole when returned, and stay so until the key's block is rewritten:
+  a ``put`` of the same key whose packet needs the same block size (the same
+  size, rounded up to 64 bytes) overwrites it in place, and after a ``delete``,
+  eviction or expiry the block is reused by a later ``put``. Until then the old
+  bytes stay. Use ``copy=True`` for a value that must survive later writes.
+* The views keep the mapping alive: they remain valid memory after ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Optional
+
+import numpy as np
+
+from . import tenso_rs as _rs
+
+__all__ = ["TensoCache"]
+
+_SUFFIXES = {
+    "TB": 1024**4, "GB": 1024**3, "MB": 1024**2, "KB": 1024,
+    "T": 1024**4, "G": 1024**3, "M": 1024**2, "K": 1024, "B": 1,
+}
+_QDTYPES = ("qint8", "quint8", "qint4", "quint4")
+
+
+def _parse_size(size: Any) -> int:
+    """``'256MB'``, ``'1.5GB'``, ``'64K'`` or an int, in bytes (binary multiples, as tenso 0.24.0)."""
+    if isinstance(size, bool):
+        raise TypeError("max_memory must be a size, not a bool")
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for suffix, mult in _SUFFIXES.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * mult)
+    return int(text)
+
+
+def _to_numpy(tensor: Any) -> Any:
+    """Host NumPy for torch / JAX / CuPy tensors; anything the codec knows passes through."""
+    if isinstance(tensor, (np.ndarray, np.generic, dict)):
+        return tensor
+    module = type(tensor).__module__.split(".", 1)[0]
+    if module == "torch":
+        return tensor.detach().cpu().numpy()
+    if module == "cupy":
+        return tensor.get()
+    if module in ("jax", "jaxlib"):
+        return np.asarray(tensor)
+    return tensor
+
+
+def _to_device(value: Any, device: str) -> Any:
+    """Convert a host value to ``framework[:spec]`` ("torch", "torch:cuda:0", "jax", "jax:1", "cupy:0")."""
+    framework, _, spec = device.partition(":")
+    framework = framework.lower()
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if framework == "torch":
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError("device='torch' needs PyTorch: pip install 'tenso-ray[torch]'") from e
+        tensor = torch.from_numpy(value)
+        return tensor.to(spec) if spec else tensor
+    if framework == "jax":
+        try:
+            import jax
+            import jax.numpy as jnp
+        except ImportError as e:
+            raise ImportError("device='jax' needs JAX: pip install 'tenso-ray[jax]'") from e
+        if spec:
+            return jax.device_put(jnp.asarray(value), jax.devices()[int(spec)])
+        return jnp.asarray(value)
+    if framework == "cupy":
+        try:
+            import cupy
+        except ImportError as e:
+            raise ImportError("device='cupy' needs CuPy: pip install 'tenso-ray[cupy]' (or cupy-cudaXXx)") from e
+        if spec:
+            with cupy.cuda.Device(int(spec)):
+                return cupy.asarray(value)
+        return cupy.asarray(value)
+    raise ValueError(f"Unsupported device framework: {framework!r}. Supported: 'torch', 'jax', 'cupy'.")
+
+
+class TensoCache:
+    """A tensor cache in a single shared-memory pool.
+
+    Mutable entries, zero-copy reads, LRU eviction, TTL, in-place updates and
+    metadata without deserialization; any number of processes open the same
+    pool by name (``TensoCache(name=..., create=False)``).
+
+    Example::
+
+        import numpy as np
+        from tenso import TensoCache
+
+        with TensoCache("64MB") as cache:
+            cache.put("weights", np.random.randn(1000, 1000).astype(np.float32))
+            arr = cache.get("weights")        # zero-copy view into SHM
+            print(cache.info("weights"))       # metadata without deserialization
+            print(cache.stats)                 # hit/miss counts, memory usage
+
+    Parameters
+    ----------
+    max_memory : str or int
+        Pool size (``'256MB'``, ``'1GB'`` or bytes); all of it is reserved and
+        pre-faulted at creation. Ignored when ``create=False``.
+    name : str, optional
+        Segment name (``[A-Za-z0-9._-]``, up to 200 characters). Generated if None.
+    create : bool
+        Create a new pool (``FileExistsError`` if the name exists) or open one
+        (``FileNotFoundError`` if it does not).
+    max_entries : int, optional
+        Index capacity; default one entry per 16 KiB of pool, 16 to 65536.
+    mode : int
+        Permission bits of a new pool (default ``0o600``).
+    """
+
+    def __init__(
+        self,
+        max_memory: Any = "256MB",
+        name: Optional[str] = None,
+        create: bool = True,
+        *,
+        max_entries: Optional[int] = None,
+        mode: int = 0o600,
+    ) -> None:
+        self._owns = create
+        if create:
+            if name is None:
+                name = f"tenso_cache_{os.getpid()}_{secrets.token_hex(6)}"
+            self._pool = _rs._Pool.create(name, _parse_size(max_memory), max_entries, mode)
+        else:
+            if name is None:
+                raise ValueError("name is required to open an existing TensoCache (create=False)")
+            self._pool = _rs._Pool.open(name)
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._pool.name
+
+    def put(self, key: str, tensor: Any, ttl: Optional[float] = None, quantize: Optional[str] = None) -> int:
+        """Store a tensor; returns the bytes written (the packet size).
+
+        ``tensor`` may be an ndarray, a dict of them, a sparse matrix, a
+        QuantizedTensor, or a torch / JAX / CuPy tensor (copied to host NumPy).
+        ``ttl`` is in seconds (None or 0: no expiry). ``quantize`` is one of
+        'qint8', 'quint8', 'qint4', 'quint4'.
+
+        Raises ``ValueError`` if the key exceeds 128 bytes of UTF-8, and
+        :class:`tenso.TensoCacheFullError` (a ``MemoryError``) if the pool cannot
+        make room even after evicting every other entry.
+        """
+        self._check_open()
+        if len(key.encode("utf-8")) > 128:
+            raise ValueError(f"Key too long: {len(key.encode('utf-8'))} bytes (max 128)")
+        tensor = _to_numpy(tensor)
+        if quantize is not None:
+            if quantize not in _QDTYPES:
+                raise ValueError(f"quantize must be one of {_QDTYPES}, got {quantize!r}")
+            from .quantize import QuantizedTensor
+
+            tensor = QuantizedTensor.quantize(np.asarray(tensor, dtype=np.float32), quantize)
+        return self._pool.put(key, tensor, ttl)
+
+    def get(self, key: str, copy: bool = False, device: Optional[str] = None) -> Optional[Any]:
+        """Retrieve a tensor; None if the key is missing or expired.
+
+        By default the result is a read-only zero-copy view of the pool (see the
+        module docs for how long its bytes stay). ``copy=True`` returns a whole,
+        writeable copy. ``device`` ("torch", "torch:cuda:0", "jax", "cupy:0")
+        converts the value with that framework (implies a copy); ImportError names
+        the extra to install when the framework is missing.
+        """
+        if device is None:
+            return self._pool.get(key, copy)
+        value = self._pool.get(key, True)
+        if value is None:
+            return None
+        return _to_device(value, device)
+
+    def delete(self, key: str) -> bool:
+        """Delete an entry; True if the key was there."""
+        self._check_open()
+        return self._pool.delete(key)
+
+    def keys(self) -> list:
+        """All live (non-expired) keys."""
+        self._check_open()
+        return self._pool.keys()
+
+    def info(self, key: str) -> Optional[dict]:
+        """Metadata from the packet header without decoding: 'shape', 'dtype', 'ndim',
+        'size_bytes', 'ttl' (seconds or None), 'age' (seconds); None if not found."""
+        self._check_open()
+        return self._pool.info(key)
+
+    @property
+    def stats(self) -> dict:
+        """Counters: entries, max_entries, pool_size, used_bytes, free_bytes,
+        data_region_size, hits, misses, hit_rate (plus pending and recoveries).
+        ``used_bytes + free_bytes == data_region_size`` always holds."""
+        self._check_open()
+        return self._pool.stats
+
+    def clear(self) -> None:
+        """Remove all entries."""
+        self._check_open()
+        self._pool.clear()
+
+    def close(self) -> None:
+        """Close this handle. Other processes, and arrays already returned, are unaffected."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+
+    def unlink(self) -> None:
+        """Remove the pool's name (destroyed once every process has closed it)."""
+        try:
+            self._pool.unlink()
+        except FileNotFoundError:
+            pass
+
+    # Same-host hand-offs of raw memory outside the cache's keys.
+    def lease(self, nbytes: int) -> tuple:
+        """Borrow ``nbytes`` of recycled, pre-faulted pool memory: returns ``(handle, memoryview)``.
+
+        The block is this process's until :meth:`release` (from any process) or
+        :meth:`adopt` by another process that received ``handle``; it is freed if the
+        holding process dies. It counts in ``used_bytes`` but is never evicted.
+        """
+        self._check_open()
+        return self._pool._lease(nbytes)
+
+    def adopt(self, handle: tuple) -> memoryview:
+        """Take over a lease handed over by another process; returns its memory."""
+        self._check_open()
+        return self._pool._adopt(tuple(handle))
+
+    def release(self, handle: tuple) -> None:
+        """Free a lease."""
+        self._check_open()
+        self._pool._release(tuple(handle))
+
+    def _check(self) -> None:
+        """Check the pool's structural invariants (tests)."""
+        self._pool._check()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("TensoCache is closed")
+
+    def __len__(self) -> int:
+        return int(self.stats["entries"])
+
+    def __contains__(self, key: str) -> bool:
+        return self.info(key) is not None
+
+    def __enter__(self) -> "TensoCache":
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        self.close()
+        if self._owns:
+            self.unlink()
+
+    def __repr__(self) -> str:
+        status = "closed" if self._closed else "open"
+        return f"TensoCache(name={self.name!r}, status={status})"

@@ -1,0 +1,487 @@
+"""Ray integration: tensor bodies go to Ray's object store out of band, never through pickle.
+
+Ray pickles every object with protocol 5 and moves each ``pickle.PickleBuffer`` it meets into the object store
+without copying it into the pickle stream. Ray's default already does that for C-contiguous NumPy arrays of the
+builtin dtypes; it falls back to in-band pickling (three to four copies) for torch tensors, ``ml_dtypes`` arrays
+such as bfloat16, and non-contiguous arrays. This plug-in registers reducers that always return a tiny header plus
+the body as a ``PickleBuffer``, so every one of those reaches the object store with at most one copy (the gather of a
+non-contiguous array) and comes back as a zero-copy view.
+
+Usage::
+
+    import ray
+    import tenso.ray
+
+    ray.init(runtime_env=tenso.ray.runtime_env(include_torch=True))   # every worker registers when it starts
+    tenso.ray.register(include_torch=True)                            # the driver, and the job-wide switch
+
+``register()`` alone (after a plain ``ray.init()``) covers the driver, and every worker that receives a tenso payload
+adopts the registration when it decodes one. ``runtime_env()`` adds Ray's ``worker_process_setup_hook`` so that
+every worker of the job, including one that only creates and returns tensors, registers when it starts.
+``unregister()`` restores, in the driver at once and in workers at their next serialization, whatever the
+registration replaced (for example Ray's own reducer under ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``).
+
+Policies
+--------
+* ``numpy.ndarray``: every dtype. Builtin dtypes that are C- or Fortran-contiguous are handed over as their own
+  buffer (no copy, the same cost as Ray's default); other layouts are gathered once into C order. Object arrays
+  keep NumPy's own (in-band) pickling.
+* Subclasses: Ray dispatches by exact type. ``numpy.memmap`` is registered and arrives as a plain read-only
+  ``numpy.ndarray`` (the file mapping does not travel); ``torch.nn.Parameter`` is registered and arrives as a
+  ``Parameter`` that owns its memory, with ``requires_grad`` kept. Other subclasses keep Ray's default.
+* ``torch.Tensor`` (``include_torch=True``): safe by default: the receiver gets a tensor that owns its memory (one
+  copy out of the object store), so writes never reach the stored object. ``register(include_torch=True,
+  torch_zero_copy=True)`` hands out tensors over the object store itself, with no copy: writing to one changes the
+  stored object for every reader on the node. CUDA tensors are staged through host memory and restored on the same
+  device index. ``requires_grad`` is kept; the autograd graph is not.
+* JAX arrays (``include_jax=True``): copied to host, restored with ``jax.numpy.asarray``.
+* Arrays from the object store are read-only; ``numpy.array(x)`` gives a writeable copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+try:
+    import ray
+    import ray.cloudpickle as _ray_pickle
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("tenso.ray requires Ray; install it with: pip install 'tenso-ray[ray]'") from exc
+
+__all__ = ["register", "unregister", "runtime_env", "setup_worker", "is_registered"]
+
+#: Environment variable through which ``runtime_env()`` passes the options to the worker setup hook.
+OPTIONS_ENV = "TENSO_RAY_OPTIONS"
+_KV_NAMESPACE = "tenso"
+_HOOK = "tenso.ray.setup_worker"
+
+# Types whose buffer NumPy can rebuild from ``dtype.str`` alone (bool, integers, floats, complex); others (ml_dtypes,
+# structured, datetime) travel with their dtype object.
+_BUILTIN_KINDS = frozenset("biufc")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-process registration state.
+# ---------------------------------------------------------------------------------------------------------------
+_options: Optional[dict[str, bool]] = None  # what this process has installed, or None
+_replaced: dict[type, Optional[Callable[..., Any]]] = {}  # what each of our entries replaced in Ray's table
+_state_path: Optional[str] = None  # the job's state file (workers only)
+_state_token: Optional[tuple[int, int]] = None  # (mtime_ns, size) of the state file when last read
+_next_check = 0.0  # monotonic time of the next state-file check (workers only)
+_CHECK_INTERVAL = 0.001
+
+
+def _table() -> Any:
+    # Ray keeps its custom reducers in this class-level table; the pickler consults it by exact type.
+    return _ray_pickle.CloudPickler.dispatch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NumPy
+# ---------------------------------------------------------------------------------------------------------------
+def _reduce_ndarray(a: np.ndarray) -> Any:
+    if _next_check and time.monotonic() >= _next_check:
+        _refresh()
+        if _options is None:  # the driver unregistered: this call already uses what we restored
+            return _fallback(a)
+    dtype = a.dtype
+    if dtype.hasobject:
+        # Python objects cannot go out of band; NumPy's reduction contains no ndarray instance, so no recursion.
+        return a.__reduce_ex__(5)
+    if dtype.kind not in _BUILTIN_KINDS:
+        # ml_dtypes (bfloat16, float8...), datetimes and structured dtypes expose no buffer of their own: send the
+        # bytes and the dtype object.
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)  # the one gather copy
+        return _rebuild_bytes, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8)), dtype, a.shape)
+    if a.flags.c_contiguous:
+        order = "C"
+    elif a.flags.f_contiguous:
+        order = "F"
+    else:
+        a = np.ascontiguousarray(a)  # the one gather copy: pickle5 can only hand out contiguous memory
+        order = "C"
+    if a.ndim == 1:
+        return _rebuild_ndarray1, (pickle.PickleBuffer(a), dtype.str)
+    return _rebuild_ndarray, (pickle.PickleBuffer(a), dtype.str, a.shape, order)
+
+
+def _fallback(obj: Any) -> Any:
+    previous = _table().get(type(obj))
+    return previous(obj) if previous is not None else obj.__reduce_ex__(5)
+
+
+def _reduce_memmap(a: np.ndarray) -> Any:
+    # Policy: a memmap travels as its data; the receiver gets a plain ndarray, not a new mapping of the file.
+    return _reduce_ndarray(a.view(np.ndarray))
+
+
+def _rebuild_bytes(buf: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    _adopt()
+    return np.frombuffer(buf, dtype=np.uint8).view(dtype).reshape(shape)
+
+
+def _rebuild_ndarray1(buf: Any, descr: Any) -> np.ndarray:
+    _adopt()
+    return np.frombuffer(buf, dtype=descr)
+
+
+def _rebuild_ndarray(buf: Any, descr: Any, shape: tuple[int, ...], order: str) -> np.ndarray:
+    _adopt()
+    if order == "C":
+        return np.frombuffer(buf, dtype=descr).reshape(shape)
+    return np.frombuffer(buf, dtype=descr).reshape(shape, order="F")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch
+# ---------------------------------------------------------------------------------------------------------------
+def _torch_body(t: Any) -> tuple[Any, str, tuple[int, ...], str]:
+    import torch
+
+    t = t.detach()
+    device = str(t.device)
+    if t.device.type != "cpu":
+        t = t.to("cpu")  # staged through host memory (one device-to-host copy)
+    shape = tuple(t.shape)
+    flat = t.contiguous().reshape(-1)  # no copy when already contiguous
+    dtype = str(flat.dtype).removeprefix("torch.")
+    if flat.numel() == 0:
+        body = np.empty(0, np.uint8)
+    else:
+        body = flat.view(torch.uint8).numpy()
+    return pickle.PickleBuffer(body), dtype, shape, device
+
+
+def _reduce_tensor(t: Any) -> Any:
+    if _next_check and time.monotonic() >= _next_check:
+        _refresh()
+        if _options is None:  # the driver unregistered: this call already uses what we restored
+            return _fallback(t)
+    buf, dtype, shape, device = _torch_body(t)
+    zero_copy = bool(_options and _options.get("torch_zero_copy"))
+    return _rebuild_tensor, (buf, dtype, shape, device, t.requires_grad, zero_copy)
+
+
+def _reduce_parameter(p: Any) -> Any:
+    buf, dtype, shape, device = _torch_body(p)
+    return _rebuild_parameter, (buf, dtype, shape, device, p.requires_grad)
+
+
+def _tensor_from(buf: Any, dtype: str, shape: tuple[int, ...], device: str, zero_copy: bool) -> Any:
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if device != "cpu":
+        out = torch.empty(shape, dtype=tdtype, device=device)
+        if raw.size:
+            staged = torch.from_numpy(raw.copy()).view(tdtype).reshape(shape)
+            out.copy_(staged)
+        return out
+    if zero_copy and raw.size:
+        with warnings.catch_warnings():
+            # torch warns that the buffer is read-only: that is the documented contract of zero-copy mode.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
+    out = torch.empty(shape, dtype=tdtype)
+    if raw.size:
+        # Safe mode: exactly one copy, into memory the tensor owns.
+        np.copyto(out.reshape(-1).view(torch.uint8).numpy(), raw)
+    return out
+
+
+def _rebuild_tensor(
+    buf: Any, dtype: str, shape: tuple[int, ...], device: str, requires_grad: bool, zero_copy: bool
+) -> Any:
+    _adopt()
+    t = _tensor_from(buf, dtype, shape, device, zero_copy)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _rebuild_parameter(buf: Any, dtype: str, shape: tuple[int, ...], device: str, requires_grad: bool) -> Any:
+    import torch
+
+    _adopt()
+    return torch.nn.Parameter(_tensor_from(buf, dtype, shape, device, False), requires_grad=requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JAX
+# ---------------------------------------------------------------------------------------------------------------
+def _reduce_jax(x: Any) -> Any:
+    host = np.asarray(x)
+    buf_reduce = _reduce_ndarray(host)
+    return _rebuild_jax, (buf_reduce[0], buf_reduce[1])
+
+
+def _rebuild_jax(rebuild: Callable[..., np.ndarray], args: tuple[Any, ...]) -> Any:
+    import jax.numpy as jnp
+
+    return jnp.asarray(rebuild(*args))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Installing and removing reducers in this process
+# ---------------------------------------------------------------------------------------------------------------
+def _ours() -> set[Callable[..., Any]]:
+    return {_reduce_ndarray, _reduce_memmap, _reduce_tensor, _reduce_parameter, _reduce_jax}
+
+
+def _reducers(options: dict[str, bool]) -> dict[type, Callable[..., Any]]:
+    reducers: dict[type, Callable[..., Any]] = {np.ndarray: _reduce_ndarray, np.memmap: _reduce_memmap}
+    if options.get("include_torch"):
+        try:
+            import torch
+        except ImportError as exc:
+            raise ImportError(
+                "tenso.ray.register(include_torch=True) requires PyTorch; "
+                "install it with: pip install 'tenso-ray[torch]'"
+            ) from exc
+        reducers[torch.Tensor] = _reduce_tensor
+        reducers[torch.nn.Parameter] = _reduce_parameter
+    if options.get("include_jax"):
+        try:
+            import jax
+        except ImportError as exc:
+            raise ImportError(
+                "tenso.ray.register(include_jax=True) requires JAX; install it with: pip install 'tenso-ray[jax]'"
+            ) from exc
+        reducers[type(jax.numpy.zeros(0))] = _reduce_jax
+        array_impl = getattr(getattr(jax, "_src", None), "array", None)
+        if array_impl is not None and hasattr(array_impl, "ArrayImpl"):
+            reducers[array_impl.ArrayImpl] = _reduce_jax
+    return reducers
+
+
+def _install(options: dict[str, bool]) -> None:
+    """Make this process's reducers match ``options`` (idempotent)."""
+    global _options
+    wanted = _reducers(options)  # raises ImportError before anything changes
+    table = _table()
+    ours = _ours()
+    for cls in list(_replaced):
+        if cls not in wanted:
+            _restore(cls)
+    for cls, reducer in wanted.items():
+        current = table.get(cls)
+        if current not in ours:
+            _replaced[cls] = current
+        table[cls] = reducer
+    _options = dict(options)
+
+
+def _restore(cls: type) -> None:
+    table = _table()
+    previous = _replaced.pop(cls, None)
+    if table.get(cls) in _ours():
+        if previous is None:
+            table.pop(cls, None)
+        else:
+            table[cls] = previous
+
+
+def _uninstall() -> None:
+    global _options
+    for cls in list(_replaced):
+        _restore(cls)
+    _options = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job-wide switch: a state file in the Ray session directory (read by workers on this node, cheap to check) and
+# the same JSON in GCS's key-value store (read by the setup hook on nodes that do not share the directory).
+# ---------------------------------------------------------------------------------------------------------------
+def _job_key() -> str:
+    return f"tenso.ray.{ray.get_runtime_context().get_job_id()}"
+
+
+def _job_state_path() -> Optional[str]:
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return None
+    return os.path.join(node.get_session_dir_path(), f"{_job_key()}.json")
+
+
+def _publish(options: Optional[dict[str, bool]]) -> None:
+    text = json.dumps({"options": options, "time": time.time_ns()})
+    path = _job_state_path()
+    if path is not None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    try:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(_job_key(), text, overwrite=True, namespace=_KV_NAMESPACE)
+    except Exception:  # pragma: no cover - the KV store is an optional second channel
+        pass
+
+
+def _read_state() -> Optional[dict[str, Any]]:
+    global _state_token
+    path = _state_path
+    if path is not None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            _state_token = (st.st_mtime_ns, st.st_size)
+            with open(path) as f:
+                return json.load(f)
+    try:
+        from ray.experimental import internal_kv
+
+        text = internal_kv._internal_kv_get(_job_key(), namespace=_KV_NAMESPACE)
+    except Exception:  # pragma: no cover
+        return None
+    return None if text is None else json.loads(text)
+
+
+def _is_worker() -> bool:
+    worker = ray._private.worker.global_worker
+    return getattr(worker, "mode", None) == ray._private.worker.WORKER_MODE
+
+
+def _sync() -> None:
+    """Worker side: read the job's state and install or remove our reducers to match it."""
+    global _state_path, _next_check
+    if _state_path is None:
+        _state_path = _job_state_path()
+    state = _read_state()
+    options = None if state is None else state.get("options")
+    if options:
+        _install(options)
+    else:
+        _uninstall()
+    _next_check = time.monotonic() + _CHECK_INTERVAL
+
+
+def _refresh() -> None:
+    # Called from our reducers in workers at most once per millisecond: re-read the state only if the file changed.
+    global _next_check
+    _next_check = time.monotonic() + _CHECK_INTERVAL
+    try:
+        st = os.stat(_state_path) if _state_path else None
+    except FileNotFoundError:
+        st = None
+    token = None if st is None else (st.st_mtime_ns, st.st_size)
+    if token != _state_token:
+        _sync()
+
+
+_adopted = False
+
+
+def _adopt() -> None:
+    # A worker that decodes our payload before its first sync (it started before register()) adopts the job's state.
+    global _adopted
+    if _adopted:
+        return
+    _adopted = True
+    if ray.is_initialized() and _is_worker() and _next_check == 0.0:
+        _sync()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+def register(include_torch: bool = False, include_jax: bool = False, *, torch_zero_copy: bool = False) -> None:
+    """Register Tenso as the serializer for tensor types in every process of the current Ray job.
+
+    Call it after ``ray.init()``. The driver switches at once; workers switch when they start (with
+    ``ray.init(runtime_env=tenso.ray.runtime_env(...))``), when they first decode a tenso payload, and, once
+    registered, within a millisecond of any later ``register``/``unregister`` in the driver. Calling it again
+    with the same options changes nothing; with other options it replaces the previous registration.
+
+    Parameters
+    ----------
+    include_torch : bool, default False
+        Also register ``torch.Tensor`` and ``torch.nn.Parameter``. Requires PyTorch.
+    include_jax : bool, default False
+        Also register JAX arrays. Requires JAX.
+    torch_zero_copy : bool, default False
+        Hand out torch tensors over the object store without copying. Writing to such a tensor changes the stored
+        object for every reader on the node; the default gives each reader its own copy.
+
+    Raises
+    ------
+    ImportError
+        If PyTorch or JAX is requested but not installed (the message names the extra).
+    RuntimeError
+        If Ray is not initialized.
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("tenso.ray.register() needs a connected Ray job: call ray.init() first")
+    options = {
+        "include_torch": bool(include_torch),
+        "include_jax": bool(include_jax),
+        "torch_zero_copy": bool(torch_zero_copy),
+    }
+    _install(options)
+    if not _is_worker():
+        _publish(options)
+
+
+def unregister() -> None:
+    """Remove the Tenso serializers and restore what ``register()`` replaced, in the driver and in every worker."""
+    _uninstall()
+    if ray.is_initialized() and not _is_worker():
+        _publish(None)
+
+
+def is_registered() -> bool:
+    """Whether this process currently serializes with Tenso (in a worker, after catching up with the driver)."""
+    if _next_check:
+        _refresh()
+    return _options is not None
+
+
+def runtime_env(
+    include_torch: bool = False,
+    include_jax: bool = False,
+    *,
+    torch_zero_copy: bool = False,
+    base: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """A ``runtime_env`` for ``ray.init`` that registers Tenso in every worker of the job when it starts.
+
+    Workers register with these options even before the driver calls :func:`register`; ``unregister()`` in the
+    driver still switches them off. ``base`` is merged in (its ``env_vars`` are kept).
+    """
+    env = dict(base or {})
+    env_vars = dict(env.get("env_vars") or {})
+    env_vars[OPTIONS_ENV] = json.dumps(
+        {
+            "include_torch": bool(include_torch),
+            "include_jax": bool(include_jax),
+            "torch_zero_copy": bool(torch_zero_copy),
+        }
+    )
+    env["env_vars"] = env_vars
+    env["worker_process_setup_hook"] = _HOOK
+    return env
+
+
+def setup_worker() -> None:
+    """Ray ``worker_process_setup_hook``: register Tenso in this worker according to the job's state."""
+    global _state_path, _next_check
+    _state_path = _job_state_path()
+    state = _read_state()
+    if state is not None:
+        _sync()  # the driver has spoken: follow it
+        return
+    text = os.environ.get(OPTIONS_ENV)
+    if text:
+        _install(json.loads(text))
+    _next_check = time.monotonic() + _CHECK_INTERVAL

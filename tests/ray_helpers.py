@@ -1,0 +1,82 @@
+"""Scripts the Ray tests run in their own interpreter (each needs a cluster of its own).
+
+Run as ``python ray_helpers.py SCENARIO``; prints one JSON line with the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def lineage() -> dict:
+    """An object whose only copy is lost with its node is rebuilt from lineage, through the plug-in."""
+    import ml_dtypes
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import tenso.ray
+
+    cluster = Cluster()
+    cluster.add_node(num_cpus=1, resources={"head": 1})
+    ray.init(address=cluster.address, runtime_env=tenso.ray.runtime_env())
+    tenso.ray.register()
+    worker_node = cluster.add_node(num_cpus=1, resources={"worker": 1}, object_store_memory=100 * 1024 * 1024)
+    cluster.wait_for_nodes()
+    try:
+
+        @ray.remote(max_retries=2, resources={"worker": 0.1})
+        def produce(seed: int) -> np.ndarray:
+            import tenso.ray as tr
+
+            assert tr.is_registered()
+            return (np.arange(1 << 20, dtype=np.float32) + seed).astype(ml_dtypes.bfloat16)[::2]
+
+        @ray.remote(resources={"head": 0.1})
+        def consume(x: np.ndarray) -> float:
+            return float(x.astype(np.float32).sum())
+
+        ref = produce.remote(3)
+        first = ray.get(consume.remote(ref))
+        cluster.remove_node(worker_node, allow_graceful=False)
+        cluster.add_node(num_cpus=1, resources={"worker": 1}, object_store_memory=100 * 1024 * 1024)
+        cluster.wait_for_nodes()
+        second = ray.get(consume.remote(ref))
+        arr = ray.get(ref)
+        return {"first": first, "second": second, "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def hook() -> dict:
+    """ray.init(runtime_env=tenso.ray.runtime_env()): a worker that never receives a payload is registered too."""
+    import ray
+
+    import tenso.ray
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", runtime_env=tenso.ray.runtime_env())
+    try:
+
+        @ray.remote
+        def state() -> list:
+            import ray.cloudpickle as cp
+
+            import tenso.ray as tr
+
+            return [tr.is_registered(), getattr(cp.CloudPickler.dispatch.get(np.ndarray), "__name__", None)]
+
+        before = ray.get(state.remote())  # the hook alone, before the driver registers
+        tenso.ray.register()
+        after_register = ray.get(state.remote())
+        tenso.ray.unregister()
+        after_unregister = ray.get(state.remote())
+        return {"before": before, "after_register": after_register, "after_unregister": after_unregister}
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    print(json.dumps({"lineage": lineage, "hook": hook}[sys.argv[1]]()))
