@@ -122,8 +122,14 @@ class Worker:
         self.hello = self.call({"cmd": "hello"})
 
     def call(self, msg: dict) -> dict:
+        self.send(msg)
+        return self.recv()
+
+    def send(self, msg: dict) -> None:
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
+
+    def recv(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"worker {self.label} died (rc={self.proc.poll()})")
@@ -170,7 +176,8 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
     res: dict[str, Result] = {}
     live: list[str] = []
     owner = {}
-    for impl in impls:
+    pending = []
+    for impl in impls:  # set up in every worker at once (input generation runs in parallel)
         r = Result(group, op, kind, nbytes, impl)
         res[impl] = r
         w = next((w for w in workers.values() if impl in w.impls), None)
@@ -178,7 +185,11 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
             r.status, r.note = "n/a", "no environment"
             continue
         owner[impl] = w
-        rep = w.call({"cmd": "setup", "id": cid + impl, "impl": impl, "op": op, "kind": kind, "nbytes": nbytes})
+        w.send({"cmd": "setup", "id": cid + impl, "impl": impl, "op": op, "kind": kind, "nbytes": nbytes})
+        pending.append(impl)
+    for impl in pending:
+        r = res[impl]
+        rep = owner[impl].recv()
         if rep.get("ok"):
             live.append(impl)
         elif "unsupported" in rep:
@@ -230,7 +241,9 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
             if key not in ("ok", "cpu", "wall"):
                 r.extra[key] = statistics.median(x[key] for x in s)
     for impl in owner:
-        owner[impl].call({"cmd": "drop", "id": cid + impl})
+        owner[impl].send({"cmd": "drop", "id": cid + impl})
+    for impl in owner:
+        owner[impl].recv()
     return res
 
 
@@ -265,11 +278,14 @@ class Target:
     cmp: str = "<="          # value <= limit passes (or ">=")
     unit: str = "x"
     detail: str = ""
+    info: bool = False       # reported, never PASS/FAIL (a derived expectation, not a target)
 
     @property
     def status(self) -> str:
         if self.value is None:
             return "N/A"
+        if self.info:
+            return "INFO"
         ok = self.value <= self.limit if self.cmp == "<=" else self.value >= self.limit
         return "PASS" if ok else "FAIL"
 
@@ -322,7 +338,8 @@ def print_targets(targets: list[Target]) -> str:
     n_pass = sum(t.status == "PASS" for t in targets)
     n_fail = sum(t.status == "FAIL" for t in targets)
     n_na = sum(t.status == "N/A" for t in targets)
-    lines.append(f"-- {n_pass} PASS, {n_fail} FAIL, {n_na} N/A")
+    n_info = sum(t.status == "INFO" for t in targets)
+    lines.append(f"-- {n_pass} PASS, {n_fail} FAIL, {n_na} N/A, {n_info} INFO (informational, not a target)")
     text = "\n".join(lines)
     print(text)
     return text
@@ -351,7 +368,7 @@ def write_outputs(out_dir: str, payload: dict, targets: list[Target]) -> tuple[s
             # normalise so that 1.0 is the limit and smaller is better for every target
             vals = [(t.value / t.limit) if t.cmp == "<=" else (t.limit / t.value if t.value else float("inf"))
                     for t in ts]
-            colors = ["tab:green" if t.status == "PASS" else "tab:red" for t in ts]
+            colors = [{"PASS": "tab:green", "FAIL": "tab:red"}.get(t.status, "tab:gray") for t in ts]
             ax.barh([t.tid for t in ts], vals, color=colors)
             ax.axvline(1.0, color="k", lw=1)
             ax.set_xscale("log")

@@ -422,7 +422,9 @@ def test_lease_of_dead_process_is_reclaimed_and_adoptable():
         assert c.stats["used_bytes"] == 4096
         c.release(handle)
         assert c.stats["used_bytes"] == 0
-        # A lease whose holder dies without handing it off is freed.
+        # A lease whose holder dies without handing it off is freed. (A fresh queue: the killed child may have
+        # left the first one's locks taken.)
+        q = CTX.Queue()
         p = CTX.Process(target=_hold_lease, args=(name, q))
         p.start()
         q.get(timeout=60)

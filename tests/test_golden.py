@@ -158,3 +158,35 @@ def test_packet_info_matches_header(folder, name):
         n = int(np.prod(case.expected["shape"], dtype=np.int64))
         exp_size = (n + 1) // 2 if case.expected["dtype_name"].endswith("4") else n
         assert info["data_size_bytes"] == exp_size
+
+
+@pytest.mark.parametrize("folder,name", CASES, ids=IDS)
+def test_read_stream_and_load_file(folder, name, tmp_path):
+    """Every framable fixture streams (FORMAT.md §13); a top-level compressed dense packet is refused."""
+    import io
+
+    import tenso
+    from tenso import errors
+
+    case = _case(folder, name)
+    path = tmp_path / "p.tenso"
+    path.write_bytes(case.packet)
+    with open(path, "rb") as f:
+        got = tenso.load(f, mmap_mode=True)
+        tensohelp.assert_matches(got, case.expected, case.npz, name + " (load mmap)")
+        del got
+    with open(path, "rb") as f:
+        if case.kind == "dense" and case.compressed:
+            # load(fp) streams (seed and both references): a compressed dense packet cannot be framed.
+            with pytest.raises(errors.TensoFormatError):
+                tenso.load(f)
+        else:
+            tensohelp.assert_matches(tenso.load(f), case.expected, case.npz, name + " (load)")
+    stream = io.BytesIO(case.packet + case.packet)
+    if case.kind == "dense" and case.compressed:
+        with pytest.raises(errors.TensoFormatError):
+            tenso.read_stream(stream)
+        return
+    for _ in range(2):
+        tensohelp.assert_matches(tenso.read_stream(stream), case.expected, case.npz, name + " (stream)")
+    assert tenso.read_stream(stream) is None

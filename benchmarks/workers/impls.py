@@ -111,23 +111,34 @@ class _ForkedPeer:
                 os.close(self.ctl_w)
                 os.close(self.res_r)
                 scratch = bytearray(4 << 20)
+                if mode == "recv":
+                    child_sock.settimeout(10)  # a sender that writes short must not hang the run
                 while True:
                     msg = os.read(c_r, 9)
                     if not msg or msg[:1] == b"q":
                         break
                     if mode == "send":
                         t0 = time.process_time_ns()
-                        send(child_sock)
+                        try:
+                            send(child_sock)
+                        except Exception:
+                            child_sock.close()  # the receiver sees EOF instead of hanging
+                            os.write(r_w, struct.pack("<q", -1))
+                            break
                         t1 = time.process_time_ns()
                         os.write(r_w, struct.pack("<q", t1 - t0))
                     else:
                         (n,) = struct.unpack("<q", msg[1:9])
                         view = memoryview(scratch)
-                        while n > 0:
-                            r = child_sock.recv_into(view, min(n, len(view)))
-                            if r == 0:
-                                raise EOFError
-                            n -= r
+                        try:
+                            while n > 0:
+                                r = child_sock.recv_into(view, min(n, len(view)))
+                                if r == 0:
+                                    raise EOFError
+                                n -= r
+                        except (OSError, EOFError):
+                            os.write(r_w, b"e")
+                            break
                         os.write(r_w, b"k")
             finally:
                 os._exit(0)
@@ -141,8 +152,13 @@ class _ForkedPeer:
 
     def result(self):
         if self.mode == "send":
-            return struct.unpack("<q", _read_exact_fd(self.res_r, 8))[0]
-        _read_exact_fd(self.res_r, 1)
+            v = struct.unpack("<q", _read_exact_fd(self.res_r, 8))[0]
+            if v < 0:
+                raise RuntimeError("sender failed")
+            return v
+        if _read_exact_fd(self.res_r, 1) != b"k":
+            raise RuntimeError("receiver got fewer bytes than the packet length before a 10 s timeout "
+                               "(the writer put a short/garbled stream on the wire)")
         return None
 
     def close(self):
@@ -311,11 +327,28 @@ class Tenso(Impl):
         ws, rs = self.t.write_stream, self.t.read_stream
         return _StreamRecv(lambda s: ws(a, s), lambda s: rs(s))
 
+    def _stream_len(self, a) -> int:
+        """Bytes write_stream puts on the wire (releases differ in padding), via a counting sink."""
+
+        class Count:
+            n = 0
+
+            def write(self, b):
+                k = memoryview(b).nbytes
+                self.n += k
+                return k
+
+            def flush(self):
+                pass
+
+        c = Count()
+        self.t.write_stream(a, c)
+        return c.n
+
     def setup_stream_send(self, kind, nbytes):
         a = make_array(kind, nbytes)
         ws = self.t.write_stream
-        n = len(self.t.dumps(a))
-        return _StreamSend(lambda s: ws(a, s), n)
+        return _StreamSend(lambda s: ws(a, s), self._stream_len(a))
 
     def setup_astream_send(self, kind, nbytes):
         a = make_array(kind, nbytes)
@@ -325,7 +358,7 @@ class Tenso(Impl):
                 from tenso.async_core import awrite_stream as aws
             except ImportError:
                 raise Unsupported("awrite_stream")
-        n = len(self.t.dumps(a))
+        n = self._stream_len(a)
 
         async def send(writer):
             await aws(a, writer)

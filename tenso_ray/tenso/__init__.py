@@ -39,6 +39,7 @@ from .utils import get_packet_info, is_aligned
 
 
 def _package_version() -> str:
+    # importlib.metadata is slow to import, so this runs on first access only.
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -47,8 +48,7 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-__version__: str = _package_version()
-
+__version__: str
 __all__ = [
     "dumps",
     "loads",
@@ -78,6 +78,10 @@ _LAZY = {"read_to_device": "gpu"}
 
 
 def __getattr__(name: str) -> object:
+    if name == "__version__":
+        value: object = _package_version()
+        globals()[name] = value
+        return value
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'tenso' has no attribute {name!r}")
@@ -89,4 +93,4 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})

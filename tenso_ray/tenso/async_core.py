@@ -7,12 +7,14 @@ those returned by :func:`asyncio.open_connection`.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import tenso_rs as _rs
 from .core import _GROWTH_STEP, _INITIAL_CAPACITY, _grow, _loads_owned, _parts
 from .errors import TensoTruncatedError
+
+if TYPE_CHECKING:  # asyncio costs ~80 ms to import; only the coroutines need it
+    import asyncio
 
 __all__ = ["aread_stream", "awrite_stream"]
 
@@ -48,6 +50,8 @@ async def aread_stream(reader: asyncio.StreamReader) -> Optional[Any]:
     tenso.TensoIntegrityError
         If an XXH3 footer does not match.
     """
+    from asyncio import IncompleteReadError
+
     buf = _rs._alloc(_INITIAL_CAPACITY)
     have = 0
     while True:
@@ -61,7 +65,7 @@ async def aread_stream(reader: asyncio.StreamReader) -> Optional[Any]:
             step = min(end - have, _CHUNK)
             try:
                 chunk = await reader.readexactly(step)
-            except asyncio.IncompleteReadError as exc:
+            except IncompleteReadError as exc:
                 if have == 0 and not exc.partial:
                     return None
                 got = have + len(exc.partial)

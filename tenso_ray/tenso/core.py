@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Optional, Union
 
 from . import tenso_rs as _rs
 from .errors import TensoTruncatedError
+from .ragged import RaggedArray
 
 __all__ = [
     "dumps",
@@ -45,6 +46,9 @@ Buffer = Union[bytes, bytearray, memoryview, mmap.mmap, Any]
 #: Largest step by which a stream read buffer may grow beyond the bytes already
 #: received (it may also grow by as much as it already holds, i.e. geometrically).
 _GROWTH_STEP = 16 << 20
+#: Packets up to this size get their final buffer as soon as the header proves
+#: the size; larger ones grow with the data (see ``_grow``).
+_DIRECT_LIMIT = 1 << 30
 #: Size of the first read buffer; enough for most headers and small tensors.
 _INITIAL_CAPACITY = 4096
 #: Largest single ``read``/``recv`` for sources that cannot read into our buffer,
@@ -78,7 +82,9 @@ def _parts(
     tensor: Any, strict: bool, check_integrity: bool, protocol: int
 ) -> list[Union[bytes, memoryview]]:
     return _byte_parts(
-        _rs._dump_parts(tensor, strict=strict, check_integrity=check_integrity, protocol=protocol)
+        _rs._dump_parts(
+            tensor, strict=strict, check_integrity=check_integrity, protocol=protocol
+        )
     )
 
 
@@ -291,7 +297,7 @@ def _real_file_fd(fp: Any) -> Optional[int]:
     if type(raw) is not io.FileIO:
         return None
     try:
-        return fp.fileno()
+        return int(fp.fileno())
     except (OSError, ValueError):
         return None
 
@@ -414,8 +420,6 @@ def load(fp: BinaryIO, mmap_mode: bool = False, copy: bool = False) -> Any:
     packet = _framed_read(_make_filler(fp))
     if packet is None:
         raise TensoTruncatedError("the file holds no packet at its current position")
-    if copy and not _LOADS_HAS_WRITEABLE:
-        return _rs._loads(packet, copy=True)
     # The packet buffer is private to this call, so views of it are as good
     # as copies: nothing else can see or change them.
     return _loads_owned(packet)
@@ -438,7 +442,7 @@ def _make_filler(source: Any) -> Any:
             n = readinto(view)
             if n is None:
                 raise BlockingIOError("source is non-blocking and has no data ready")
-            return n
+            return int(n)
         return fill_readinto
     recv_into = getattr(source, "recv_into", None)
     if recv_into is not None:
@@ -465,15 +469,19 @@ def _make_filler(source: Any) -> Any:
 def _grow(buf: Any, have: int, need: int) -> Any:
     """Return a larger aligned buffer holding the first ``have`` bytes of ``buf``.
 
-    The new capacity covers ``need`` when the bytes received so far justify it;
-    otherwise it adds at most ``max(have, 16 MiB)`` beyond ``have``, so a
-    header that lies about its size costs at most a doubling of what the
-    peer actually sent. Near ``need`` it grows by at least half, keeping the
-    copying linear when a container's size is revealed in small steps.
+    Up to ``_DIRECT_LIMIT`` the buffer is sized to ``need`` at once, so every byte
+    is read straight into its final place: the allocation is virtual memory the
+    kernel backs page by page as data arrives, so a header that lies costs
+    address space, not RAM. Beyond that, capacity grows by at most
+    ``max(have, 16 MiB)`` past what was received, so a lying header costs at
+    most a doubling of what the peer actually sent.
     """
-    cap = len(buf)
-    limit = have + max(have, _GROWTH_STEP)
-    new_cap = min(limit, max(need, cap + cap // 2))
+    if need <= _DIRECT_LIMIT:
+        new_cap = need
+    else:
+        cap = len(buf)
+        limit = have + max(have, _GROWTH_STEP)
+        new_cap = min(limit, max(need, cap + cap // 2))
     new = _rs._alloc(new_cap)
     if have:
         new[:have] = buf[:have]
@@ -494,7 +502,7 @@ def _framed_read(fill: Any) -> Optional[Any]:
         if need > len(buf):
             buf = _grow(buf, have, need)
         end = min(need, len(buf))
-        view = memoryview(buf)
+        view = buf.data  # the array's own memoryview (format "B")
         while have < end:
             n = fill(view[have:end])
             if not n:
@@ -507,25 +515,11 @@ def _framed_read(fill: Any) -> Optional[Any]:
 
 
 def _loads_owned(packet: Any) -> Any:
-    """Decode a packet held in a buffer we own, with writeable arrays where supported."""
-    if _LOADS_HAS_WRITEABLE:
-        return _rs._loads(packet, copy=False, writeable=True)
-    return _rs._loads(packet, copy=False)
+    """Decode a packet held in a buffer we own: its arrays are writeable views of that buffer."""
+    return _rs._loads(packet, copy=False, writeable=True)
 
 
-def _native_accepts(func: Any, keyword: str) -> bool:
-    """Whether the native ``func`` takes ``keyword``, judged from its text signature.
 
-    The lead's ``_loads`` is specified with ``writeable``; an older build without
-    it still works, its arrays are then read-only.
-    """
-    signature = getattr(func, "__text_signature__", None)
-    if not signature:
-        return True
-    return keyword in signature
-
-
-_LOADS_HAS_WRITEABLE = _native_accepts(_rs._loads, "writeable")
 
 
 def read_stream(source: Any) -> Optional[Any]:

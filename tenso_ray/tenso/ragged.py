@@ -295,12 +295,15 @@ class RaggedArray:
             ``__ragged_flat__`` and ``__ragged_count__`` (uint64, one element),
             in that order.
         """
-        bundle = {
+        return _rs._dumps(self._bundle(), check_integrity=check_integrity)
+
+    def _bundle(self) -> dict[str, np.ndarray]:
+        """The dict this array is written as (entry order is part of the format)."""
+        return {
             _OFFSETS_KEY: self._offsets,
             _FLAT_KEY: self._flat,
             _COUNT_KEY: np.array([self._count], dtype=np.uint64),
         }
-        return _rs._dumps(bundle, check_integrity=check_integrity)
 
     @classmethod
     def loads(cls, data: Any) -> "RaggedArray":

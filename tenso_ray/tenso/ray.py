@@ -24,7 +24,9 @@ registration replaced (for example Ray's own reducer under ``RAY_ENABLE_ZERO_COP
 Policies
 --------
 * ``numpy.ndarray``: every dtype. Builtin dtypes that are C- or Fortran-contiguous are handed over as their own
-  buffer (no copy, the same cost as Ray's default); other layouts are gathered once into C order. Object arrays
+  buffer (no copy, the same cost as Ray's default). A large strided view whose elements fill at least half of the
+  memory it spans is sent as that span with its strides (one memcpy, no gather; the receiver gets the same strided
+  view); other layouts, and ml_dtypes/datetime/structured dtypes, are gathered once into C order. Object arrays
   keep NumPy's own (in-band) pickling.
 * Subclasses: Ray dispatches by exact type. ``numpy.memmap`` is registered and arrives as a plain read-only
   ``numpy.ndarray`` (the file mapping does not travel); ``torch.nn.Parameter`` is registered and arrives as a
@@ -48,6 +50,8 @@ import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from .tenso_rs import _owned_copy
 
 try:
     import ray
@@ -105,11 +109,40 @@ def _reduce_ndarray(a: np.ndarray) -> Any:
     elif a.flags.f_contiguous:
         order = "F"
     else:
+        span = _span(a)
+        if span is not None:
+            return _rebuild_strided, (pickle.PickleBuffer(span), dtype.str, a.shape, a.strides)
         a = np.ascontiguousarray(a)  # the one gather copy: pickle5 can only hand out contiguous memory
         order = "C"
     if a.ndim == 1:
         return _rebuild_ndarray1, (pickle.PickleBuffer(a), dtype.str)
     return _rebuild_ndarray, (pickle.PickleBuffer(a), dtype.str, a.shape, order)
+
+
+# A strided view whose elements cover at least half of the memory between its first and last byte is sent as that
+# whole range, with its strides: one memcpy of at most twice the bytes, and no gather on either side (a gather reads
+# the same range anyway and costs more than the copy). Small views are gathered; the copy is cheap there.
+_SPAN_MIN_BYTES = 1 << 20
+_SPAN_MAX_RATIO = 2
+
+
+def _span(a: np.ndarray) -> Optional[np.ndarray]:
+    if a.nbytes < _SPAN_MIN_BYTES or any(s < 0 for s in a.strides):
+        return None
+    itemsize = a.itemsize
+    if any(s % itemsize for s in a.strides):
+        return None
+    extent = sum((n - 1) * s for n, s in zip(a.shape, a.strides)) + itemsize
+    if extent > _SPAN_MAX_RATIO * a.nbytes:
+        return None
+    # A 1-D contiguous view of the range [first element, last element]: inside the base's memory by construction.
+    return np.lib.stride_tricks.as_strided(a, shape=(extent // itemsize,), strides=(itemsize,), writeable=False)
+
+
+def _rebuild_strided(buf: Any, descr: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    _adopt()
+    flat = np.frombuffer(buf, dtype=descr)
+    return np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=False)
 
 
 def _fallback(obj: Any) -> Any:
@@ -190,11 +223,10 @@ def _tensor_from(buf: Any, dtype: str, shape: tuple[int, ...], device: str, zero
             # torch warns that the buffer is read-only: that is the documented contract of zero-copy mode.
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
-    out = torch.empty(shape, dtype=tdtype)
-    if raw.size:
-        # Safe mode: exactly one copy, into memory the tensor owns.
-        np.copyto(out.reshape(-1).view(torch.uint8).numpy(), raw)
-    return out
+    if not raw.size:
+        return torch.empty(shape, dtype=tdtype)
+    # Safe mode: exactly one copy, into fresh memory the tensor owns (huge pages, several threads, no GIL).
+    return torch.from_numpy(_owned_copy(raw)).view(tdtype).reshape(shape)
 
 
 def _rebuild_tensor(

@@ -6,11 +6,61 @@ with ``_`` is private to the :mod:`tenso` package. Constants mirror
 """
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import Buffer
+from typing_extensions import Buffer as _PyBuffer
+
+#: Anything exporting the buffer protocol; ndarrays are listed since NumPy's stubs
+#: do not declare ``__buffer__``.
+_Buffer: TypeAlias = _PyBuffer | npt.NDArray[Any]
+
+__all__ = [
+    "dumps_rs",
+    "loads_rs",
+    "dump_to_buffer_rs",
+    "dump_to_fd_rs",
+    "get_packet_info_rs",
+    "_dumps",
+    "_loads",
+    "_dump_parts",
+    "_frame",
+    "_alloc",
+    "_xxh3_64",
+    "_xxh3_64_chunked",
+    "_lz4_compress",
+    "_lz4_decompress",
+    "_quantize",
+    "_dequantize",
+    "FLAG_ALIGNED",
+    "FLAG_INTEGRITY",
+    "FLAG_COMPRESSION",
+    "FLAG_SPARSE",
+    "FLAG_BUNDLE",
+    "FLAG_SPARSE_CSR",
+    "FLAG_SPARSE_CSC",
+    "FLAG_CUST_ALIGN",
+    "FLAG_STRING",
+    "FLAG_RAGGED",
+    "FLAG_GPU_IPC_REF",
+    "MAX_NDIM",
+    "MAX_ELEMENTS",
+    "MAX_DEPTH",
+    "MAX_BUNDLE_ENTRIES",
+    "QDTYPE_QINT8",
+    "QDTYPE_QUINT8",
+    "QDTYPE_QINT4",
+    "QDTYPE_QUINT4",
+    "QUANT_PER_TENSOR",
+    "QUANT_PER_CHANNEL",
+    "QUANT_PER_GROUP",
+    "DEFAULT_ALIGNMENT",
+    "PROTOCOL_VERSION",
+    "HEADER_SIZE_V3",
+    "HEADER_SIZE_V4",
+    "MAGIC",
+]
 
 # ---- constants -------------------------------------------------------------
 
@@ -56,12 +106,12 @@ def dumps_rs(
 ) -> memoryview:
     """Serialize an object to a v4 packet (the engine behind ``tenso.dumps``)."""
 
-def loads_rs(data: Buffer) -> Any:
+def loads_rs(data: _Buffer) -> Any:
     """Decode a packet into read-only zero-copy views of ``data``."""
 
 def dump_to_buffer_rs(
     array: Any,
-    buffer: Buffer,
+    buffer: _Buffer,
     check_integrity: bool = False,
     compress: bool = False,
     alignment: int = 64,
@@ -79,7 +129,7 @@ def dump_to_fd_rs(
 ) -> int:
     """Serialize straight to a file descriptor; returns the bytes written."""
 
-def get_packet_info_rs(data: Buffer) -> dict[str, Any]:
+def get_packet_info_rs(data: _Buffer) -> dict[str, Any]:
     """Header facts (version, flags, dtype, shape, sizes, kind) without decoding the body."""
 
 # ---- private functions used by the tenso package ----------------------------
@@ -92,14 +142,14 @@ def _dumps(
     alignment: int = 64,
     protocol: int = 4,
 ) -> memoryview: ...
-def _loads(data: Buffer, copy: bool = False, writeable: bool = False) -> Any: ...
+def _loads(data: _Buffer, copy: bool = False, writeable: bool = False) -> Any: ...
 def _dump_parts(
     obj: Any,
     strict: bool = False,
     check_integrity: bool = False,
     protocol: int = 4,
 ) -> list[bytes | memoryview]: ...
-def _frame(buf: Buffer, have: int) -> int: ...
+def _frame(buf: _Buffer, have: int) -> int: ...
 def _alloc(n: int) -> npt.NDArray[np.uint8]: ...
 def _quantize(
     array: npt.ArrayLike,
@@ -118,7 +168,7 @@ def _dequantize(
     group_size: int = 0,
     axis: int = 0,
 ) -> npt.NDArray[np.float32]: ...
-def _xxh3_64(data: Buffer) -> int: ...
-def _xxh3_64_chunked(data: Buffer) -> int: ...
-def _lz4_compress(data: Buffer) -> bytes: ...
-def _lz4_decompress(data: Buffer, size: int) -> npt.NDArray[np.uint8]: ...
+def _xxh3_64(data: _Buffer) -> int: ...
+def _xxh3_64_chunked(data: _Buffer) -> int: ...
+def _lz4_compress(data: _Buffer) -> bytes: ...
+def _lz4_decompress(data: _Buffer, size: int) -> npt.NDArray[np.uint8]: ...

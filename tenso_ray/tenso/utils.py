@@ -11,25 +11,6 @@ from . import tenso_rs as _rs
 __all__ = ["get_packet_info", "is_aligned"]
 
 
-def _numpy_dtype(name: str) -> Any:
-    """Map a dtype name reported by the native module to a NumPy dtype.
-
-    ``bfloat16`` is not a NumPy builtin; it resolves through ``ml_dtypes`` when
-    that package is installed and otherwise stays a string.
-    """
-    try:
-        return np.dtype(name)
-    except TypeError:
-        pass
-    if name == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            return name
-        return np.dtype(ml_dtypes.bfloat16)
-    return name
-
-
 def get_packet_info(data: Any) -> dict[str, Any]:
     """Describe a packet from its header and shape, without decoding its body.
 
@@ -57,13 +38,7 @@ def get_packet_info(data: Any) -> dict[str, Any]:
         If ``data`` is shorter than the header and shape, or the magic,
         version or dtype code is invalid (a ``ValueError``).
     """
-    info = dict(_rs.get_packet_info_rs(data))
-    dtype = info.get("dtype")
-    if isinstance(dtype, str) and not info.get("quantized", False):
-        info["dtype"] = _numpy_dtype(dtype)
-    if "shape" in info and not isinstance(info["shape"], tuple):
-        info["shape"] = tuple(info["shape"])
-    return info
+    return _rs.get_packet_info_rs(data)
 
 
 def is_aligned(data: Any, alignment: int = 64) -> bool:
@@ -107,4 +82,4 @@ def is_aligned(data: Any, alignment: int = 64) -> bool:
             # A struct format NumPy does not know; reinterpret the bytes.
             wrapped = np.frombuffer(view.cast("B"), dtype=np.uint8)
         address = wrapped.__array_interface__["data"][0]
-    return address % alignment == 0
+    return bool(address % alignment == 0)

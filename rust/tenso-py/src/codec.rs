@@ -4,6 +4,7 @@ use std::io::Write;
 
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView, PyTuple};
 use tenso_format::Frame;
@@ -37,7 +38,7 @@ fn encode_to_array<'py>(
     strict: bool,
     check_integrity: bool,
     compress: bool,
-    alignment: u64,
+    alignment: i128,
     protocol: u8,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let py = obj.py();
@@ -79,7 +80,7 @@ fn _dumps<'py>(
     strict: bool,
     check_integrity: bool,
     compress: bool,
-    alignment: u64,
+    alignment: i128,
     protocol: u8,
 ) -> PyResult<Bound<'py, PyMemoryView>> {
     let out = encode_to_array(obj, strict, check_integrity, compress, alignment, protocol)?;
@@ -93,7 +94,7 @@ fn dumps_rs<'py>(
     array: &Bound<'py, PyAny>,
     check_integrity: bool,
     compress: bool,
-    alignment: u64,
+    alignment: i128,
 ) -> PyResult<Bound<'py, PyMemoryView>> {
     _dumps(array, false, check_integrity, compress, alignment, 4)
 }
@@ -236,7 +237,7 @@ fn dump_to_buffer_rs(
     buffer: &Bound<'_, PyAny>,
     check_integrity: bool,
     compress: bool,
-    alignment: u64,
+    alignment: i128,
     protocol: u8,
 ) -> PyResult<usize> {
     let py = array.py();
@@ -291,7 +292,7 @@ fn dump_to_fd_rs(
     fd: i32,
     check_integrity: bool,
     compress: bool,
-    alignment: u64,
+    alignment: i128,
     protocol: u8,
 ) -> PyResult<usize> {
     use std::os::fd::FromRawFd;
@@ -322,35 +323,35 @@ fn get_packet_info_rs<'py>(data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDi
     let source = Source::new(data)?;
     let info = tenso_format::packet_info(source.bytes()).map_err(decode_error)?;
     let dict = PyDict::new(py);
-    dict.set_item("version", info.version as u8)?;
-    dict.set_item("flags", info.flags)?;
-    dict.set_item("dtype_code", info.dtype_code)?;
-    dict.set_item("ndim", info.ndim)?;
-    dict.set_item("shape", PyTuple::new(py, &info.shape)?)?;
-    dict.set_item("total_elements", info.total_elements)?;
-    dict.set_item("aligned", info.aligned)?;
-    dict.set_item("integrity_protected", info.integrity_protected)?;
+    dict.set_item(intern!(py, "version"), info.version as u8)?;
+    dict.set_item(intern!(py, "flags"), info.flags)?;
+    dict.set_item(intern!(py, "dtype_code"), info.dtype_code)?;
+    dict.set_item(intern!(py, "ndim"), info.ndim)?;
+    dict.set_item(intern!(py, "shape"), PyTuple::new(py, &info.shape)?)?;
+    dict.set_item(intern!(py, "total_elements"), info.total_elements)?;
+    dict.set_item(intern!(py, "aligned"), info.aligned)?;
+    dict.set_item(intern!(py, "integrity_protected"), info.integrity_protected)?;
     dict.set_item(
         "compressed",
         info.flags & tenso_format::FLAG_COMPRESSION != 0,
     )?;
-    dict.set_item("data_size_bytes", info.data_size_bytes)?;
+    dict.set_item(intern!(py, "data_size_bytes"), info.data_size_bytes)?;
     let kind = info.kind.name();
-    dict.set_item("kind", kind)?;
+    dict.set_item(intern!(py, "kind"), kind)?;
     if let Some(count) = info.entry_count {
-        dict.set_item("entry_count", count)?;
+        dict.set_item(intern!(py, "entry_count"), count)?;
     }
     match (info.dtype, info.quantized) {
         (Some(dtype), _) => match descr_for(py, dtype) {
-            Ok(descr) => dict.set_item("dtype", descr)?,
+            Ok(descr) => dict.set_item(intern!(py, "dtype"), descr)?,
             // bfloat16 without ml_dtypes: the name still says what the packet holds.
-            Err(_) => dict.set_item("dtype", dtype.name())?,
+            Err(_) => dict.set_item(intern!(py, "dtype"), dtype.name())?,
         },
         (None, Some(q)) => {
-            dict.set_item("dtype", q.name())?;
-            dict.set_item("quantized", true)?;
+            dict.set_item(intern!(py, "dtype"), q.name())?;
+            dict.set_item(intern!(py, "quantized"), true)?;
         }
-        (None, None) => dict.set_item("dtype", py.None())?,
+        (None, None) => dict.set_item(intern!(py, "dtype"), py.None())?,
     }
     Ok(dict)
 }

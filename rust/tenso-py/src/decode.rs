@@ -181,7 +181,10 @@ impl<'py> Decoder<'_, 'py> {
     }
 }
 
-fn check_decoded_bool(dtype: tenso_format::DType, body: &[u8]) -> Result<(), tenso_format::FormatError> {
+fn check_decoded_bool(
+    dtype: tenso_format::DType,
+    body: &[u8],
+) -> Result<(), tenso_format::FormatError> {
     if dtype == tenso_format::DType::Bool {
         tenso_format::check_bool_body(body)
     } else {

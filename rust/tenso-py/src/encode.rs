@@ -177,6 +177,11 @@ pub(crate) fn string_tensor_type(py: Python<'_>) -> PyResult<Bound<'_, PyType>> 
     tenso_class(py, &CELL, "tenso.ragged", "StringTensor")
 }
 
+pub(crate) fn ragged_array_type(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
+    static CELL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    tenso_class(py, &CELL, "tenso.ragged", "RaggedArray")
+}
+
 fn numpy_attr<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
     py.import("numpy")?.getattr(name)
 }
@@ -226,6 +231,10 @@ fn walk<'py>(
     if obj.is_instance(quantized_tensor_type(py)?.as_any())? {
         return walk_quantized(obj, keep);
     }
+    if obj.is_instance(ragged_array_type(py)?.as_any())? {
+        // A ragged array travels as its three-entry bundle (FORMAT.md §11).
+        return walk(&obj.call_method0("_bundle")?, opts, depth, keep, gather);
+    }
     if obj.is_instance(string_tensor_type(py)?.as_any())? {
         let offsets = contiguous(obj.getattr("_offsets")?, "uint64")?;
         let offsets: PyReadonlyArray1<u64> = offsets.extract()?;
@@ -248,7 +257,7 @@ fn walk<'py>(
     }
     Err(PyTypeError::new_err(format!(
         "cannot encode an object of type {}: expected a numpy array, a dict of them, a scipy.sparse COO/CSR/CSC \
-         matrix, a QuantizedTensor or a StringTensor",
+         matrix, a QuantizedTensor, a StringTensor or a RaggedArray",
         obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
     )))
 }
@@ -430,7 +439,7 @@ fn walk_quantized<'py>(
 /// Builds the writer options from the Python keywords.
 pub(crate) fn encode_options(
     check_integrity: bool,
-    alignment: u64,
+    alignment: i128,
     protocol: u8,
 ) -> PyResult<EncodeOptions> {
     let version = match protocol {
@@ -442,9 +451,15 @@ pub(crate) fn encode_options(
             )))
         }
     };
-    if alignment == 0 || !alignment.is_power_of_two() || alignment > (1 << 62) {
-        return Err(PyValueError::new_err("Alignment must be a power of two"));
-    }
+    // Any Python int is accepted here so that a negative or huge value is a ValueError like any other bad alignment.
+    let alignment = u64::try_from(alignment)
+        .ok()
+        .filter(|a| a.is_power_of_two() && *a <= 1 << 63)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "Alignment must be a power of two (1 to 2**63), got {alignment}"
+            ))
+        })?;
     Ok(EncodeOptions {
         version,
         alignment: alignment as usize,

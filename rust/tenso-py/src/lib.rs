@@ -9,6 +9,7 @@ mod codec;
 mod decode;
 mod encode;
 mod errors;
+mod parts;
 mod quant;
 mod shm;
 
@@ -20,6 +21,7 @@ use pyo3::types::PyBytes;
 fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
     quant::register(m)?;
+    parts::register(m)?;
     shm::register(m)?;
     constants(m)?;
     Ok(())

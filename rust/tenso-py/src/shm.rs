@@ -96,7 +96,10 @@ impl PyMapping {
             Mapped::Segment(s) => s.name(),
             Mapped::Pool(p) => p.name(),
         };
-        format!("<tenso shared memory mapping {name:?}, {} bytes>", self.len())
+        format!(
+            "<tenso shared memory mapping {name:?}, {} bytes>",
+            self.len()
+        )
     }
 }
 
@@ -108,7 +111,10 @@ struct Handle {
 
 impl Handle {
     fn new(py: Python<'_>, mapped: Mapped, what: &'static str) -> PyResult<Self> {
-        Ok(Handle { mapping: Mutex::new(Some(Py::new(py, PyMapping { mapped })?)), what })
+        Ok(Handle {
+            mapping: Mutex::new(Some(Py::new(py, PyMapping { mapped })?)),
+            what,
+        })
     }
 
     fn get<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMapping>> {
@@ -120,7 +126,11 @@ impl Handle {
     }
 
     fn close(&self) {
-        let taken = self.mapping.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let taken = self
+            .mapping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         drop(taken);
     }
 }
@@ -136,12 +146,25 @@ fn prepare<'py>(
     obj: &Bound<'py, PyAny>,
     check_integrity: bool,
     compress: bool,
-    alignment: u64,
+    alignment: i128,
 ) -> PyResult<Prepared<'py>> {
-    let opts = encode_options(check_integrity, alignment, 4)?;
-    let collected = Collected::walk(obj, WalkOptions { strict: false, compress, defer_all: false })?;
-    let len = tenso_format::plan(&collected.item(), &opts).map_err(encode_error)?.len;
-    Ok(Prepared { collected, opts, len })
+    let opts = encode_options(check_integrity, i128::from(alignment), 4)?;
+    let collected = Collected::walk(
+        obj,
+        WalkOptions {
+            strict: false,
+            compress,
+            defer_all: false,
+        },
+    )?;
+    let len = tenso_format::plan(&collected.item(), &opts)
+        .map_err(encode_error)?
+        .len;
+    Ok(Prepared {
+        collected,
+        opts,
+        len,
+    })
 }
 
 /// Writes a prepared packet at `ptr`.
@@ -149,7 +172,12 @@ fn prepare<'py>(
 /// # Safety
 /// `ptr` must point into the mapping owned by `owner`, with `prepared.len` bytes that nobody else writes until this
 /// returns.
-unsafe fn write_packet(py: Python<'_>, owner: &Bound<'_, PyMapping>, prepared: &Prepared<'_>, ptr: *mut u8) -> PyResult<()> {
+unsafe fn write_packet(
+    py: Python<'_>,
+    owner: &Bound<'_, PyMapping>,
+    prepared: &Prepared<'_>,
+    ptr: *mut u8,
+) -> PyResult<()> {
     let len = prepared.len;
     let item = prepared.collected.item();
     let plan = {
@@ -157,13 +185,24 @@ unsafe fn write_packet(py: Python<'_>, owner: &Bound<'_, PyMapping>, prepared: &
         let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         let opts = &prepared.opts;
         let mut run = || tenso_format::encode_into(&item, opts, buf);
-        if len >= DETACH_BYTES { py.detach(run) } else { run() }.map_err(encode_error)?
+        if len >= DETACH_BYTES {
+            py.detach(run)
+        } else {
+            run()
+        }
+        .map_err(encode_error)?
     };
     if !plan.slots.is_empty() {
         // Gathered bodies (non-contiguous, byte-swapped) are copied by NumPy into their slots of a uint8 view.
         // SAFETY: as above; the view's base is the mapping, which outlives it.
         let out = unsafe {
-            view_over(owner.as_any(), descr_for(py, tenso_format::DType::UInt8)?, &[len as u64], ptr, true)?
+            view_over(
+                owner.as_any(),
+                descr_for(py, tenso_format::DType::UInt8)?,
+                &[len as u64],
+                ptr,
+                true,
+            )?
         };
         let out = out.cast_into::<PyUntypedArray>()?;
         fill_slots(&out, &plan.slots, &prepared.collected)?;
@@ -182,10 +221,23 @@ unsafe fn write_packet(py: Python<'_>, owner: &Bound<'_, PyMapping>, prepared: &
 ///
 /// # Safety
 /// `ptr..ptr + len` must lie inside the mapping of `owner`.
-unsafe fn bytes_view<'py>(owner: &Bound<'py, PyMapping>, ptr: *const u8, len: usize, writeable: bool) -> PyResult<Bound<'py, PyAny>> {
+unsafe fn bytes_view<'py>(
+    owner: &Bound<'py, PyMapping>,
+    ptr: *const u8,
+    len: usize,
+    writeable: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let py = owner.py();
     // SAFETY: forwarded: the range lies in the mapping, which `owner` (the base) keeps mapped.
-    unsafe { view_over(owner.as_any(), descr_for(py, tenso_format::DType::UInt8)?, &[len as u64], ptr, writeable) }
+    unsafe {
+        view_over(
+            owner.as_any(),
+            descr_for(py, tenso_format::DType::UInt8)?,
+            &[len as u64],
+            ptr,
+            writeable,
+        )
+    }
 }
 
 /// Decodes the packet in `bytes` (a uint8 array), zero-copy over it unless `copy`.
@@ -199,7 +251,12 @@ fn decode_from<'py>(bytes: &Bound<'py, PyAny>, writeable: bool) -> PyResult<Boun
         tenso_format::decode(slice)
     }
     .map_err(decode_error)?;
-    Decoder { source: &source, copy: false, writeable }.to_python(py, &packet)
+    Decoder {
+        source: &source,
+        copy: false,
+        writeable,
+    }
+    .to_python(py, &packet)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +277,11 @@ pub(crate) struct PyShm {
 impl PyShm {
     fn from_segment(py: Python<'_>, seg: Segment) -> PyResult<Self> {
         let (name, size) = (seg.name().to_owned(), seg.len());
-        Ok(PyShm { handle: Handle::new(py, Mapped::Segment(seg), "TensoShm")?, name, size })
+        Ok(PyShm {
+            handle: Handle::new(py, Mapped::Segment(seg), "TensoShm")?,
+            name,
+            size,
+        })
     }
 }
 
@@ -230,7 +291,9 @@ impl PyShm {
     #[staticmethod]
     #[pyo3(signature = (name, size, mode=0o600))]
     fn create(py: Python<'_>, name: &str, size: u64, mode: u32) -> PyResult<Self> {
-        let seg = py.detach(|| Segment::create(name, size, mode, false)).map_err(shm_error)?;
+        let seg = py
+            .detach(|| Segment::create(name, size, mode, false))
+            .map_err(shm_error)?;
         Self::from_segment(py, seg)
     }
 
@@ -250,11 +313,13 @@ impl PyShm {
         obj: &Bound<'_, PyAny>,
         check_integrity: bool,
         compress: bool,
-        alignment: u64,
+        alignment: i128,
         mode: u32,
     ) -> PyResult<Self> {
         let prepared = prepare(obj, check_integrity, compress, alignment)?;
-        let seg = py.detach(|| Segment::create(name, prepared.len.max(1) as u64, mode, true)).map_err(shm_error)?;
+        let seg = py
+            .detach(|| Segment::create(name, prepared.len.max(1) as u64, mode, true))
+            .map_err(shm_error)?;
         let shm = Self::from_segment(py, seg)?;
         let mapping = shm.handle.get(py)?;
         // SAFETY: the segment is new and `prepared.len` bytes long; its name is not known to anyone else yet.
@@ -289,7 +354,14 @@ impl PyShm {
 
     /// Encodes `obj` at offset 0; returns the packet length.
     #[pyo3(signature = (obj, check_integrity=false, compress=false, alignment=64))]
-    fn put(&self, py: Python<'_>, obj: &Bound<'_, PyAny>, check_integrity: bool, compress: bool, alignment: u64) -> PyResult<usize> {
+    fn put(
+        &self,
+        py: Python<'_>,
+        obj: &Bound<'_, PyAny>,
+        check_integrity: bool,
+        compress: bool,
+        alignment: i128,
+    ) -> PyResult<usize> {
         let mapping = self.handle.get(py)?;
         let prepared = prepare(obj, check_integrity, compress, alignment)?;
         if prepared.len > self.size {
@@ -337,7 +409,9 @@ pub(crate) struct PyPool {
 fn ttl_ns(ttl: Option<f64>) -> PyResult<u64> {
     match ttl {
         None => Ok(0),
-        Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err("ttl must be a non-negative number of seconds")),
+        Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(
+            "ttl must be a non-negative number of seconds",
+        )),
         // 0 means no expiry, as in tenso 0.24.0.
         Some(t) => Ok((t * 1e9).min(u64::MAX as f64 / 2.0) as u64),
     }
@@ -348,7 +422,12 @@ fn lease_tuple<'py>(py: Python<'py>, h: &LeaseHandle) -> PyResult<Bound<'py, PyT
 }
 
 fn lease_handle(t: (u32, u64, u64, u64)) -> LeaseHandle {
-    LeaseHandle { slot: t.0, stamp: t.1, offset: t.2, len: t.3 }
+    LeaseHandle {
+        slot: t.0,
+        stamp: t.1,
+        offset: t.2,
+        len: t.3,
+    }
 }
 
 #[pymethods]
@@ -356,10 +435,21 @@ impl PyPool {
     /// Creates a pool of `size` bytes (reserved and pre-faulted now).
     #[staticmethod]
     #[pyo3(signature = (name, size, max_entries=None, mode=0o600))]
-    fn create(py: Python<'_>, name: &str, size: u64, max_entries: Option<u64>, mode: u32) -> PyResult<Self> {
-        let pool = py.detach(|| Pool::create(name, size, max_entries, mode)).map_err(shm_error)?;
+    fn create(
+        py: Python<'_>,
+        name: &str,
+        size: u64,
+        max_entries: Option<u64>,
+        mode: u32,
+    ) -> PyResult<Self> {
+        let pool = py
+            .detach(|| Pool::create(name, size, max_entries, mode))
+            .map_err(shm_error)?;
         let name = pool.name().to_owned();
-        Ok(PyPool { handle: Handle::new(py, Mapped::Pool(pool), "TensoCache")?, name })
+        Ok(PyPool {
+            handle: Handle::new(py, Mapped::Pool(pool), "TensoCache")?,
+            name,
+        })
     }
 
     /// Opens an existing pool by name.
@@ -367,7 +457,10 @@ impl PyPool {
     fn open(py: Python<'_>, name: &str) -> PyResult<Self> {
         let pool = py.detach(|| Pool::open(name)).map_err(shm_error)?;
         let name = pool.name().to_owned();
-        Ok(PyPool { handle: Handle::new(py, Mapped::Pool(pool), "TensoCache")?, name })
+        Ok(PyPool {
+            handle: Handle::new(py, Mapped::Pool(pool), "TensoCache")?,
+            name,
+        })
     }
 
     #[getter]
@@ -377,11 +470,20 @@ impl PyPool {
 
     /// Encodes `obj` straight into pool memory under `key`; returns the packet length.
     #[pyo3(signature = (key, obj, ttl=None))]
-    fn put(&self, py: Python<'_>, key: &str, obj: &Bound<'_, PyAny>, ttl: Option<f64>) -> PyResult<usize> {
+    fn put(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        obj: &Bound<'_, PyAny>,
+        ttl: Option<f64>,
+    ) -> PyResult<usize> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         if key.len() > tenso_shm::pool::MAX_KEY_LEN {
-            return Err(shm_error(ShmError::KeyTooLong { len: key.len(), limit: tenso_shm::pool::MAX_KEY_LEN }));
+            return Err(shm_error(ShmError::KeyTooLong {
+                len: key.len(),
+                limit: tenso_shm::pool::MAX_KEY_LEN,
+            }));
         }
         let ttl = ttl_ns(ttl)?;
         let prepared = prepare(obj, false, false, 64)?;
@@ -400,7 +502,12 @@ impl PyPool {
 
     /// The value of `key`: zero-copy read-only views over pool memory, or (`copy=True`) a whole, writeable copy.
     #[pyo3(signature = (key, copy=false))]
-    fn get<'py>(&self, py: Python<'py>, key: &str, copy: bool) -> PyResult<Option<Bound<'py, PyAny>>> {
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        copy: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         loop {
@@ -420,7 +527,11 @@ impl PyPool {
                 // from them before validation).
                 let src = unsafe { std::slice::from_raw_parts(src, len) };
                 let mut copy_bytes = || dst.copy_from_slice(src);
-                if len >= DETACH_BYTES { py.detach(copy_bytes) } else { copy_bytes() }
+                if len >= DETACH_BYTES {
+                    py.detach(copy_bytes)
+                } else {
+                    copy_bytes()
+                }
                 if !pool.validate(&hit) {
                     continue;
                 }
@@ -441,14 +552,21 @@ impl PyPool {
     /// Removes `key`; true if it was there (and not expired).
     fn delete(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
         let mapping = self.handle.get(py)?;
-        mapping.get().pool().delete(key.as_bytes()).map_err(shm_error)
+        mapping
+            .get()
+            .pool()
+            .delete(key.as_bytes())
+            .map_err(shm_error)
     }
 
     /// Live, unexpired keys.
     fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let mapping = self.handle.get(py)?;
         let keys = mapping.get().pool().keys();
-        PyList::new(py, keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()))
+        PyList::new(
+            py,
+            keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()),
+        )
     }
 
     /// Header facts of `key`'s packet without decoding it, plus size, ttl and age.
@@ -456,11 +574,19 @@ impl PyPool {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let (hit, prefix): (Hit, Vec<u8>) = loop {
-            let Some(hit) = pool.lookup(key.as_bytes()).map_err(shm_error)? else { return Ok(None) };
+            let Some(hit) = pool.lookup(key.as_bytes()).map_err(shm_error)? else {
+                return Ok(None);
+            };
             let n = (hit.len as usize).min(64 * 1024);
             let mut prefix = vec![0u8; n];
             // SAFETY: inside the data region (checked by lookup); validated below.
-            unsafe { std::ptr::copy_nonoverlapping(pool.data_ptr().add(hit.offset as usize), prefix.as_mut_ptr(), n) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    pool.data_ptr().add(hit.offset as usize),
+                    prefix.as_mut_ptr(),
+                    n,
+                )
+            };
             if pool.validate(&hit) {
                 break (hit, prefix);
             }
@@ -478,7 +604,14 @@ impl PyPool {
         }
         dict.set_item("ndim", info.ndim)?;
         dict.set_item("size_bytes", hit.len)?;
-        dict.set_item("ttl", if hit.ttl_ns == 0 { None } else { Some(hit.ttl_ns as f64 / 1e9) })?;
+        dict.set_item(
+            "ttl",
+            if hit.ttl_ns == 0 {
+                None
+            } else {
+                Some(hit.ttl_ns as f64 / 1e9)
+            },
+        )?;
         dict.set_item("age", hit.age_secs())?;
         Ok(Some(dict))
     }
@@ -498,7 +631,14 @@ impl PyPool {
         dict.set_item("hits", s.hits)?;
         dict.set_item("misses", s.misses)?;
         let gets = s.hits + s.misses;
-        dict.set_item("hit_rate", if gets == 0 { 0.0 } else { s.hits as f64 / gets as f64 })?;
+        dict.set_item(
+            "hit_rate",
+            if gets == 0 {
+                0.0
+            } else {
+                s.hits as f64 / gets as f64
+            },
+        )?;
         dict.set_item("pending", s.pending)?;
         dict.set_item("recoveries", s.recoveries)?;
         Ok(dict)
@@ -514,13 +654,21 @@ impl PyPool {
     /// Checks the pool's structural invariants; raises RuntimeError naming the first one broken.
     fn _check(&self, py: Python<'_>) -> PyResult<()> {
         let mapping = self.handle.get(py)?;
-        mapping.get().pool().check().map_err(PyRuntimeError::new_err)
+        mapping
+            .get()
+            .pool()
+            .check()
+            .map_err(PyRuntimeError::new_err)
     }
 
     /// Leases `n` bytes of recycled, pre-faulted pool memory: returns `(handle, memoryview)`. The lease is this
     /// process's until `_release(handle)` (from any process) or `_adopt(handle)` by another; it is freed if the
     /// owning process dies.
-    fn _lease<'py>(&self, py: Python<'py>, n: u64) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyMemoryView>)> {
+    fn _lease<'py>(
+        &self,
+        py: Python<'py>,
+        n: u64,
+    ) -> PyResult<(Bound<'py, PyTuple>, Bound<'py, PyMemoryView>)> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let lease = pool.lease(n).map_err(shm_error)?;
@@ -532,7 +680,11 @@ impl PyPool {
     }
 
     /// Takes over a lease made by another process; returns its memory.
-    fn _adopt<'py>(&self, py: Python<'py>, handle: (u32, u64, u64, u64)) -> PyResult<Bound<'py, PyMemoryView>> {
+    fn _adopt<'py>(
+        &self,
+        py: Python<'py>,
+        handle: (u32, u64, u64, u64),
+    ) -> PyResult<Bound<'py, PyMemoryView>> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let lease = pool.adopt(lease_handle(handle)).map_err(shm_error)?;
@@ -546,7 +698,11 @@ impl PyPool {
     /// Frees a lease.
     fn _release(&self, py: Python<'_>, handle: (u32, u64, u64, u64)) -> PyResult<()> {
         let mapping = self.handle.get(py)?;
-        mapping.get().pool().release(lease_handle(handle)).map_err(shm_error)
+        mapping
+            .get()
+            .pool()
+            .release(lease_handle(handle))
+            .map_err(shm_error)
     }
 
     /// Drops this handle's mapping; views already handed out keep theirs.
@@ -559,4 +715,3 @@ impl PyPool {
         tenso_shm::unlink(&self.name).map_err(shm_error)
     }
 }
-
