@@ -222,6 +222,9 @@ def main(argv=None) -> int:
             res = H.run_case(workers, impls, group, op, kind, n, budget, max_reps, min_reps)
             rows.append(res)
             R[(op, kind, n)] = res
+            for w in workers.values():  # tenso 0.24.0 leaks about one payload per dumps: keep it alive
+                if w.alive() and w.rss() > 3 << 30:
+                    w.restart(f"RSS {w.rss() >> 20} MiB")
             H.log(f"[{i + 1}/{len(P)}] {group}:{op}:{kind}:{H.human_size(n)} "
                   f"{time.time() - t0:.1f}s reps={max((r.reps for r in res.values()), default=0)}")
     finally:

@@ -8,7 +8,9 @@ that cluster:
   ray_zc     RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 (driver and workers)
   ref024     tenso 0.24.0's tenso.ray.register(include_torch=True), from .refvenvs/tenso-0.24.0 (ray + torch installed
              there); its workers run that venv's python (runtime_env py_executable)
-  tenso      this package: tenso.ray.register(include_torch=True) + ray.init(runtime_env=tenso.ray.runtime_env(...))
+  tenso      this package: tenso.ray.register(include_torch=True) + ray.init(runtime_env=tenso.ray.runtime_env(...));
+             torch tensors in the default safe mode (each reader gets its own copy)
+  tenso_zc   the same job switched to torch_zero_copy=True for its torch cells (torch payload only)
 
 Cells run interleaved: for every repetition and cell, each driver in turn (rotating who goes first) runs one batch.
 Per cell we record medians of driver wall and CPU time per operation:
@@ -111,8 +113,12 @@ def driver(mode: str, address: str) -> None:
     payloads: dict = {}
     print("@@ready", flush=True)
     for line in sys.stdin:
-        name, op, k = line.split()
+        name, op, k, zero_copy = line.split()
         k = int(k)
+        if mode == "tenso":
+            # tenso and tenso_zc share this job (one fewer set of workers): switch the torch mode job-wide.
+            tenso.ray.register(include_torch=True, torch_zero_copy=zero_copy == "1")
+            time.sleep(0.002)
         if name not in payloads:
             payloads.clear()
             payloads[name] = make(name)
@@ -155,13 +161,29 @@ def _reply(p: subprocess.Popen, mode: str) -> str:
         print(f"[{mode}] {out.rstrip()}", file=sys.stderr)
 
 
+def run_reps(procs: dict, modes: list, reps: int, samples: dict) -> None:
+    for r in range(reps):
+        for name in PAYLOADS:
+            k = 50 if name == "f32_1KiB" else (5 if name == "dict_200x4KiB" else 1)
+            for op in OPS:
+                order = modes[r % len(modes):] + modes[: r % len(modes)]
+                for mode in order:
+                    if mode == "tenso_zc" and name != "torch_64MiB":
+                        continue
+                    p = procs["tenso" if mode == "tenso_zc" else mode]
+                    p.stdin.write(f"{name} {op} {k} {int(mode == 'tenso_zc')}\n")
+                    p.stdin.flush()
+                    samples.setdefault((name, op, mode), []).append(json.loads(_reply(p, mode)))
+        print(f"rep {r + 1}/{reps} done", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="3 repetitions")
     ap.add_argument("--driver")
     ap.add_argument("--address")
-    ap.add_argument("--modes", default="default,ray_zc,ref024,tenso")
+    ap.add_argument("--modes", default="default,ray_zc,ref024,tenso,tenso_zc")
     args = ap.parse_args()
     if args.driver:
         driver(args.driver, args.address)
@@ -175,17 +197,19 @@ def main() -> None:
         num_cpus=2,
         include_dashboard=False,
         logging_level="ERROR",
-        object_store_memory=2 * 1024 * MIB,
+        object_store_memory=1536 * MIB,
         # Four jobs share two CPUs: keep their idle workers alive instead of restarting them (and re-importing torch).
         _system_config={"num_workers_soft_limit": 64},
     )
     # Pre-touch the object store: fill it once so every page is mapped before anything is timed.
-    refs = [ray.put(np.ones(16 * MIB, np.float32)) for _ in range(26)]
+    refs = [ray.put(np.ones(16 * MIB, np.float32)) for _ in range(22)]
     del refs
     address = ray.get_runtime_context().gcs_address
     modes = args.modes.split(",")
     procs = {}
     for mode in modes:
+        if mode == "tenso_zc":
+            continue
         py = REF_PY if mode == "ref024" else MAIN_PY
         if mode == "ref024" and not os.path.exists(REF_PY):
             print("skipping ref024: .refvenvs/tenso-0.24.0 missing", file=sys.stderr)
@@ -199,23 +223,20 @@ def main() -> None:
         )
     for mode, p in procs.items():
         assert _reply(p, mode) == "ready", mode
-    modes = list(procs)
+    modes = [m for m in modes if m in procs or (m == "tenso_zc" and "tenso" in procs)]
     samples: dict = {}
-    for r in range(reps):
-        for name in PAYLOADS:
-            k = 20 if name in ("f32_1KiB",) else (3 if name == "dict_200x4KiB" else 1)
-            for op in OPS:
-                order = modes[r % len(modes):] + modes[: r % len(modes)]
-                for mode in order:
-                    p = procs[mode]
-                    p.stdin.write(f"{name} {op} {k}\n")
-                    p.stdin.flush()
-                    samples.setdefault((name, op, mode), []).append(json.loads(_reply(p, mode)))
-        print(f"rep {r + 1}/{reps} done", file=sys.stderr, flush=True)
-    for p in procs.values():
-        p.stdin.close()
-        p.wait(timeout=60)
-    ray.shutdown()
+    try:
+        run_reps(procs, modes, reps, samples)
+    finally:
+        for p in procs.values():  # never leave a driver behind, also when one died
+            if p.poll() is None:
+                p.stdin.close()
+        for p in procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        ray.shutdown()
 
     results = []
     for (name, op, mode), runs in samples.items():
@@ -224,6 +245,32 @@ def main() -> None:
             row[key] = statistics.median(run[key] for run in runs)
         results.append(row)
     report(results, modes, reps)
+
+
+def check_targets(by: dict, modes: list) -> list:
+    """The issue's targets, as speed-ups over Ray's default (wall medians) and over tenso 0.24.0."""
+    out = []
+
+    def add(what, payload, op, metric, target, impl="tenso", base="default"):
+        a, b = by.get((payload, op, base), {}).get(metric), by.get((payload, op, impl), {}).get(metric)
+        if a and b:
+            out.append({"what": what, "ratio": a / b, "target": target, "ok": a / b >= target})
+
+    for payload in ("f32_64MiB", "f32_1KiB", "dict_200x4KiB"):
+        for op in OPS:
+            add(f"{payload} {op} wall vs default", payload, op, "wall", 0.95)
+    for payload, put_target in (("torch_64MiB", 5), ("bf16_64MiB", 5), ("noncontig_64MiB", 3)):
+        add(f"{payload} put vs default", payload, "put_get", "put", put_target)
+        add(f"{payload} get vs default", payload, "put_get", "get", 50, impl="tenso_zc" if "torch" in payload else "tenso")
+        if "torch" in payload:
+            add(f"{payload} get vs default (safe mode)", payload, "put_get", "get", 5)
+        for op in ("task_in", "task_out"):
+            add(f"{payload} {op} wall vs default", payload, op, "wall", 5)
+    if "ref024" in modes:
+        for payload in PAYLOADS:
+            for op in OPS:
+                add(f"{payload} {op} wall vs tenso 0.24.0", payload, op, "wall", 1.0, base="ref024")
+    return out
 
 
 def report(results: list, modes: list, reps: int) -> None:
@@ -245,6 +292,9 @@ def report(results: list, modes: list, reps: int) -> None:
     text = "\n".join(lines)
     print(text)
     print("(ratios are speed-ups of tenso: baseline time / tenso time; > 1 means tenso is faster)")
+    targets = check_targets(by, modes)
+    for t in targets:
+        print(f"{'PASS' if t['ok'] else 'MISS'}  {t['what']:<58} {t['ratio']:>8.2f}x  (target {t['target']}x)")
     import numpy as np
     import ray
 
@@ -253,6 +303,7 @@ def report(results: list, modes: list, reps: int) -> None:
         "versions": {"ray": ray.__version__, "numpy": np.__version__},
         "reps": reps,
         "method": __doc__,
+        "targets": targets,
         "results": results,
     }
     try:

@@ -116,10 +116,33 @@ class Worker:
         self.label = label
         self.python = python
         self.impls = impls
-        self.proc = subprocess.Popen([python, WORKER, "--impls", ",".join(impls)], stdin=subprocess.PIPE,
+        self.env = env
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen([self.python, WORKER, "--impls", ",".join(self.impls)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=sys.stderr, text=True, bufsize=1,
-                                     cwd=HERE, env=env)
+                                     cwd=HERE, env=self.env)
         self.hello = self.call({"cmd": "hello"})
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss(self) -> int:
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def restart(self, why: str):
+        log(f"[worker] restarting {self.label}: {why}")
+        if self.alive():
+            self.close()
+        self.start()
 
     def call(self, msg: dict) -> dict:
         self.send(msg)
@@ -184,6 +207,8 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
         if w is None:
             r.status, r.note = "n/a", "no environment"
             continue
+        if not w.alive():
+            w.restart("it died in an earlier case")
         owner[impl] = w
         w.send({"cmd": "setup", "id": cid + impl, "impl": impl, "op": op, "kind": kind, "nbytes": nbytes})
         pending.append(impl)
@@ -221,11 +246,18 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
         n = len(live)
         for j in range(n):
             impl = live[(r + j) % n]     # rotate the starting implementation each repetition
-            rep = owner[impl].call({"cmd": "run", "id": cid + impl, "k": res[impl].k})
+            try:
+                rep = owner[impl].call({"cmd": "run", "id": cid + impl, "k": res[impl].k})
+            except RuntimeError as e:  # killed (e.g. the OOM killer): the others go on
+                log(f"[{group}] {impl}: {e}")
+                res[impl].status, res[impl].note = "error", str(e)
+                live.remove(impl)
+                samples.pop(impl, None)
+                break
             if rep.get("ok"):
                 samples[impl].append(rep)
     for impl in live:
-        s = samples[impl]
+        s = samples.get(impl, [])
         r = res[impl]
         r.reps = len(s)
         if not s:
@@ -240,10 +272,14 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
         for key in s[0]:
             if key not in ("ok", "cpu", "wall"):
                 r.extra[key] = statistics.median(x[key] for x in s)
-    for impl in owner:
+    alive = [i for i in owner if owner[i].alive()]
+    for impl in alive:
         owner[impl].send({"cmd": "drop", "id": cid + impl})
-    for impl in owner:
-        owner[impl].recv()
+    for impl in alive:
+        try:
+            owner[impl].recv()
+        except RuntimeError:
+            pass
     return res
 
 

@@ -23,7 +23,7 @@ from tenso.cache import TensoCache
 
 CTX = mp.get_context("spawn")
 SECONDS = min(float(os.environ.get("TENSO_STRESS_SECONDS", "15")), 60.0)
-KEYS = 48
+KEYS = 400  # x ~0.5 MiB average value: about twice the pool, so puts evict all the time
 MIN_SIZE, MAX_SIZE = 1024, 4 << 20
 
 
@@ -117,6 +117,7 @@ def test_stress_multiprocess_with_kills():
             w.join(60)
             assert w.exitcode == 0
         total = {k: sum(r[k] for r in results) for k in results[0]}
+        print(f"stress: {SECONDS:.0f}s, {kills} kills, {total}, stats {cache.stats}")
         assert total["bad"] == 0, total
         assert total["put"] > 0 and total["get"] > 0
         assert kills >= 1

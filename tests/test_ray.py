@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,7 +31,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, object_store_memory=256 << 20
+    )
     tenso.ray.register(include_torch=torch is not None)
     try:
         yield
@@ -76,7 +79,7 @@ class _Holder:
 
 def _arrays():
     base = np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)
-    mm_path = HERE / ".ray-memmap-test.bin"
+    mm_path = pathlib.Path(tempfile.gettempdir()) / f"tenso-ray-memmap-{os.getpid()}.bin"
     return {
         "c_float32": base,
         "fortran": np.asfortranarray(base),
@@ -135,6 +138,28 @@ def test_bodies_travel_out_of_band(registered, key):
     got = ray.get(ray.put(x))
     assert not got.flags.writeable
     assert not got.flags.owndata
+
+
+@pytest.mark.parametrize("step", [2, 4])
+def test_large_strided_views(registered, step):
+    # step 2: the elements fill half of their span, which travels whole with its strides (no gather, a strided view
+    # comes back); step 4: too sparse, gathered once into C order.
+    base = np.arange(1024 * 1024, dtype=np.float32).reshape(1024, 1024)
+    x = base[:, ::step]
+    for got in (ray.get(ray.put(x)), ray.get(_echo.remote(x))):
+        assert np.array_equal(got, x) and got.dtype == x.dtype
+        assert not got.flags.writeable
+        assert got.strides == (x.strides if step == 2 else (x.shape[1] * 4, 4))
+
+
+def test_owned_copy_is_private_and_aligned():
+    from tenso.tenso_rs import _owned_copy
+
+    for n in (0, 1, 1000, (9 << 20) + 3):
+        src = np.frombuffer(bytes(range(256)) * (n // 256) + bytes(n % 256), dtype=np.uint8)
+        out = _owned_copy(src)
+        assert out.flags.writeable and out.ctypes.data % 64 == 0
+        assert np.array_equal(out, src) and not np.shares_memory(out, src)
 
 
 def test_default_ray_copies_bfloat16_in_band(cluster):
@@ -375,3 +400,19 @@ def test_unregister_restores_rays_torch_reducer(cluster):
     finally:
         table.pop(torch.Tensor, None)
         tenso.ray.register(include_torch=True)
+
+
+# --- JAX ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_jax_round_trips(cluster, dtype):
+    jnp = pytest.importorskip("jax.numpy")
+    tenso.ray.register(include_torch=torch is not None, include_jax=True)
+    try:
+        x = jnp.arange(24, dtype=dtype).reshape(4, 6)
+        for got in (ray.get(ray.put(x)), ray.get(_echo.remote(x))):
+            assert type(got) is type(x) and got.dtype == x.dtype and got.shape == x.shape
+            assert bool((got == x).all())
+    finally:
+        tenso.ray.register(include_torch=torch is not None)

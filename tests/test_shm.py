@@ -131,3 +131,21 @@ def test_reference_reader_interop(name):
         with open(f"/dev/shm/{name}", "rb") as f:
             np.testing.assert_array_equal(tenso.loads(f.read()), np.arange(7, dtype=np.float32))
         shm.unlink()
+
+
+def test_full_dev_shm_fails_at_creation_not_later():
+    """The size is reserved at creation (fallocate): a segment that cannot fit raises ENOSPC now, leaves no name
+    behind, and never SIGBUSes on a later write."""
+    import errno
+
+    name = _name("enospc")
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    with pytest.raises(OSError) as info:
+        TensoShm(name, create=True, size=free + (1 << 30))
+    assert info.value.errno == errno.ENOSPC
+    assert not os.path.exists(f"/dev/shm/{name}")
+    from tenso.cache import TensoCache
+
+    with pytest.raises(OSError):
+        TensoCache(free + (1 << 30), name=name)
+    assert not os.path.exists(f"/dev/shm/{name}")

@@ -110,8 +110,13 @@ def main() -> None:
     use_torch = torch is not None
     # The runtime_env makes every worker of the job register when it starts; register()/unregister() in the driver
     # switch the whole job on and off.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env=tenso.ray.runtime_env(include_torch=use_torch))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        object_store_memory=1 << 30,
+        runtime_env=tenso.ray.runtime_env(include_torch=use_torch),
+    )
     try:
         store = Store.remote()
         data = payloads(args.mib)
@@ -129,11 +134,11 @@ def main() -> None:
         print(f"\nRay {ray.__version__}, tenso.ray {'with' if use_torch else 'without'} torch; median of {args.reps} "
               f"runs, milliseconds (off = Ray's default, on = tenso.ray)\n")
         cols = list(next(iter(results.values())))
-        print(f"{'payload':<24}{'MiB':>6}  " + "".join(f"{c + ' off/on':>22}" for c in cols))
+        print(f"{'payload':<24}{'MiB':>6}  " + "".join(f"{c + ' off / on':>23}" for c in cols))
         for name, x in data.items():
             nbytes = x.nbytes if hasattr(x, "nbytes") else x.numel() * x.element_size()
             off, on = results[(name, "off")], results[(name, "on")]
-            cells = "".join(f"{off[c] * 1e3:>9.1f} /{on[c] * 1e3:>7.1f} {off[c] / on[c]:>4.0f}x" for c in cols)
+            cells = "".join(f"{off[c] * 1e3:>9.1f} /{on[c] * 1e3:>7.1f} {off[c] / on[c]:>5.1f}x" for c in cols)
             print(f"{name:<24}{nbytes / (1 << 20):>6.0f}  {cells}")
         print("\nall values arrived intact")
     finally:

@@ -99,6 +99,11 @@ def dumps(
 ) -> memoryview:
     """Serialize an object into one tenso packet.
 
+    >>> import numpy as np, tenso
+    >>> packet = tenso.dumps(np.arange(3, dtype=np.float32))
+    >>> len(packet), bytes(packet[:4])
+    (76, b'TNSO')
+
     Parameters
     ----------
     tensor : Any
@@ -144,6 +149,11 @@ def dumps(
 
 def loads(data: Buffer, copy: bool = False) -> Any:
     """Deserialize one tenso packet held in memory.
+
+    >>> import numpy as np, tenso
+    >>> view = tenso.loads(tenso.dumps({"x": np.arange(3)}))
+    >>> view["x"].tolist(), view["x"].flags.writeable
+    ([0, 1, 2], False)
 
     Parameters
     ----------

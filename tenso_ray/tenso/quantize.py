@@ -156,6 +156,11 @@ class QuantizedTensor:
     ) -> "QuantizedTensor":
         """Quantize a float tensor with min/max affine quantization.
 
+        >>> import numpy as np
+        >>> q = QuantizedTensor.quantize(np.linspace(-1, 1, 8), "qint8")
+        >>> q.dtype_name, q.nbytes, bool(np.abs(q.dequantize() - np.linspace(-1, 1, 8)).max() < 0.01)
+        ('qint8', 8, True)
+
         For each tensor, channel or group, ``scale = (max - min) / (qmax - qmin)``
         and ``zero_point = qmin - min / scale`` (not clamped); a constant slice
         gets scale 1 and zero point 0. Codes are ``clip(round(x / scale +

@@ -79,6 +79,8 @@ _state_path: Optional[str] = None  # the job's state file (workers only)
 _state_token: Optional[tuple[int, int]] = None  # (mtime_ns, size) of the state file when last read
 _next_check = 0.0  # monotonic time of the next state-file check (workers only)
 _CHECK_INTERVAL = 0.001
+_next_kv_check = 0.0  # monotonic time of the next GCS check, where this node has no state file
+_KV_INTERVAL = 1.0
 
 
 def _table() -> Any:
@@ -283,6 +285,7 @@ def _reducers(options: dict[str, bool]) -> dict[type, Callable[..., Any]]:
     if options.get("include_jax"):
         try:
             import jax
+            import jax.numpy
         except ImportError as exc:
             raise ImportError(
                 "tenso.ray.register(include_jax=True) requires JAX; install it with: pip install 'tenso-ray[jax]'"
@@ -391,7 +394,11 @@ def _sync() -> None:
     if _state_path is None:
         _state_path = _job_state_path()
     state = _read_state()
-    options = None if state is None else state.get("options")
+    if state is None:  # the driver has not spoken: follow the runtime_env's options, if any
+        text = os.environ.get(OPTIONS_ENV)
+        options = json.loads(text) if text else None
+    else:
+        options = state.get("options")
     if options:
         _install(options)
     else:
@@ -401,14 +408,19 @@ def _sync() -> None:
 
 def _refresh() -> None:
     # Called from our reducers in workers at most once per millisecond: re-read the state only if the file changed.
-    global _next_check
+    global _next_check, _next_kv_check
     _next_check = time.monotonic() + _CHECK_INTERVAL
     try:
         st = os.stat(_state_path) if _state_path else None
     except FileNotFoundError:
         st = None
-    token = None if st is None else (st.st_mtime_ns, st.st_size)
-    if token != _state_token:
+    if st is None:
+        # No state file on this node (a worker on another machine than the driver): ask GCS, at most once a second.
+        if time.monotonic() >= _next_kv_check:
+            _next_kv_check = time.monotonic() + _KV_INTERVAL
+            _sync()
+        return
+    if (st.st_mtime_ns, st.st_size) != _state_token:
         _sync()
 
 
@@ -422,7 +434,10 @@ def _adopt() -> None:
         return
     _adopted = True
     if ray.is_initialized() and _is_worker() and _next_check == 0.0:
-        _sync()
+        try:
+            _sync()
+        except ImportError:  # a framework the driver registered is missing here: keep Ray's default for returns
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,14 +521,9 @@ def runtime_env(
 
 
 def setup_worker() -> None:
-    """Ray ``worker_process_setup_hook``: register Tenso in this worker according to the job's state."""
-    global _state_path, _next_check
-    _state_path = _job_state_path()
-    state = _read_state()
-    if state is not None:
-        _sync()  # the driver has spoken: follow it
-        return
-    text = os.environ.get(OPTIONS_ENV)
-    if text:
-        _install(json.loads(text))
-    _next_check = time.monotonic() + _CHECK_INTERVAL
+    """Ray ``worker_process_setup_hook``: register Tenso in this worker according to the job's state.
+
+    The driver's last ``register()``/``unregister()`` wins; before the driver has called either, the options that
+    :func:`runtime_env` put in the environment apply.
+    """
+    _sync()

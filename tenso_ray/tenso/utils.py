@@ -14,6 +14,11 @@ __all__ = ["get_packet_info", "is_aligned"]
 def get_packet_info(data: Any) -> dict[str, Any]:
     """Describe a packet from its header and shape, without decoding its body.
 
+    >>> import numpy as np, tenso
+    >>> info = tenso.get_packet_info(tenso.dumps(np.zeros((2, 3), np.int16)))
+    >>> info["shape"], info["dtype"], info["data_size_bytes"]
+    ((2, 3), dtype('int16'), 12)
+
     The cost is independent of the body size; the body is not validated.
 
     Parameters

@@ -285,6 +285,10 @@ pub(crate) fn alloc_aligned(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyUn
 /// # Safety
 /// No other Rust reference to the array's memory may exist while the returned slice is alive, and the array must be
 /// C-contiguous with `len` bytes.
+#[expect(
+    clippy::mut_from_ref,
+    reason = "the memory belongs to the NumPy array, not to the Rust reference; exclusivity is the caller's contract"
+)]
 pub(crate) unsafe fn bytes_mut<'a>(
     array: &'a Bound<'_, PyUntypedArray>,
     len: usize,

@@ -55,8 +55,12 @@ impl<'py> Decoder<'_, 'py> {
             }
             Packet::Quantized(q) => {
                 let descr = descr_for(py, tenso_format::DType::UInt8)?;
-                let data =
-                    self.bytes_array(py, q.codes, descr, &[q.codes.len() as u64], self.copy)?;
+                let shape = [q.codes.len() as u64];
+                let data = if self.copy {
+                    self.copied(py, q.codes, descr, &shape, true)?
+                } else {
+                    self.view(q.codes, descr, &shape)?
+                };
                 let kwargs = PyDict::new(py);
                 kwargs.set_item("quant_scheme", q.scheme.code())?;
                 kwargs.set_item("group_size", q.group_size)?;
@@ -91,8 +95,12 @@ impl<'py> Decoder<'_, 'py> {
             Body::Raw(bytes) => {
                 // A misaligned element type (bundle leaves sit at arbitrary offsets) is copied: NumPy, torch and BLAS
                 // all work on aligned data, and the copy of such small leaves costs less than the slow paths.
+                // Such a private copy stays read-only unless a copy was asked for, so flags do not depend on offsets.
                 let misaligned = (bytes.as_ptr() as usize) % descr.alignment().max(1) != 0;
-                self.bytes_array(py, bytes, descr, &dense.shape, copy || misaligned)
+                if copy || misaligned {
+                    return self.copied(py, bytes, descr, &dense.shape, copy || self.writeable);
+                }
+                self.view(bytes, descr, &dense.shape)
             }
             Body::Lz4Frame { frame, decoded_len } => {
                 let out = self.fresh(py, *decoded_len)?;
@@ -108,7 +116,7 @@ impl<'py> Decoder<'_, 'py> {
                     run()
                 }
                 .map_err(decode_error)?;
-                self.over_fresh(out, descr, &dense.shape)
+                self.over_fresh(out, descr, &dense.shape, copy || self.writeable)
             }
             Body::Lz4Block { block, decoded_len } => {
                 let out = self.fresh(py, *decoded_len)?;
@@ -124,7 +132,7 @@ impl<'py> Decoder<'_, 'py> {
                     run()
                 }
                 .map_err(decode_error)?;
-                self.over_fresh(out, descr, &dense.shape)
+                self.over_fresh(out, descr, &dense.shape, copy || self.writeable)
             }
         }
     }
@@ -138,33 +146,41 @@ impl<'py> Decoder<'_, 'py> {
         out: Bound<'py, numpy::PyUntypedArray>,
         descr: Bound<'py, numpy::PyArrayDescr>,
         shape: &[u64],
+        writeable: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ptr = data_ptr(&out);
         // SAFETY: `out` holds exactly product(shape) * itemsize bytes (the decoded length was checked against the
         // shape by tenso-format) and owns them exclusively; it becomes the base.
-        unsafe { view_over(out.as_any(), descr, shape, ptr, true) }
+        unsafe { view_over(out.as_any(), descr, shape, ptr, writeable) }
     }
 
-    /// An array of `descr`/`shape` over `bytes` (a sub-slice of the source): a view, or a fresh copy.
-    fn bytes_array(
+    /// A fresh 64-byte-aligned copy of `bytes` as an array of `descr`/`shape`.
+    fn copied(
         &self,
         py: Python<'py>,
         bytes: &[u8],
         descr: Bound<'py, numpy::PyArrayDescr>,
         shape: &[u64],
-        copy: bool,
+        writeable: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        if copy {
-            let out = self.fresh(py, bytes.len())?;
-            // SAFETY: a fresh exclusively-owned buffer of bytes.len() bytes.
-            let dst = unsafe { bytes_mut(&out, bytes.len()) };
-            if bytes.len() >= DETACH_BYTES {
-                py.detach(|| dst.copy_from_slice(bytes));
-            } else {
-                dst.copy_from_slice(bytes);
-            }
-            return self.over_fresh(out, descr, shape);
+        let out = self.fresh(py, bytes.len())?;
+        // SAFETY: a fresh exclusively-owned buffer of bytes.len() bytes.
+        let dst = unsafe { bytes_mut(&out, bytes.len()) };
+        if bytes.len() >= DETACH_BYTES {
+            py.detach(|| dst.copy_from_slice(bytes));
+        } else {
+            dst.copy_from_slice(bytes);
         }
+        self.over_fresh(out, descr, shape, writeable)
+    }
+
+    /// A zero-copy array of `descr`/`shape` over `bytes`, a sub-slice of the source.
+    fn view(
+        &self,
+        bytes: &[u8],
+        descr: Bound<'py, numpy::PyArrayDescr>,
+        shape: &[u64],
+    ) -> PyResult<Bound<'py, PyAny>> {
         debug_assert!(bytes.as_ptr() as usize >= self.source.base_addr());
         // SAFETY: `bytes` is a sub-slice of the source buffer (tenso-format only returns sub-slices of its input),
         // of exactly product(shape) * itemsize bytes, kept alive by `source.owner`, which becomes the view's base.

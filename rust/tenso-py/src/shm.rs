@@ -148,7 +148,7 @@ fn prepare<'py>(
     compress: bool,
     alignment: i128,
 ) -> PyResult<Prepared<'py>> {
-    let opts = encode_options(check_integrity, i128::from(alignment), 4)?;
+    let opts = encode_options(check_integrity, alignment, 4)?;
     let collected = Collected::walk(
         obj,
         WalkOptions {

@@ -55,7 +55,11 @@ impl<'a> FreeTable<'a> {
         if *count > slots.len() as u64 {
             *count = slots.len() as u64;
         }
-        FreeTable { slots, count, region }
+        FreeTable {
+            slots,
+            count,
+            region,
+        }
     }
 
     /// Resets to one extent covering the whole region.
@@ -159,7 +163,10 @@ impl<'a> FreeTable<'a> {
         let mut pos = 0u64;
         let mut push = |slots: &mut [Extent], from: u64, to: u64| {
             if to > from && n < slots.len() {
-                slots[n] = Extent { offset: from, len: to - from };
+                slots[n] = Extent {
+                    offset: from,
+                    len: to - from,
+                };
                 n += 1;
             }
         };
@@ -220,7 +227,13 @@ mod tests {
         assert_eq!(t.free(1000, 64), Err(FreeError::OutOfBounds));
         t.free(a, 64).unwrap();
         t.free(d, 64).unwrap();
-        assert_eq!(t.extents(), &[Extent { offset: 0, len: 1024 }]);
+        assert_eq!(
+            t.extents(),
+            &[Extent {
+                offset: 0,
+                len: 1024
+            }]
+        );
         t.check().unwrap();
         assert_eq!(t.alloc(2048), None);
     }

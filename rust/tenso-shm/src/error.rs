@@ -58,7 +58,10 @@ pub enum ShmError {
 
 impl ShmError {
     pub(crate) fn io(op: &'static str, source: impl Into<io::Error>) -> Self {
-        ShmError::Io { op, source: source.into() }
+        ShmError::Io {
+            op,
+            source: source.into(),
+        }
     }
 
     /// The kind of the underlying I/O error, if this is one.

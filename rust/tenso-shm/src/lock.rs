@@ -72,7 +72,10 @@ pub fn try_acquire(word: &AtomicU64, pid: u32) -> Option<Acquired> {
     let next = locked_word(pid, cur);
     word.compare_exchange(cur, next, Ordering::Acquire, Ordering::Relaxed)
         .ok()
-        .map(|_| Acquired { token: next, recovered: false })
+        .map(|_| Acquired {
+            token: next,
+            recovered: false,
+        })
 }
 
 /// Takes the lock, waiting (spin, then yield, then sleep) while a live process holds it, and taking it over from a
@@ -85,8 +88,14 @@ pub fn acquire(word: &AtomicU64, pid: u32) -> Acquired {
         let owner = (cur >> 32) as u32;
         if owner == 0 {
             let next = locked_word(pid, cur);
-            if word.compare_exchange_weak(cur, next, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                return Acquired { token: next, recovered: false };
+            if word
+                .compare_exchange_weak(cur, next, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Acquired {
+                    token: next,
+                    recovered: false,
+                };
             }
             continue;
         }
@@ -96,8 +105,14 @@ pub fn acquire(word: &AtomicU64, pid: u32) -> Acquired {
                 if since.elapsed() >= CHECK_EVERY {
                     if owner != pid && !process_alive(owner) {
                         let next = locked_word(pid, cur);
-                        if word.compare_exchange(cur, next, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                            return Acquired { token: next, recovered: true };
+                        if word
+                            .compare_exchange(cur, next, Ordering::Acquire, Ordering::Relaxed)
+                            .is_ok()
+                        {
+                            return Acquired {
+                                token: next,
+                                recovered: true,
+                            };
                         }
                     }
                     last_check = Some((cur, Instant::now()));

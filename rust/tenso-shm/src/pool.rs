@@ -166,29 +166,48 @@ struct Key {
 impl Key {
     fn new(key: &[u8]) -> Result<Key, ShmError> {
         if key.len() > MAX_KEY_LEN {
-            return Err(ShmError::KeyTooLong { len: key.len(), limit: MAX_KEY_LEN });
+            return Err(ShmError::KeyTooLong {
+                len: key.len(),
+                limit: MAX_KEY_LEN,
+            });
         }
         let mut bytes = [0u8; MAX_KEY_LEN];
         bytes[..key.len()].copy_from_slice(key);
         let mut words = [0u64; 16];
         for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-            *w = u64::from_le_bytes(chunk.try_into().expect("chunks_exact(8) yields 8-byte chunks"));
+            *w = u64::from_le_bytes(
+                chunk
+                    .try_into()
+                    .expect("chunks_exact(8) yields 8-byte chunks"),
+            );
         }
-        Ok(Key { words, len: key.len() as u32, hash: xxhash_rust::xxh3::xxh3_64(key) })
+        Ok(Key {
+            words,
+            len: key.len() as u32,
+            hash: xxhash_rust::xxh3::xxh3_64(key),
+        })
     }
 
     /// Whether `e` holds this key (relaxed loads: the caller validates with the entry's seqlock).
     fn matches(&self, e: &Entry) -> bool {
         e.key_hash.load(Ordering::Relaxed) == self.hash
             && e.key_len.load(Ordering::Relaxed) == self.len
-            && self.words.iter().zip(&e.key).all(|(w, k)| k.load(Ordering::Relaxed) == *w)
+            && self
+                .words
+                .iter()
+                .zip(&e.key)
+                .all(|(w, k)| k.load(Ordering::Relaxed) == *w)
     }
 }
 
 fn now_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     // +1: a tick of 0 means "free slot" in the lru array.
-    (t.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(t.tv_nsec as u64).wrapping_add(1) & !PENDING
+    (t.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(t.tv_nsec as u64)
+        .wrapping_add(1)
+        & !PENDING
 }
 
 fn expired(created_ns: u64, ttl_ns: u64, now: u64) -> bool {
@@ -263,7 +282,12 @@ impl Pool {
     /// Creates a pool of `pool_size` bytes named `name` (mode 0600 unless `mode` says otherwise), reserving and
     /// pre-faulting all of it. `max_entries` defaults to one entry per [`BYTES_PER_ENTRY`], within
     /// [[`MIN_ENTRIES`], [`MAX_ENTRIES`]].
-    pub fn create(name: &str, pool_size: u64, max_entries: Option<u64>, mode: u32) -> Result<Pool, ShmError> {
+    pub fn create(
+        name: &str,
+        pool_size: u64,
+        max_entries: Option<u64>,
+        mode: u32,
+    ) -> Result<Pool, ShmError> {
         let max_entries = match max_entries {
             Some(n) => n.clamp(1, MAX_ENTRIES),
             None => (pool_size / BYTES_PER_ENTRY).clamp(MIN_ENTRIES, MAX_ENTRIES),
@@ -296,7 +320,9 @@ impl Pool {
     pub fn open(name: &str) -> Result<Pool, ShmError> {
         let seg = Segment::open(name, true)?;
         if (seg.len() as u64) < HEADER_SIZE {
-            return Err(ShmError::BadPool { reason: "segment smaller than the pool header" });
+            return Err(ShmError::BadPool {
+                reason: "segment smaller than the pool header",
+            });
         }
         // SAFETY: the mapping is at least HEADER_SIZE bytes, page-aligned, and Header is all atomics.
         let h = unsafe { &*(seg.as_ptr() as *const Header) };
@@ -304,16 +330,22 @@ impl Pool {
         let mut spins = 0;
         while h.magic.load(Ordering::Acquire) != MAGIC {
             if spins > 2000 {
-                return Err(ShmError::BadPool { reason: "bad magic" });
+                return Err(ShmError::BadPool {
+                    reason: "bad magic",
+                });
             }
             lock::backoff(&mut spins);
         }
         if h.version.load(Ordering::Relaxed) != VERSION {
-            return Err(ShmError::BadPool { reason: "unsupported layout version" });
+            return Err(ShmError::BadPool {
+                reason: "unsupported layout version",
+            });
         }
         let pool_size = h.pool_size.load(Ordering::Relaxed);
         if pool_size != seg.len() as u64 {
-            return Err(ShmError::BadPool { reason: "pool size differs from the segment size" });
+            return Err(ShmError::BadPool {
+                reason: "pool size differs from the segment size",
+            });
         }
         let max_entries = h.max_entries.load(Ordering::Relaxed);
         let layout = Layout::new(pool_size, max_entries)
@@ -323,7 +355,9 @@ impl Pool {
                     && l.data_size == h.data_size.load(Ordering::Relaxed)
                     && l.nbuckets == h.nbuckets.load(Ordering::Relaxed)
             })
-            .ok_or(ShmError::BadPool { reason: "inconsistent layout" })?;
+            .ok_or(ShmError::BadPool {
+                reason: "inconsistent layout",
+            })?;
         Ok(Pool { seg, layout })
     }
 
@@ -360,28 +394,54 @@ impl Pool {
     }
 
     fn entry(&self, slot: u32) -> &Entry {
-        assert!(u64::from(slot) < self.layout.max_entries, "entry slot {slot} out of range");
+        assert!(
+            u64::from(slot) < self.layout.max_entries,
+            "entry slot {slot} out of range"
+        );
         // SAFETY: slot < max_entries, so the 256-byte entry lies inside the index area of the mapping; the area is
         // 64-byte aligned (HEADER_SIZE + k * 256) and Entry is all atomics.
-        unsafe { &*(self.seg.as_ptr().add((HEADER_SIZE + u64::from(slot) * ENTRY_SIZE) as usize) as *const Entry) }
+        unsafe {
+            &*(self
+                .seg
+                .as_ptr()
+                .add((HEADER_SIZE + u64::from(slot) * ENTRY_SIZE) as usize)
+                as *const Entry)
+        }
     }
 
     fn lru(&self, slot: u32) -> &AtomicU64 {
-        assert!(u64::from(slot) < self.layout.max_entries, "lru slot {slot} out of range");
+        assert!(
+            u64::from(slot) < self.layout.max_entries,
+            "lru slot {slot} out of range"
+        );
         // SAFETY: inside the lru area (max_entries u64s, 8-byte aligned: HEADER_SIZE + k * 256).
-        unsafe { &*(self.seg.as_ptr().add((self.layout.lru + u64::from(slot) * 8) as usize) as *const AtomicU64) }
+        unsafe {
+            &*(self
+                .seg
+                .as_ptr()
+                .add((self.layout.lru + u64::from(slot) * 8) as usize)
+                as *const AtomicU64)
+        }
     }
 
     fn bucket(&self, hash: u64) -> &AtomicU32 {
         let b = hash & (self.layout.nbuckets - 1);
         // SAFETY: b < nbuckets, inside the bucket area, which is 8-byte aligned (it follows the lru area).
-        unsafe { &*(self.seg.as_ptr().add((self.layout.buckets + b * 4) as usize) as *const AtomicU32) }
+        unsafe {
+            &*(self
+                .seg
+                .as_ptr()
+                .add((self.layout.buckets + b * 4) as usize) as *const AtomicU32)
+        }
     }
 
     /// Takes the pool lock (see [`crate::lock`]), recovering the pool if its last holder died.
     pub fn lock(&self) -> Locked<'_> {
         let got = lock::acquire(&self.header().lock, current_pid());
-        let mut l = Locked { pool: self, token: got.token };
+        let mut l = Locked {
+            pool: self,
+            token: got.token,
+        };
         if got.recovered {
             l.recover();
         }
@@ -389,7 +449,10 @@ impl Pool {
     }
 
     fn try_lock(&self) -> Option<Locked<'_>> {
-        lock::try_acquire(&self.header().lock, current_pid()).map(|got| Locked { pool: self, token: got.token })
+        lock::try_acquire(&self.header().lock, current_pid()).map(|got| Locked {
+            pool: self,
+            token: got.token,
+        })
     }
 
     /// Walks the key's hash chain without the lock. Entries reached through a chain that changed meanwhile may
@@ -421,7 +484,11 @@ impl Pool {
                 if s1 != s2 || s1 & 1 == 1 {
                     return Found::Busy;
                 }
-                if state == READY && hit.offset.checked_add(hit.len).is_some_and(|end| end <= self.layout.data_size)
+                if state == READY
+                    && hit
+                        .offset
+                        .checked_add(hit.len)
+                        .is_some_and(|end| end <= self.layout.data_size)
                 {
                     return Found::Hit(hit);
                 }
@@ -491,7 +558,11 @@ impl Pool {
             if let Some(slot) = l.find(key) {
                 let e = self.entry(slot);
                 if l.busy_owner(slot).is_none()
-                    && expired(e.created_ns.load(Ordering::Relaxed), e.ttl_ns.load(Ordering::Relaxed), now_ns())
+                    && expired(
+                        e.created_ns.load(Ordering::Relaxed),
+                        e.ttl_ns.load(Ordering::Relaxed),
+                        now_ns(),
+                    )
                 {
                     l.free_entry(slot);
                 }
@@ -516,7 +587,12 @@ impl Pool {
                 let cur = lru.load(Ordering::Relaxed);
                 // Only a plain tick is replaced: a free or pending slot keeps its tag.
                 if cur != 0 && cur & PENDING == 0 {
-                    let _ = lru.compare_exchange(cur, now_ns().max(cur), Ordering::Relaxed, Ordering::Relaxed);
+                    let _ = lru.compare_exchange(
+                        cur,
+                        now_ns().max(cur),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                 }
             }
             None => {
@@ -545,7 +621,13 @@ impl Pool {
             // mapping, and `dst` is a separate buffer of exactly len bytes. Another process may be writing the
             // source bytes concurrently (then the seqlock check below fails and we retry); the copy reads plain
             // bytes, for which any value is valid.
-            unsafe { std::ptr::copy_nonoverlapping(self.data_ptr().add(hit.offset as usize), dst.as_mut_ptr(), dst.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.data_ptr().add(hit.offset as usize),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
             if self.validate(&hit) {
                 self.record(Some(&hit));
                 return Ok(Some((hit, buf)));
@@ -555,7 +637,12 @@ impl Pool {
 
     /// Reserves space for a packet of `packet_len` bytes under `key` (see the module docs for the protocol). Write
     /// the packet through [`Reservation::as_mut_ptr`], then [`Reservation::commit`]; dropping it uncommitted frees it.
-    pub fn reserve(&self, key: &[u8], packet_len: u64, ttl_ns: u64) -> Result<Reservation<'_>, ShmError> {
+    pub fn reserve(
+        &self,
+        key: &[u8],
+        packet_len: u64,
+        ttl_ns: u64,
+    ) -> Result<Reservation<'_>, ShmError> {
         let key = Key::new(key)?;
         let alloc_len = packet_len.max(1).next_multiple_of(BLOCK_ALIGN);
         let pid = current_pid();
@@ -576,15 +663,32 @@ impl Pool {
                     e.packet_len.store(packet_len, Ordering::Relaxed);
                     e.writer_pid.store(pid, Ordering::Relaxed);
                     // Seq stays odd until commit: checked readers wait, eviction skips the pending tag.
-                    self.lru(slot).store(PENDING | u64::from(pid), Ordering::Relaxed);
+                    self.lru(slot)
+                        .store(PENDING | u64::from(pid), Ordering::Relaxed);
                     self.header().pending.fetch_add(1, Ordering::Relaxed);
                     let offset = e.offset.load(Ordering::Relaxed);
-                    return Ok(Reservation { pool: self, slot, offset, len: packet_len, ttl_ns, in_place: true, done: false });
+                    return Ok(Reservation {
+                        pool: self,
+                        slot,
+                        offset,
+                        len: packet_len,
+                        ttl_ns,
+                        in_place: true,
+                        done: false,
+                    });
                 }
             }
             let slot = l.new_entry(&key, packet_len, alloc_len, RESERVED, pid)?;
             let offset = self.entry(slot).offset.load(Ordering::Relaxed);
-            return Ok(Reservation { pool: self, slot, offset, len: packet_len, ttl_ns, in_place: false, done: false });
+            return Ok(Reservation {
+                pool: self,
+                slot,
+                offset,
+                len: packet_len,
+                ttl_ns,
+                in_place: false,
+                done: false,
+            });
         }
     }
 
@@ -594,14 +698,20 @@ impl Pool {
         let mut spins = 0u32;
         loop {
             let mut l = self.lock();
-            let Some(slot) = l.find(&key) else { return Ok(false) };
+            let Some(slot) = l.find(&key) else {
+                return Ok(false);
+            };
             if l.busy_owner(slot).is_some() {
                 drop(l);
                 lock::backoff(&mut spins);
                 continue;
             }
             let e = self.entry(slot);
-            let was_live = !expired(e.created_ns.load(Ordering::Relaxed), e.ttl_ns.load(Ordering::Relaxed), now_ns());
+            let was_live = !expired(
+                e.created_ns.load(Ordering::Relaxed),
+                e.ttl_ns.load(Ordering::Relaxed),
+                now_ns(),
+            );
             l.free_entry(slot);
             return Ok(was_live);
         }
@@ -626,7 +736,9 @@ impl Pool {
         let mut l = self.lock();
         l.reap();
         for slot in 0..self.layout.max_entries as u32 {
-            if self.entry(slot).state.load(Ordering::Relaxed) == READY && l.busy_owner(slot).is_none() {
+            if self.entry(slot).state.load(Ordering::Relaxed) == READY
+                && l.busy_owner(slot).is_none()
+            {
                 l.free_entry(slot);
             }
         }
@@ -675,7 +787,11 @@ impl Pool {
             offset: e.offset.load(Ordering::Relaxed),
             len,
         };
-        Ok(Lease { pool: self, handle, owned: true })
+        Ok(Lease {
+            pool: self,
+            handle,
+            owned: true,
+        })
     }
 
     /// Takes over a lease handed over by another process (it now dies with this one).
@@ -683,9 +799,16 @@ impl Pool {
         let l = self.lock();
         l.lease_slot(&handle)?;
         let pid = current_pid();
-        self.entry(handle.slot).writer_pid.store(pid, Ordering::Relaxed);
-        self.lru(handle.slot).store(PENDING | u64::from(pid), Ordering::Relaxed);
-        Ok(Lease { pool: self, handle, owned: true })
+        self.entry(handle.slot)
+            .writer_pid
+            .store(pid, Ordering::Relaxed);
+        self.lru(handle.slot)
+            .store(PENDING | u64::from(pid), Ordering::Relaxed);
+        Ok(Lease {
+            pool: self,
+            handle,
+            owned: true,
+        })
     }
 
     /// Frees a lease by handle (from any process).
@@ -742,7 +865,8 @@ impl Reservation<'_> {
         loop {
             let mut l = pool.lock();
             // A recovery may have taken the entry away if we were presumed dead; then there is nothing to publish.
-            if e.writer_pid.load(Ordering::Relaxed) != pid || pool.lru(self.slot).load(Ordering::Relaxed) != PENDING | u64::from(pid)
+            if e.writer_pid.load(Ordering::Relaxed) != pid
+                || pool.lru(self.slot).load(Ordering::Relaxed) != PENDING | u64::from(pid)
             {
                 return Ok(());
             }
@@ -889,7 +1013,10 @@ impl<'p> Locked<'p> {
         let lay = &self.pool.layout;
         // SAFETY: max_entries u32s at `slots` (4-aligned) inside the mapping; lock holders only, as for `table`.
         unsafe {
-            std::slice::from_raw_parts_mut(self.pool.seg.as_ptr().add(lay.slots as usize) as *mut u32, lay.max_entries as usize)
+            std::slice::from_raw_parts_mut(
+                self.pool.seg.as_ptr().add(lay.slots as usize) as *mut u32,
+                lay.max_entries as usize,
+            )
         }
     }
 
@@ -987,7 +1114,10 @@ impl<'p> Locked<'p> {
         h.index_gen.store(g | 1, Ordering::Relaxed);
         fence(Ordering::Release);
         let b = self.pool.bucket(hash);
-        self.pool.entry(slot).next.store(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.pool
+            .entry(slot)
+            .next
+            .store(b.load(Ordering::Relaxed), Ordering::Relaxed);
         b.store(slot + 1, Ordering::Release);
         h.index_gen.store((g | 1) + 1, Ordering::Release);
     }
@@ -1038,7 +1168,10 @@ impl<'p> Locked<'p> {
         self.begin(e);
         e.state.store(FREE, Ordering::Relaxed);
         self.set_ttl(e, 0);
-        let (offset, len) = (e.offset.load(Ordering::Relaxed), e.alloc_len.load(Ordering::Relaxed));
+        let (offset, len) = (
+            e.offset.load(Ordering::Relaxed),
+            e.alloc_len.load(Ordering::Relaxed),
+        );
         self.end(e);
         self.pool.lru(slot).store(0, Ordering::Relaxed);
         if self.table().free(offset, len).is_ok() {
@@ -1048,11 +1181,24 @@ impl<'p> Locked<'p> {
     }
 
     /// Reserves a block and an entry slot, evicting least-recently-used entries as needed.
-    fn new_entry(&mut self, key: &Key, packet_len: u64, alloc_len: u64, state: u32, pid: u32) -> Result<u32, ShmError> {
+    fn new_entry(
+        &mut self,
+        key: &Key,
+        packet_len: u64,
+        alloc_len: u64,
+        state: u32,
+        pid: u32,
+    ) -> Result<u32, ShmError> {
         let data_size = self.pool.layout.data_size;
-        let full = |free| ShmError::Full { needed: alloc_len, free, capacity: data_size };
+        let full = |free| ShmError::Full {
+            needed: alloc_len,
+            free,
+            capacity: data_size,
+        };
         if alloc_len > data_size {
-            return Err(full(data_size - self.h().used_bytes.load(Ordering::Relaxed)));
+            return Err(full(
+                data_size - self.h().used_bytes.load(Ordering::Relaxed),
+            ));
         }
         let mut victims: Option<Vec<(u64, u32)>> = None;
         let offset = loop {
@@ -1089,7 +1235,9 @@ impl<'p> Locked<'p> {
         e.stamp.store(self.next_stamp(), Ordering::Relaxed);
         e.state.store(state, Ordering::Relaxed);
         self.end(e);
-        self.pool.lru(slot).store(PENDING | u64::from(pid), Ordering::Relaxed);
+        self.pool
+            .lru(slot)
+            .store(PENDING | u64::from(pid), Ordering::Relaxed);
         let h = self.h();
         h.pending.fetch_add(1, Ordering::Relaxed);
         h.used_bytes.fetch_add(alloc_len, Ordering::Relaxed);
@@ -1120,7 +1268,10 @@ impl<'p> Locked<'p> {
             // since the scan does not save an entry: the scan is this allocation's snapshot of the LRU order.
             let _ = tag;
             let cur = self.pool.lru(slot).load(Ordering::Relaxed);
-            if cur != 0 && cur & PENDING == 0 && self.pool.entry(slot).state.load(Ordering::Relaxed) == READY {
+            if cur != 0
+                && cur & PENDING == 0
+                && self.pool.entry(slot).state.load(Ordering::Relaxed) == READY
+            {
                 self.free_entry(slot);
                 return true;
             }
@@ -1150,7 +1301,11 @@ impl<'p> Locked<'p> {
         for slot in 0..self.pool.layout.max_entries as u32 {
             let e = self.pool.entry(slot);
             if e.state.load(Ordering::Relaxed) == READY
-                && expired(e.created_ns.load(Ordering::Relaxed), e.ttl_ns.load(Ordering::Relaxed), now)
+                && expired(
+                    e.created_ns.load(Ordering::Relaxed),
+                    e.ttl_ns.load(Ordering::Relaxed),
+                    now,
+                )
                 && self.busy_owner(slot).is_none()
             {
                 self.free_entry(slot);
@@ -1225,7 +1380,9 @@ impl<'p> Locked<'p> {
                 && offset % BLOCK_ALIGN == 0
                 && alloc_len > 0
                 && alloc_len % BLOCK_ALIGN == 0
-                && offset.checked_add(alloc_len).is_some_and(|end| end <= lay.data_size)
+                && offset
+                    .checked_add(alloc_len)
+                    .is_some_and(|end| end <= lay.data_size)
                 && packet_len <= alloc_len
                 && e.key_len.load(Ordering::Relaxed) as usize <= MAX_KEY_LEN;
             let keep = sane
@@ -1245,11 +1402,12 @@ impl<'p> Locked<'p> {
                 let key = self.key_bytes(e);
                 if let Some(&other) = ready.get(&key) {
                     let o = pool.entry(other);
-                    let (loser, winner) = if o.stamp.load(Ordering::Relaxed) > e.stamp.load(Ordering::Relaxed) {
-                        (slot, other)
-                    } else {
-                        (other, slot)
-                    };
+                    let (loser, winner) =
+                        if o.stamp.load(Ordering::Relaxed) > e.stamp.load(Ordering::Relaxed) {
+                            (slot, other)
+                        } else {
+                            (other, slot)
+                        };
                     drop_entry(pool.entry(loser), loser);
                     kept.retain(|&(_, s)| s != loser);
                     ready.insert(key, winner);
@@ -1260,7 +1418,13 @@ impl<'p> Locked<'p> {
                     ready.insert(key, slot);
                 }
             }
-            kept.push((Extent { offset, len: alloc_len }, slot));
+            kept.push((
+                Extent {
+                    offset,
+                    len: alloc_len,
+                },
+                slot,
+            ));
         }
         kept.sort_by_key(|(x, _)| x.offset);
         let mut disjoint: Vec<(Extent, u32)> = Vec::with_capacity(kept.len());
@@ -1293,8 +1457,10 @@ impl<'p> Locked<'p> {
             }
         }
         self.table().rebuild(disjoint.iter().map(|(x, _)| *x));
-        let free: Vec<u32> =
-            (0..lay.max_entries as u32).rev().filter(|&s| pool.entry(s).state.load(Ordering::Relaxed) == FREE).collect();
+        let free: Vec<u32> = (0..lay.max_entries as u32)
+            .rev()
+            .filter(|&s| pool.entry(s).state.load(Ordering::Relaxed) == FREE)
+            .collect();
         let stack = self.slot_stack();
         stack[..free.len()].copy_from_slice(&free);
         h.free_slots.store(free.len() as u64, Ordering::Relaxed);
@@ -1315,7 +1481,10 @@ impl<'p> Locked<'p> {
         let free_extents: Vec<Extent> = table.extents().to_vec();
         let used = h.used_bytes.load(Ordering::Relaxed);
         if free_bytes + used != lay.data_size {
-            return Err(format!("free {free_bytes} + used {used} != data region {}", lay.data_size));
+            return Err(format!(
+                "free {free_bytes} + used {used} != data region {}",
+                lay.data_size
+            ));
         }
         let (mut ready, mut nonfree, mut sum) = (0u64, 0u64, 0u64);
         let mut blocks = Vec::new();
@@ -1326,7 +1495,10 @@ impl<'p> Locked<'p> {
                 continue;
             }
             nonfree += 1;
-            let x = Extent { offset: e.offset.load(Ordering::Relaxed), len: e.alloc_len.load(Ordering::Relaxed) };
+            let x = Extent {
+                offset: e.offset.load(Ordering::Relaxed),
+                len: e.alloc_len.load(Ordering::Relaxed),
+            };
             sum += x.len;
             blocks.push(x);
             if state == READY {
@@ -1337,7 +1509,9 @@ impl<'p> Locked<'p> {
                     hash: e.key_hash.load(Ordering::Relaxed),
                 };
                 if self.find(&key) != Some(slot) {
-                    return Err(format!("READY entry {slot} is not reachable through its chain"));
+                    return Err(format!(
+                        "READY entry {slot} is not reachable through its chain"
+                    ));
                 }
             }
         }
@@ -1345,7 +1519,10 @@ impl<'p> Locked<'p> {
             return Err(format!("entries hold {sum} bytes, header says {used}"));
         }
         if ready != h.active.load(Ordering::Relaxed) {
-            return Err(format!("{ready} READY entries, header says {}", h.active.load(Ordering::Relaxed)));
+            return Err(format!(
+                "{ready} READY entries, header says {}",
+                h.active.load(Ordering::Relaxed)
+            ));
         }
         if nonfree + h.free_slots.load(Ordering::Relaxed) != lay.max_entries {
             return Err("free-slot stack out of step with the entries".into());
@@ -1368,7 +1545,11 @@ mod tests {
     fn name(tag: &str) -> String {
         use std::sync::atomic::AtomicUsize;
         static N: AtomicUsize = AtomicUsize::new(0);
-        format!("tenso-pool-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "tenso-pool-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     struct Tmp(Pool);
@@ -1386,7 +1567,9 @@ mod tests {
     }
 
     fn get(pool: &Pool, key: &str) -> Option<Vec<u8>> {
-        pool.get_copy(key.as_bytes(), |n| vec![0u8; n]).unwrap().map(|(_, v)| v)
+        pool.get_copy(key.as_bytes(), |n| vec![0u8; n])
+            .unwrap()
+            .map(|(_, v)| v)
     }
 
     #[test]
@@ -1410,7 +1593,10 @@ mod tests {
         assert_eq!(s.entries, 0);
         assert_eq!(s.used_bytes, 0);
         assert_eq!((s.hits, s.misses), (2, 2));
-        assert!(matches!(p.0.reserve(&[b'x'; 129], 1, 0), Err(ShmError::KeyTooLong { .. })));
+        assert!(matches!(
+            p.0.reserve(&[b'x'; 129], 1, 0),
+            Err(ShmError::KeyTooLong { .. })
+        ));
     }
 
     #[test]
@@ -1427,7 +1613,10 @@ mod tests {
         put(pool, "k4", &value);
         assert_eq!(get(pool, "k1"), None);
         assert!(get(pool, "k0").is_some());
-        assert!(matches!(pool.reserve(b"huge", pool.data_size() + 1, 0), Err(ShmError::Full { .. })));
+        assert!(matches!(
+            pool.reserve(b"huge", pool.data_size() + 1, 0),
+            Err(ShmError::Full { .. })
+        ));
         pool.check().unwrap();
     }
 
@@ -1473,7 +1662,8 @@ mod tests {
                 let slot = r.slot;
                 std::mem::forget(r);
                 p.0.entry(slot).writer_pid.store(dead, Ordering::Relaxed);
-                p.0.lru(slot).store(PENDING | u64::from(dead), Ordering::Relaxed);
+                p.0.lru(slot)
+                    .store(PENDING | u64::from(dead), Ordering::Relaxed);
             });
             let mut l = p.0.lock();
             l.table().reset();
@@ -1481,7 +1671,10 @@ mod tests {
             let token = l.token;
             std::mem::forget(l);
             // Hand the held lock to the dead pid.
-            p.0.header().lock.store((u64::from(dead) << 32) | (token & 0xffff_ffff), Ordering::Relaxed);
+            p.0.header().lock.store(
+                (u64::from(dead) << 32) | (token & 0xffff_ffff),
+                Ordering::Relaxed,
+            );
         }
         assert_eq!(get(&p.0, "a").unwrap(), b"alpha"); // readers need no lock
         put(&p.0, "d", b"delta"); // takes the lock over and recovers

@@ -29,7 +29,10 @@ pub const DEFAULT_MODE: u32 = 0o600;
 /// Checks a segment name: 1 to [`MAX_NAME_LEN`] characters of `[A-Za-z0-9._-]`, not `.` or `..`, with at most one
 /// leading `/` (the POSIX spelling, stripped). Returns the name without the slash.
 pub fn validate_name(name: &str) -> Result<&str, ShmError> {
-    let bad = |reason| ShmError::BadName { name: name.to_owned(), reason };
+    let bad = |reason| ShmError::BadName {
+        name: name.to_owned(),
+        reason,
+    };
     let bare = name.strip_prefix('/').unwrap_or(name);
     if bare.is_empty() {
         return Err(bad("empty"));
@@ -40,8 +43,13 @@ pub fn validate_name(name: &str) -> Result<&str, ShmError> {
     if bare == "." || bare == ".." {
         return Err(bad("'.' and '..' are not names"));
     }
-    if !bare.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
-        return Err(bad("only ASCII letters, digits, '_', '-' and '.' are allowed"));
+    if !bare
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(bad(
+            "only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ));
     }
     Ok(bare)
 }
@@ -64,10 +72,17 @@ impl Segment {
     pub fn create(name: &str, size: u64, mode: u32, populate: bool) -> Result<Segment, ShmError> {
         let bare = validate_name(name)?;
         if size == 0 {
-            return Err(ShmError::io("create", io::Error::new(io::ErrorKind::InvalidInput, "size must be > 0")));
+            return Err(ShmError::io(
+                "create",
+                io::Error::new(io::ErrorKind::InvalidInput, "size must be > 0"),
+            ));
         }
-        let len = usize::try_from(size)
-            .map_err(|_| ShmError::io("create", io::Error::new(io::ErrorKind::InvalidInput, "size too large")))?;
+        let len = usize::try_from(size).map_err(|_| {
+            ShmError::io(
+                "create",
+                io::Error::new(io::ErrorKind::InvalidInput, "size too large"),
+            )
+        })?;
         let fd = shm::open(
             bare,
             shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
@@ -86,7 +101,10 @@ impl Segment {
         };
         let mapped = reserve().and_then(|()| map(&fd, len, populate));
         match mapped {
-            Ok(map) => Ok(Segment { name: bare.to_owned(), map }),
+            Ok(map) => Ok(Segment {
+                name: bare.to_owned(),
+                map,
+            }),
             Err(e) => {
                 // Do not leave a half-made segment behind under a name nobody will unlink.
                 let _ = shm::unlink(bare);
@@ -98,17 +116,24 @@ impl Segment {
     /// Opens and maps an existing segment, its whole current size.
     pub fn open(name: &str, populate: bool) -> Result<Segment, ShmError> {
         let bare = validate_name(name)?;
-        let fd = shm::open(bare, shm::OFlags::RDWR, Mode::empty()).map_err(|e| ShmError::io("shm_open", e))?;
+        let fd = shm::open(bare, shm::OFlags::RDWR, Mode::empty())
+            .map_err(|e| ShmError::io("shm_open", e))?;
         let stat = rustix::fs::fstat(&fd).map_err(|e| ShmError::io("fstat", e))?;
         let len = usize::try_from(stat.st_size).unwrap_or(0);
         if len == 0 {
             return Err(ShmError::io(
                 "open",
-                io::Error::new(io::ErrorKind::InvalidData, "the shared memory segment is empty"),
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the shared memory segment is empty",
+                ),
             ));
         }
         let map = map(&fd, len, populate)?;
-        Ok(Segment { name: bare.to_owned(), map })
+        Ok(Segment {
+            name: bare.to_owned(),
+            map,
+        })
     }
 
     /// The name, without a leading slash.
@@ -158,7 +183,12 @@ mod tests {
     use super::*;
 
     fn unique(tag: &str) -> String {
-        format!("tenso-test-{tag}-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], "")
+        format!(
+            "tenso-test-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )
+        .replace(['(', ')'], "")
     }
 
     #[test]
@@ -186,8 +216,15 @@ mod tests {
         assert_eq!(err.io_kind(), Some(io::ErrorKind::AlreadyExists));
         let meta = std::fs::metadata(format!("/dev/shm/{name}")).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(meta.permissions().mode() & 0o077, 0, "no group/other access by default");
+        assert_eq!(
+            meta.permissions().mode() & 0o077,
+            0,
+            "no group/other access by default"
+        );
         seg.unlink().unwrap();
-        assert_eq!(Segment::open(&name, false).unwrap_err().io_kind(), Some(io::ErrorKind::NotFound));
+        assert_eq!(
+            Segment::open(&name, false).unwrap_err().io_kind(),
+            Some(io::ErrorKind::NotFound)
+        );
     }
 }
