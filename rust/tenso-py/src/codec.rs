@@ -208,24 +208,7 @@ fn body_bytes<'py>(
         return Ok(view.cast_into::<PyUntypedArray>()?);
     }
     let out = alloc_aligned(py, len)?;
-    let collected_shape: Vec<u64> = array.shape().iter().map(|&d| d as u64).collect();
-    // SAFETY: `out` holds exactly `len` bytes = product(shape) * itemsize and owns them exclusively.
-    let target = unsafe {
-        view_over(
-            out.as_any(),
-            descr_for(py, dtype)?,
-            &collected_shape,
-            data_ptr(&out),
-            true,
-        )?
-    };
-    // SAFETY: two live ndarrays; returns -1 with an exception set on failure.
-    let rc = unsafe {
-        numpy::PY_ARRAY_API.PyArray_CopyInto(py, target.as_ptr().cast(), array.as_array_ptr())
-    };
-    if rc != 0 {
-        return Err(PyErr::fetch(py));
-    }
+    crate::encode::gather_array(array, dtype, &out, 0..len)?;
     Ok(out)
 }
 

@@ -11,8 +11,9 @@ use tenso_format::{
     BodySrc, DType, EncodeOptions, Item, QDType, QuantScheme, SparseFormat, Version, MAX_DEPTH,
 };
 
-use crate::buffers::{data_ptr, descr_for, view_over, wire_dtype, Source};
+use crate::buffers::{bytes_mut, data_ptr, descr_for, view_over, wire_dtype, Source};
 use crate::errors::encode_error;
+use crate::gather::Strided;
 
 /// Bodies at least this large are copied, hashed or compressed with the GIL released.
 pub(crate) const DETACH_BYTES: usize = 256 * 1024;
@@ -476,23 +477,39 @@ pub(crate) fn fill_slots<'py>(
     slots: &[tenso_format::Slot],
     collected: &Collected<'py>,
 ) -> PyResult<()> {
-    let py = out.py();
     if slots.len() != collected.gather.len() {
         return Err(PyValueError::new_err(
             "internal error: slot count differs from gathered arrays",
         ));
     }
-    let base = data_ptr(out);
     for (slot, (array, dtype)) in slots.iter().zip(&collected.gather) {
+        gather_array(array, *dtype, out, slot.body.clone())?;
+    }
+    Ok(())
+}
+
+/// Writes the C-order little-endian body of `array` into `range` of `out`, a uint8 array we allocated and own.
+pub(crate) fn gather_array<'py>(
+    array: &Bound<'py, PyUntypedArray>,
+    dtype: DType,
+    out: &Bound<'py, PyUntypedArray>,
+    range: std::ops::Range<usize>,
+) -> PyResult<()> {
+    let py = out.py();
+    let (_, swap) = wire_dtype(&array.dtype())?;
+    let itemsize = dtype.itemsize();
+    let span = Strided::span(array.shape(), array.strides(), itemsize);
+    let Some((low, span_len)) = span.filter(|_| !swap) else {
+        // Byte-swapped (or empty) input: NumPy's casting copy converts the order while it gathers.
         let shape: Vec<u64> = array.shape().iter().map(|&d| d as u64).collect();
-        // SAFETY: the slot lies inside `out` (plan.len bytes, allocated by us and owned exclusively by `out`), its
-        // length is the C-order body size of `array`, and `out` becomes the base of the temporary view.
+        // SAFETY: `range` lies inside `out` (allocated by us, owned exclusively by `out`) and is the C-order body
+        // size of `array`; `out` becomes the base of the temporary view.
         let target = unsafe {
             view_over(
                 out.as_any(),
-                descr_for(py, *dtype)?,
+                descr_for(py, dtype)?,
                 &shape,
-                base.add(slot.body.start),
+                data_ptr(out).add(range.start),
                 true,
             )?
         };
@@ -501,9 +518,28 @@ pub(crate) fn fill_slots<'py>(
         let rc = unsafe {
             PY_ARRAY_API.PyArray_CopyInto(py, target.as_ptr().cast(), array.as_array_ptr())
         };
-        if rc != 0 {
-            return Err(PyErr::fetch(py));
-        }
+        return if rc == 0 {
+            Ok(())
+        } else {
+            Err(PyErr::fetch(py))
+        };
+    };
+    // SAFETY: NumPy guarantees every element of `array` lies inside its allocation, so the span from the lowest to
+    // the highest element byte (computed from its own shape and strides) is readable memory kept alive by `array`.
+    let src = unsafe { std::slice::from_raw_parts(data_ptr(array).offset(low), span_len) };
+    // SAFETY: `out` is our exclusively-owned buffer and `range` is inside it; no other Rust reference to it exists.
+    let dst = unsafe { &mut bytes_mut(out, range.end)[range.start..] };
+    let strided = Strided {
+        src,
+        origin: (-low) as usize,
+        shape: array.shape(),
+        strides: array.strides(),
+        itemsize,
+    };
+    if dst.len() >= DETACH_BYTES {
+        py.detach(|| strided.gather_into(dst));
+    } else {
+        strided.gather_into(dst);
     }
     Ok(())
 }

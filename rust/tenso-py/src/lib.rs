@@ -9,6 +9,7 @@ mod codec;
 mod decode;
 mod encode;
 mod errors;
+mod gather;
 mod parts;
 mod quant;
 mod shm;

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 use pyo3::{import_exception, Py};
 use tenso_format::EncodeOptions;
-use tenso_shm::pool::{Hit, LeaseHandle};
+use tenso_shm::pool::{Hit, LeaseHandle, Probe};
 use tenso_shm::{Pool, Segment, ShmError};
 
 use crate::buffers::{alloc_aligned, bytes_mut, descr_for, view_over, Source};
@@ -395,6 +395,16 @@ impl PyShm {
     }
 }
 
+/// Looks a key up, waiting (for an entry being rewritten in place) only with the GIL released: the writer may be a
+/// thread of this process that needs the GIL to finish (NumPy's gathering copy releases and retakes it).
+fn lookup(py: Python<'_>, pool: &Pool, key: &str) -> PyResult<Option<Hit>> {
+    match pool.probe(key.as_bytes()).map_err(shm_error)? {
+        Probe::Hit(hit) => Ok(Some(hit)),
+        Probe::Miss => Ok(None),
+        Probe::Busy => py.detach(|| pool.lookup(key.as_bytes())).map_err(shm_error),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // _Pool
 // ---------------------------------------------------------------------------------------------------------------
@@ -487,16 +497,16 @@ impl PyPool {
         }
         let ttl = ttl_ns(ttl)?;
         let prepared = prepare(obj, false, false, 64)?;
-        let reservation = if prepared.len >= DETACH_BYTES {
-            py.detach(|| pool.reserve(key.as_bytes(), prepared.len as u64, ttl))
-        } else {
-            pool.reserve(key.as_bytes(), prepared.len as u64, ttl)
-        }
-        .map_err(shm_error)?;
+        // Reserve and commit may wait for another put of the same key that is writing in place, possibly a thread
+        // of this process that needs the GIL to finish: wait with the GIL released.
+        let len = prepared.len as u64;
+        let reservation = py
+            .detach(|| pool.reserve(key.as_bytes(), len, ttl))
+            .map_err(shm_error)?;
         // SAFETY: the reservation is prepared.len bytes of the pool's data region that no other writer touches until
         // commit; on error it is dropped, which frees it.
         unsafe { write_packet(py, &mapping, &prepared, reservation.as_mut_ptr())? };
-        reservation.commit().map_err(shm_error)?;
+        py.detach(move || reservation.commit()).map_err(shm_error)?;
         Ok(prepared.len)
     }
 
@@ -511,7 +521,7 @@ impl PyPool {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         loop {
-            let Some(hit) = pool.lookup(key.as_bytes()).map_err(shm_error)? else {
+            let Some(hit) = lookup(py, pool, key)? else {
                 pool.record(None);
                 return Ok(None);
             };
@@ -552,11 +562,9 @@ impl PyPool {
     /// Removes `key`; true if it was there (and not expired).
     fn delete(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
         let mapping = self.handle.get(py)?;
-        mapping
-            .get()
-            .pool()
-            .delete(key.as_bytes())
-            .map_err(shm_error)
+        let pool = mapping.get().pool();
+        // May wait for an in-place write (see `put`).
+        py.detach(|| pool.delete(key.as_bytes())).map_err(shm_error)
     }
 
     /// Live, unexpired keys.
@@ -574,7 +582,7 @@ impl PyPool {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let (hit, prefix): (Hit, Vec<u8>) = loop {
-            let Some(hit) = pool.lookup(key.as_bytes()).map_err(shm_error)? else {
+            let Some(hit) = lookup(py, pool, key)? else {
                 return Ok(None);
             };
             let n = (hit.len as usize).min(64 * 1024);
