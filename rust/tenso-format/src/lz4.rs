@@ -15,6 +15,48 @@ pub fn compress_frame(src: &[u8]) -> Vec<u8> {
     enc.finish().expect("finishing into a Vec cannot fail")
 }
 
+/// Block size of frames assembled by [`frame_from_blocks`]: 4 MiB, the largest the frame format allows, so that large
+/// bodies split into few blocks that can be compressed independently (and in parallel by the caller).
+pub const FRAME_BLOCK_SIZE: usize = 4 << 20;
+
+/// Compresses one block of at most [`FRAME_BLOCK_SIZE`] bytes as it appears inside a frame: a little-endian size
+/// word, then the data; stored uncompressed (high bit of the size word set) when compression does not shrink it.
+pub fn frame_block(src: &[u8]) -> Vec<u8> {
+    debug_assert!(src.len() <= FRAME_BLOCK_SIZE);
+    let compressed = lz4_flex::block::compress(src);
+    let mut block = Vec::with_capacity(4 + compressed.len().min(src.len()));
+    if compressed.len() < src.len() {
+        block.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+        block.extend_from_slice(&compressed);
+    } else {
+        block.extend_from_slice(&(src.len() as u32 | 0x8000_0000).to_le_bytes());
+        block.extend_from_slice(src);
+    }
+    block
+}
+
+/// Assembles an LZ4 frame (independent 4 MiB blocks, no content size, no checksums) from the [`frame_block`]s of
+/// consecutive [`FRAME_BLOCK_SIZE`] slices of a body. Any LZ4 frame reader decodes it.
+///
+/// ```text
+/// 04 22 4D 18 | FLG 0x60 | BD 0x70 | HC | blocks... | 00 00 00 00
+/// magic         v01, independent blocks, 4 MiB max block, header checksum = (XXH32(FLG BD) >> 8) & 0xFF
+/// ```
+pub fn frame_from_blocks(blocks: &[Vec<u8>]) -> Vec<u8> {
+    let descriptor = [0x60u8, 0x70];
+    let checksum = (xxhash_rust::xxh32::xxh32(&descriptor, 0) >> 8) as u8;
+    let total = blocks.iter().map(Vec::len).sum::<usize>() + 7 + 4;
+    let mut frame = Vec::with_capacity(total);
+    frame.extend_from_slice(&[0x04, 0x22, 0x4d, 0x18]);
+    frame.extend_from_slice(&descriptor);
+    frame.push(checksum);
+    for block in blocks {
+        frame.extend_from_slice(block);
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame
+}
+
 /// Decompresses an LZ4 frame into `dst`, which must receive exactly `dst.len()` bytes.
 ///
 /// Any valid frame is accepted (linked or independent blocks, 64 KiB..4 MiB blocks, with or without
@@ -109,6 +151,23 @@ mod tests {
         let mut out = vec![0u8; 12];
         decompress_frame_into(&frame, &mut out).unwrap();
         assert_eq!(out, body);
+    }
+
+    #[test]
+    fn assembled_frames_decode() {
+        let body: Vec<u8> = (0..(FRAME_BLOCK_SIZE * 2 + 12345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let noise: Vec<u8> = (0..FRAME_BLOCK_SIZE + 7)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for src in [&body[..], &noise[..], &[][..], &[7u8][..]] {
+            let blocks: Vec<Vec<u8>> = src.chunks(FRAME_BLOCK_SIZE).map(frame_block).collect();
+            let frame = frame_from_blocks(&blocks);
+            let mut out = vec![0u8; src.len()];
+            decompress_frame_into(&frame, &mut out).unwrap();
+            assert_eq!(out, src);
+        }
     }
 
     #[test]

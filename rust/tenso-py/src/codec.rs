@@ -384,9 +384,7 @@ fn _xxh3_64_chunked(data: &Bound<'_, PyAny>) -> PyResult<u64> {
 fn _lz4_compress<'py>(data: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
     let source = Source::new(data)?;
     let bytes = source.bytes();
-    let frame = data
-        .py()
-        .detach(|| tenso_format::lz4::compress_frame(bytes));
+    let frame = crate::encode::compress_body(data.py(), bytes);
     Ok(PyBytes::new(data.py(), &frame))
 }
 

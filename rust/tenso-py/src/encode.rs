@@ -301,14 +301,7 @@ fn walk_array<'py>(
             ptr: data_ptr(&source),
             len,
         };
-        let frame = if len >= DETACH_BYTES {
-            let body = span_slice(span, &source);
-            array
-                .py()
-                .detach(|| tenso_format::lz4::compress_frame(body))
-        } else {
-            tenso_format::lz4::compress_frame(span_slice(span, &source))
-        };
+        let frame = compress_body(array.py(), span_slice(span, &source));
         return Ok(Node::Dense {
             dtype,
             shape,
@@ -434,6 +427,36 @@ fn walk_quantized<'py>(
         scales,
         zero_points,
         codes,
+    })
+}
+
+/// An LZ4 frame of `body`. Bodies of several 4 MiB blocks are compressed on all cores (the blocks are independent,
+/// so the frame decodes anywhere); small ones in one call with the GIL held.
+pub(crate) fn compress_body(py: Python<'_>, body: &[u8]) -> Vec<u8> {
+    use tenso_format::lz4::{compress_frame, frame_block, frame_from_blocks, FRAME_BLOCK_SIZE};
+    if body.len() < DETACH_BYTES {
+        return compress_frame(body);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || body.len() < 2 * FRAME_BLOCK_SIZE {
+        return py.detach(|| compress_frame(body));
+    }
+    py.detach(|| {
+        let chunks: Vec<&[u8]> = body.chunks(FRAME_BLOCK_SIZE).collect();
+        let per_thread = chunks.len().div_ceil(threads);
+        let blocks: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = chunks
+                .chunks(per_thread)
+                .map(|group| {
+                    scope.spawn(move || group.iter().map(|c| frame_block(c)).collect::<Vec<_>>())
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("a compression worker panicked"))
+                .collect()
+        });
+        frame_from_blocks(&blocks)
     })
 }
 
