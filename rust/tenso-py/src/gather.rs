@@ -160,6 +160,18 @@ fn strided_row(src: &[u8], start: isize, stride: isize, size: usize, out: &mut [
 }
 
 fn strided_row_n<const N: usize>(src: &[u8], start: isize, stride: isize, out: &mut [u8]) {
+    let count = out.len() / N;
+    if stride > 0 && count > 0 {
+        // Forward strides: walk the source row in stride-sized chunks, so the loop carries no index arithmetic and
+        // the compiler can keep it tight (the common `a[:, ::k]` case).
+        let step = stride as usize;
+        let first = start as usize;
+        let row = &src[first..first + (count - 1) * step + N];
+        for (element, chunk) in out.chunks_exact_mut(N).zip(row.chunks(step)) {
+            element.copy_from_slice(&chunk[..N]);
+        }
+        return;
+    }
     let mut at = start;
     for element in out.chunks_exact_mut(N) {
         let from = at as usize;
@@ -206,16 +218,19 @@ fn transpose_n<const N: usize>(
     col_stride: isize,
     out: &mut [u8],
 ) {
+    // Within a tile, each output row is written front to back (one bounds check per row) while the reads walk the
+    // tile's columns, which are TILE consecutive elements apart in the source rows: both sides stay in L1.
     for r0 in (0..rows).step_by(TILE) {
         let r1 = (r0 + TILE).min(rows);
         for c0 in (0..cols).step_by(TILE) {
             let c1 = (c0 + TILE).min(cols);
-            for c in c0..c1 {
-                let column = start as isize + c as isize * col_stride;
-                for r in r0..r1 {
-                    let from = (column + (r * N) as isize) as usize;
-                    let to = (r * cols + c) * N;
-                    out[to..to + N].copy_from_slice(&src[from..from + N]);
+            for r in r0..r1 {
+                let row = &mut out[(r * cols + c0) * N..(r * cols + c1) * N];
+                let mut from = start as isize + (r * N) as isize + c0 as isize * col_stride;
+                for element in row.chunks_exact_mut(N) {
+                    let at = from as usize;
+                    element.copy_from_slice(&src[at..at + N]);
+                    from += col_stride;
                 }
             }
         }
