@@ -23,6 +23,7 @@ from harness import KiB, MiB, Target, ratio  # noqa: E402
 SIZES = [1 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
 TENSOS = ["ours", "tenso-0.24.0", "tenso-0.19.4"]
 ALL = TENSOS + ["pickle5", "npy", "safetensors", "arrow", "floor", "xxhash/lz4"]
+SIZE_FILTER: set[int] = set()  # --sizes
 GROUPS = ["dumps", "loads", "info", "dict", "noncontig", "iter", "stream", "file", "hash", "memory", "import"]
 
 
@@ -30,6 +31,8 @@ def plan(groups: set[str], quick: bool = False) -> list[tuple[str, str, str, int
     """(group, op, kind, nbytes, impls) in run order."""
     P = []
     sizes = [n for n in SIZES if not (quick and n == 16 * MiB)]
+    if SIZE_FILTER:
+        sizes = [n for n in SIZES if n in SIZE_FILTER]
     codecs = TENSOS + ["pickle5", "npy", "safetensors", "arrow", "floor"]
     if "dumps" in groups:
         P += [("dumps", "dumps", "f32", n, codecs) for n in sizes]
@@ -166,11 +169,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated groups: " + " ".join(GROUPS))
     ap.add_argument("--out", default=os.path.join(H.HERE, "results"))
     ap.add_argument("--ours-python", default=H.BENCH_PY, help="interpreter whose `tenso` is 'ours'")
+    ap.add_argument("--sizes", default="", help="restrict dumps/loads/info sizes, e.g. 1K,1M")
     ap.add_argument("--budget", type=float, default=0, help="total seconds (default 560 full, 120 quick)")
     ap.add_argument("--no-setup", action="store_true", help="do not create refvenvs / pip install")
     args = ap.parse_args(argv)
 
     t_start = time.time()
+    for tok in filter(None, (x.strip().upper() for x in args.sizes.split(","))):
+        SIZE_FILTER.add(int(tok[:-1]) * (MiB if tok.endswith("M") else KiB))
     groups = set(GROUPS) if not args.only else {g.strip() for g in args.only.split(",") if g.strip()}
     unknown = groups - set(GROUPS)
     if unknown:

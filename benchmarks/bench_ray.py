@@ -65,6 +65,36 @@ def make(name: str):
     raise KeyError(name)
 
 
+def batch(name, op, k, x, producer, receive) -> dict:
+    import ray
+
+    walls, cpus, puts, gets = [], [], [], []
+    if op == "task_out":
+        ray.get(producer.produce.remote(name))  # untimed: the actor builds the payload once
+    for _ in range(k):
+        w0, c0 = time.perf_counter(), time.process_time()
+        if op == "put_get":
+            ref = ray.put(x)
+            w1 = time.perf_counter()
+            y = ray.get(ref)
+            w2 = time.perf_counter()
+            puts.append(w1 - w0)
+            gets.append(w2 - w1)
+        elif op == "task_in":
+            y = ray.get(receive.remote(x))
+        else:
+            y = ray.get(producer.produce.remote(name))
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+        del y
+        ref = None
+    res = {"wall": statistics.median(walls), "cpu": statistics.median(cpus)}
+    if puts:
+        res["put"] = statistics.median(puts)
+        res["get"] = statistics.median(gets)
+    return res
+
+
 def driver(mode: str, address: str) -> None:
     """One Ray job: read 'payload op k' lines, answer with per-op (wall, cpu, put, get) of one batch of k."""
     import ray
@@ -90,7 +120,7 @@ def driver(mode: str, address: str) -> None:
     def receive(x):
         return len(x)
 
-    @ray.remote
+    @ray.remote(max_restarts=-1, max_task_retries=3)
     class Producer:
         def __init__(self):
             self.name, self.value = None, None
@@ -122,31 +152,10 @@ def driver(mode: str, address: str) -> None:
         if name not in payloads:
             payloads.clear()
             payloads[name] = make(name)
-        x = payloads[name]
-        walls, cpus, puts, gets = [], [], [], []
-        if op == "task_out":
-            ray.get(producer.produce.remote(name))  # untimed: the actor builds the payload once
-        for _ in range(k):
-            w0, c0 = time.perf_counter(), time.process_time()
-            if op == "put_get":
-                ref = ray.put(x)
-                w1 = time.perf_counter()
-                y = ray.get(ref)
-                w2 = time.perf_counter()
-                puts.append(w1 - w0)
-                gets.append(w2 - w1)
-            elif op == "task_in":
-                y = ray.get(receive.remote(x))
-            else:
-                y = ray.get(producer.produce.remote(name))
-            walls.append(time.perf_counter() - w0)
-            cpus.append(time.process_time() - c0)
-            del y
-            ref = None
-        res = {"wall": statistics.median(walls), "cpu": statistics.median(cpus)}
-        if puts:
-            res["put"] = statistics.median(puts)
-            res["get"] = statistics.median(gets)
+        try:
+            res = batch(name, op, k, payloads[name], producer, receive)
+        except Exception as exc:  # e.g. Ray's memory monitor killed a worker: report it, skip the sample
+            res = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print("@@" + json.dumps(res), flush=True)
 
 
@@ -173,7 +182,11 @@ def run_reps(procs: dict, modes: list, reps: int, samples: dict) -> None:
                     p = procs["tenso" if mode == "tenso_zc" else mode]
                     p.stdin.write(f"{name} {op} {k} {int(mode == 'tenso_zc')}\n")
                     p.stdin.flush()
-                    samples.setdefault((name, op, mode), []).append(json.loads(_reply(p, mode)))
+                    res = json.loads(_reply(p, mode))
+                    if "error" in res:
+                        print(f"[{mode}] {name} {op}: sample skipped: {res['error']}", file=sys.stderr, flush=True)
+                        continue
+                    samples.setdefault((name, op, mode), []).append(res)
         print(f"rep {r + 1}/{reps} done", file=sys.stderr, flush=True)
 
 

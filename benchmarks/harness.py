@@ -223,6 +223,8 @@ def run_case(workers: dict[str, Worker], impls: list[str], group: str, op: str, 
             r.status, r.note = "error", rep.get("error", "?")
             log(f"[{group}] {impl}: {r.note}\n{rep.get('tb', '')}")
 
+    if op.startswith("mmap"):
+        max_k = min(max_k, 100)  # each call maps a file: bound the fds a batch can hold before gc runs
     # warm-up + calibration: one call, then a batch sized to last ~batch_ns
     per_call = {}
     for impl in list(live):

@@ -20,7 +20,7 @@ def lineage() -> dict:
     import tenso.ray
 
     cluster = Cluster()
-    cluster.add_node(num_cpus=1, resources={"head": 1})
+    cluster.add_node(num_cpus=1, resources={"head": 1}, object_store_memory=100 * 1024 * 1024)
     ray.init(address=cluster.address, runtime_env=tenso.ray.runtime_env())
     tenso.ray.register()
     worker_node = cluster.add_node(num_cpus=1, resources={"worker": 1}, object_store_memory=100 * 1024 * 1024)
@@ -57,7 +57,13 @@ def hook() -> dict:
 
     import tenso.ray
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", runtime_env=tenso.ray.runtime_env())
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        logging_level="ERROR",
+        object_store_memory=100 << 20,
+        runtime_env=tenso.ray.runtime_env(),
+    )
     try:
 
         @ray.remote

@@ -35,8 +35,8 @@ class Values:
         self.noise = np.random.default_rng(seed).integers(0, 256, size=2 * MAX_SIZE, dtype=np.uint8)
         self.counter = seed << 32
 
-    def make(self) -> np.ndarray:
-        size = int(math.exp(self.rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE))))
+    def make(self, size: int = 0) -> np.ndarray:
+        size = size or int(math.exp(self.rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE))))
         start = self.rng.randrange(0, MAX_SIZE)
         value = self.noise[start : start + size].copy()
         self.counter += 1
@@ -86,7 +86,10 @@ def _victim(name: str, seed: int) -> None:
     cache = TensoCache(name=name, create=False)
     values = Values(seed)
     while True:
-        cache.put(f"k{values.rng.randrange(KEYS)}", values.make())
+        key = f"k{values.rng.randrange(KEYS)}"
+        value = values.make()
+        cache.put(key, value)
+        cache.put(key, values.make(len(value)))  # same size: rewritten in place
 
 
 @pytest.mark.slow

@@ -179,6 +179,19 @@ def test_dict_of_arrays_uses_the_array_path(registered):
     assert got["bf"].dtype == ml_dtypes.bfloat16 and not got["bf"].flags.writeable
 
 
+def test_sparse_and_quantized_ride_the_array_path(registered):
+    import scipy.sparse
+
+    from tenso import QuantizedTensor
+
+    m = scipy.sparse.random(200, 300, density=0.05, format="csr", random_state=0, dtype=np.float32)
+    got = ray.get(_echo.remote(m))
+    assert (got != m).nnz == 0 and got.format == "csr"
+    q = QuantizedTensor(np.arange(12, dtype=np.uint8), [0.5], [0.0], (12,), 17)
+    got = ray.get(ray.put(q))
+    assert np.array_equal(got.data, q.data) and got.shape == q.shape and not got.data.flags.writeable
+
+
 def test_register_is_idempotent_and_unregister_restores(cluster):
     table = ray.cloudpickle.CloudPickler.dispatch
 
@@ -252,6 +265,12 @@ def test_unregister_reaches_workers(registered):
         assert got.flags.writeable
     finally:
         tenso.ray.register(include_torch=torch is not None)
+    # registering again reaches the workers that were switched off, with their next payload
+    time.sleep(0.01)
+    state = ray.get([_worker_state.remote(np.ones(3)) for _ in range(4)])
+    assert all(s == (True, "_reduce_ndarray") for s in state), state
+    got = ray.get(_echo.remote(_arrays()["bfloat16"]))
+    assert not got.flags.writeable  # the worker's return went out of band again
 
 
 def test_register_needs_ray_init(monkeypatch):
@@ -353,6 +372,25 @@ def test_torch_round_trips(registered, make):
         assert type(got) is torch.Tensor
         assert got.dtype == t.dtype and got.shape == t.shape and got.requires_grad == t.requires_grad
         assert torch.equal(got.detach(), t.detach())
+
+
+@needs_torch
+def test_torch_unusual_tensors(registered):
+    conj = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64).conj()  # lazy conjugate bit
+    got = ray.get(_echo.remote(conj))
+    assert torch.equal(got, conj.resolve_conj())
+    sparse = torch.eye(4).to_sparse()  # not strided: keeps Ray's default path
+    got = ray.get(_echo.remote(sparse))
+    assert got.is_sparse and torch.equal(got.to_dense(), torch.eye(4))
+
+
+def test_strided_payload_is_checked():
+    from tenso.ray import _rebuild_strided
+
+    buf = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="cannot hold"):
+        _rebuild_strided(buf, "<f4", (4, 4), (64, 8))
+    assert _rebuild_strided(buf, "<f4", (4, 2), (16, 8)).shape == (4, 2)
 
 
 @needs_torch

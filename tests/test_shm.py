@@ -139,13 +139,16 @@ def test_full_dev_shm_fails_at_creation_not_later():
     import errno
 
     name = _name("enospc")
-    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    st = os.statvfs("/dev/shm")
+    # Larger than the whole file system, so tmpfs refuses up front. (A size just above the free space would make the
+    # kernel allocate every free page before it gives up: never do that on a shared machine.)
+    too_big = 2 * st.f_blocks * st.f_frsize + (1 << 40)
     with pytest.raises(OSError) as info:
-        TensoShm(name, create=True, size=free + (1 << 30))
+        TensoShm(name, create=True, size=too_big)
     assert info.value.errno == errno.ENOSPC
     assert not os.path.exists(f"/dev/shm/{name}")
     from tenso.cache import TensoCache
 
     with pytest.raises(OSError):
-        TensoCache(free + (1 << 30), name=name)
+        TensoCache(too_big, name=name)
     assert not os.path.exists(f"/dev/shm/{name}")

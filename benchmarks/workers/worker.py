@@ -44,6 +44,13 @@ def main() -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
+    try:  # Python's mmap dups the fd; objects freed only by the (disabled) gc keep it open during a batch
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
     impls = {}
     errors = {}
     for name in args.impls.split(","):

@@ -32,15 +32,15 @@ except ImportError:
 
 
 @ray.remote
-def scale(x, factor):
-    """A task that receives a tensor and returns a new one."""
-    return x * factor
+def echo(x):
+    """A task that receives a tensor and returns it."""
+    return x
 
 
 @ray.remote
-def checksum(x):
-    """A task that receives a tensor and returns a number."""
-    return float(np.asarray(x, dtype=np.float64).sum()) if not hasattr(x, "double") else float(x.double().sum())
+def shape_of(x):
+    """A task that receives a tensor and returns something small."""
+    return tuple(x.shape)
 
 
 @ray.remote
@@ -87,17 +87,17 @@ def hops(x, store) -> dict:
     y = ray.get(ref)
     t["get"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ray.get(checksum.remote(x))
+    assert ray.get(shape_of.remote(x)) == tuple(x.shape)
     t["task in"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    z = ray.get(scale.remote(ref, 2))
-    t["task out"] = time.perf_counter() - t0
+    z = ray.get(echo.remote(ref))
+    t["task out"] = time.perf_counter() - t0  # a task gets it from the store and returns it
     t0 = time.perf_counter()
     ray.get(store.keep.remote(x))
     w = ray.get(store.give.remote())
     t["actor"] = time.perf_counter() - t0
     assert np.array_equal(to_f64(y), to_f64(x)) and np.array_equal(to_f64(w), to_f64(x))
-    assert np.allclose(to_f64(z), to_f64(x) * 2)
+    assert np.array_equal(to_f64(z), to_f64(x))
     return t
 
 

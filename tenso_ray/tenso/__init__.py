@@ -25,6 +25,7 @@ Importing the package loads only NumPy and the native module; integrations
 from __future__ import annotations
 
 from .async_core import aread_stream, awrite_stream
+from .cache import TensoCache
 from .core import dump, dumps, iter_dumps, load, loads, read_stream, write_stream
 from .errors import (
     TensoCacheFullError,
@@ -35,6 +36,7 @@ from .errors import (
 )
 from .quantize import QuantizedTensor
 from .ragged import RaggedArray, StringTensor
+from .shm import TensoShm
 from .utils import get_packet_info, is_aligned
 
 
@@ -65,6 +67,8 @@ __all__ = [
     "QuantizedTensor",
     "StringTensor",
     "RaggedArray",
+    "TensoShm",
+    "TensoCache",
     "TensoError",
     "TensoFormatError",
     "TensoIntegrityError",

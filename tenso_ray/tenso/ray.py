@@ -19,7 +19,11 @@ Usage::
 adopts the registration when it decodes one. ``runtime_env()`` adds Ray's ``worker_process_setup_hook`` so that
 every worker of the job, including one that only creates and returns tensors, registers when it starts.
 ``unregister()`` restores, in the driver at once and in workers at their next serialization, whatever the
-registration replaced (for example Ray's own reducer under ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``).
+registration replaced (for example Ray's own reducer under ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``). A worker that is
+off catches up with a later ``register()`` when it next decodes a tenso payload (or at start, with ``runtime_env()``).
+
+Workers learn the driver's state from a small file in the Ray session directory (a ``stat`` at most once a
+millisecond while serializing), and from GCS's key-value store on nodes that do not share that directory.
 
 Policies
 --------
@@ -37,7 +41,14 @@ Policies
   stored object for every reader on the node. CUDA tensors are staged through host memory and restored on the same
   device index. ``requires_grad`` is kept; the autograd graph is not.
 * JAX arrays (``include_jax=True``): copied to host, restored with ``jax.numpy.asarray``.
+* SciPy sparse matrices, ``tenso.QuantizedTensor`` and containers (dict, list, dataclasses) pickle as objects that
+  hold ndarrays, so each of their arrays takes the ndarray path above. Ray never consults a registration for
+  ``dict`` or ``list`` themselves.
 * Arrays from the object store are read-only; ``numpy.array(x)`` gives a writeable copy.
+
+The header is a small tuple, not a tenso packet header: the payload lives inside one Ray job and is read only by
+this module, and a tuple pickles in about a microsecond. ``PickleBuffer`` needs pickle protocol 5, which is what Ray
+uses; pickling a registered type through ``ray.cloudpickle`` at a lower protocol fails while the plug-in is on.
 """
 
 from __future__ import annotations
@@ -144,6 +155,12 @@ def _span(a: np.ndarray) -> Optional[np.ndarray]:
 def _rebuild_strided(buf: Any, descr: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
     _adopt()
     flat = np.frombuffer(buf, dtype=descr)
+    if any(n == 0 for n in shape):
+        return np.empty(shape, dtype=descr)
+    # as_strided checks nothing: make sure every element lies inside the buffer before building the view.
+    extent = sum((n - 1) * s for n, s in zip(shape, strides)) + flat.itemsize
+    if min(strides, default=0) < 0 or extent > flat.nbytes:
+        raise ValueError(f"strided body of {flat.nbytes} bytes cannot hold shape {shape} with strides {strides}")
     return np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=False)
 
 
@@ -180,7 +197,7 @@ def _rebuild_ndarray(buf: Any, descr: Any, shape: tuple[int, ...], order: str) -
 def _torch_body(t: Any) -> tuple[Any, str, tuple[int, ...], str]:
     import torch
 
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()  # both are no-ops unless a lazy conjugate/negation bit is set
     device = str(t.device)
     if t.device.type != "cpu":
         t = t.to("cpu")  # staged through host memory (one device-to-host copy)
@@ -199,12 +216,28 @@ def _reduce_tensor(t: Any) -> Any:
         _refresh()
         if _options is None:  # the driver unregistered: this call already uses what we restored
             return _fallback(t)
+    if t.layout != _torch_strided() or t.is_quantized or t.device.type == "meta":
+        return _default(t)  # sparse, quantized and meta tensors keep what Ray did before us
     buf, dtype, shape, device = _torch_body(t)
     zero_copy = bool(_options and _options.get("torch_zero_copy"))
     return _rebuild_tensor, (buf, dtype, shape, device, t.requires_grad, zero_copy)
 
 
+def _torch_strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
+def _default(obj: Any) -> Any:
+    # What Ray would have done had we not registered (never our own reducer: that would recurse).
+    previous = _replaced.get(type(obj))
+    return previous(obj) if previous is not None else obj.__reduce_ex__(5)
+
+
 def _reduce_parameter(p: Any) -> Any:
+    if p.layout != _torch_strided() or p.is_quantized or p.device.type == "meta":
+        return _default(p)
     buf, dtype, shape, device = _torch_body(p)
     return _rebuild_parameter, (buf, dtype, shape, device, p.requires_grad)
 
@@ -214,19 +247,15 @@ def _tensor_from(buf: Any, dtype: str, shape: tuple[int, ...], device: str, zero
 
     tdtype = getattr(torch, dtype)
     raw = np.frombuffer(buf, dtype=np.uint8)
-    if device != "cpu":
-        out = torch.empty(shape, dtype=tdtype, device=device)
-        if raw.size:
-            staged = torch.from_numpy(raw.copy()).view(tdtype).reshape(shape)
-            out.copy_(staged)
-        return out
-    if zero_copy and raw.size:
-        with warnings.catch_warnings():
-            # torch warns that the buffer is read-only: that is the documented contract of zero-copy mode.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
     if not raw.size:
-        return torch.empty(shape, dtype=tdtype)
+        return torch.empty(shape, dtype=tdtype, device=device)
+    if device != "cpu" or zero_copy:
+        with warnings.catch_warnings():
+            # torch warns that the buffer is read-only. Zero-copy mode documents that writes reach the stored object;
+            # for a device tensor the view is only read, by the one host-to-device copy.
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
+        return view.to(device) if device != "cpu" else view
     # Safe mode: exactly one copy, into fresh memory the tensor owns (huge pages, several threads, no GIL).
     return torch.from_numpy(_owned_copy(raw)).view(tdtype).reshape(shape)
 
@@ -424,20 +453,26 @@ def _refresh() -> None:
         _sync()
 
 
-_adopted = False
+_in_worker: Optional[bool] = None  # whether this process is a Ray worker (decided on first use)
 
 
 def _adopt() -> None:
-    # A worker that decodes our payload before its first sync (it started before register()) adopts the job's state.
-    global _adopted
-    if _adopted:
+    # Called by every deserializer. A worker that is not registered (it started before register(), or the driver
+    # unregistered and registered again) catches up with the job's state when it decodes one of our payloads.
+    global _in_worker
+    if _options is not None:
         return
-    _adopted = True
-    if ray.is_initialized() and _is_worker() and _next_check == 0.0:
-        try:
+    if _in_worker is None:
+        _in_worker = ray.is_initialized() and _is_worker()
+    if not _in_worker or time.monotonic() < _next_check:
+        return
+    try:
+        if _next_check == 0.0:
             _sync()
-        except ImportError:  # a framework the driver registered is missing here: keep Ray's default for returns
-            pass
+        else:
+            _refresh()
+    except ImportError:  # a framework the driver registered is missing here: keep Ray's default for returns
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,9 +482,9 @@ def register(include_torch: bool = False, include_jax: bool = False, *, torch_ze
     """Register Tenso as the serializer for tensor types in every process of the current Ray job.
 
     Call it after ``ray.init()``. The driver switches at once; workers switch when they start (with
-    ``ray.init(runtime_env=tenso.ray.runtime_env(...))``), when they first decode a tenso payload, and, once
-    registered, within a millisecond of any later ``register``/``unregister`` in the driver. Calling it again
-    with the same options changes nothing; with other options it replaces the previous registration.
+    ``ray.init(runtime_env=tenso.ray.runtime_env(...))``) or when they next decode a tenso payload, and, while
+    registered, at their next serialization after any later ``register``/``unregister`` in the driver. Calling it
+    again with the same options changes nothing; with other options it replaces the previous registration.
 
     Parameters
     ----------

@@ -280,7 +280,10 @@ impl<'a> Strings<'a> {
 /// Checks that every byte of an uncompressed bool body is 0 or 1.
 pub fn check_bool_body(body: &[u8]) -> Result<(), FormatError> {
     // OR-ing each block vectorises; only a bad block pays for finding the offending byte.
-    if !body.chunks(4096).any(|block| block.iter().fold(0u8, |acc, &b| acc | b) > 1) {
+    if !body
+        .chunks(4096)
+        .any(|block| block.iter().fold(0u8, |acc, &b| acc | b) > 1)
+    {
         return Ok(());
     }
     match body.iter().position(|&b| b > 1) {
@@ -378,11 +381,7 @@ fn verify(opts: &DecodeOptions, stored: u64, parts: &[&[u8]]) -> Result<(), Form
     }
     #[cfg(feature = "xxh3")]
     {
-        let mut h = crate::hash::Hasher::new();
-        for p in parts {
-            h.update(p);
-        }
-        check_digest(stored, h.digest())
+        check_digest(stored, crate::hash::xxh3_64_parts(parts))
     }
     #[cfg(not(feature = "xxh3"))]
     {

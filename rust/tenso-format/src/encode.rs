@@ -278,11 +278,7 @@ fn with_frames<'b>(item: &Item<'b>, frames: &'b [Vec<u8>], idx: &mut usize) -> I
 
 #[cfg(feature = "xxh3")]
 fn digest(parts: &[&[u8]]) -> u64 {
-    let mut h = crate::hash::Hasher::new();
-    for p in parts {
-        h.update(p);
-    }
-    h.digest()
+    crate::hash::xxh3_64_parts(parts)
 }
 
 #[cfg(not(feature = "xxh3"))]

@@ -96,7 +96,8 @@ impl<'py> Decoder<'_, 'py> {
                 // A misaligned element type (bundle leaves sit at arbitrary offsets) is copied: NumPy, torch and BLAS
                 // all work on aligned data, and the copy of such small leaves costs less than the slow paths.
                 // Such a private copy stays read-only unless a copy was asked for, so flags do not depend on offsets.
-                let misaligned = (bytes.as_ptr() as usize) % descr.alignment().max(1) != 0;
+                let misaligned =
+                    !(bytes.as_ptr() as usize).is_multiple_of(descr.alignment().max(1));
                 if copy || misaligned {
                     return self.copied(py, bytes, descr, &dense.shape, copy || self.writeable);
                 }

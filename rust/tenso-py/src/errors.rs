@@ -10,6 +10,7 @@ use tenso_format::FormatError;
 import_exception!(tenso.errors, TensoFormatError);
 import_exception!(tenso.errors, TensoIntegrityError);
 import_exception!(tenso.errors, TensoTruncatedError);
+import_exception!(tenso.errors, TensoCacheFullError);
 
 /// Maps an error met while reading untrusted bytes.
 ///

@@ -13,6 +13,7 @@ mod gather;
 mod parts;
 mod quant;
 mod shm;
+mod xxh3;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -20,6 +21,7 @@ use pyo3::types::PyBytes;
 /// Registers every function and constant of the module.
 #[pymodule]
 fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    xxh3::install();
     codec::register(m)?;
     quant::register(m)?;
     parts::register(m)?;

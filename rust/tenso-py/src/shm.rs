@@ -12,7 +12,7 @@ use numpy::PyUntypedArray;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
-use pyo3::{import_exception, Py};
+use pyo3::Py;
 use tenso_format::EncodeOptions;
 use tenso_shm::pool::{Hit, LeaseHandle, Probe};
 use tenso_shm::{Pool, Segment, ShmError};
@@ -20,10 +20,8 @@ use tenso_shm::{Pool, Segment, ShmError};
 use crate::buffers::{alloc_aligned, bytes_mut, descr_for, view_over, Source};
 use crate::decode::Decoder;
 use crate::encode::{encode_options, fill_slots, Collected, WalkOptions, DETACH_BYTES};
+use crate::errors::TensoCacheFullError;
 use crate::errors::{decode_error, encode_error};
-
-// TODO(#4): move next to the other classes in errors.rs (owned by the codec work) once it lands there.
-import_exception!(tenso.errors, TensoCacheFullError);
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMapping>()?;

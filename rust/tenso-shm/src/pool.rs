@@ -270,6 +270,25 @@ pub struct Pool {
     layout: Layout,
 }
 
+/// The answer of [`Pool::probe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The live entry.
+    Hit(Hit),
+    /// No live entry (missing or expired).
+    Miss,
+    /// The entry or the index is being changed: call [`Pool::lookup`], which waits.
+    Busy,
+}
+
+/// See [`Locked::settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Settled,
+    Busy,
+    Reaped,
+}
+
 /// What a chain walk found.
 enum Found {
     Hit(Hit),
@@ -498,6 +517,37 @@ impl Pool {
         Found::Missing
     }
 
+    /// Looks `key` up without the lock and without ever waiting: [`Probe::Busy`] when the entry (or the index) is
+    /// being changed right now. Callers that must not block while holding something (the bindings hold the GIL)
+    /// probe first and call [`Pool::lookup`], which waits, only after releasing it.
+    pub fn probe(&self, key: &[u8]) -> Result<Probe, ShmError> {
+        let key = Key::new(key)?;
+        let h = self.header();
+        for _ in 0..8 {
+            let g1 = h.index_gen.load(Ordering::Acquire);
+            if g1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            match self.walk(&key) {
+                Found::Hit(hit) => {
+                    return Ok(match self.unexpired(&key, hit) {
+                        Some(hit) => Probe::Hit(hit),
+                        None => Probe::Miss,
+                    })
+                }
+                Found::Busy => return Ok(Probe::Busy),
+                Found::Missing => {
+                    fence(Ordering::Acquire);
+                    if h.index_gen.load(Ordering::Relaxed) == g1 {
+                        return Ok(Probe::Miss);
+                    }
+                }
+            }
+        }
+        Ok(Probe::Busy)
+    }
+
     /// Finds the live entry of `key`, without the lock. Returns `None` for a missing or expired key; an expired
     /// entry is removed if the lock is free.
     pub fn lookup(&self, key: &[u8]) -> Result<Option<Hit>, ShmError> {
@@ -524,15 +574,23 @@ impl Pool {
         // Still changing after many tries (a writer died mid-change, or heavy churn on this key): ask under the
         // lock, which also recovers from a dead writer.
         loop {
-            let l = self.lock();
+            let mut l = self.lock();
             match l.find(&key) {
                 None => return Ok(None),
-                Some(slot) => match l.busy_owner(slot) {
-                    Some(_) => {
+                Some(slot) => match l.settle(slot) {
+                    Owner::Busy => {
                         drop(l);
                         lock::backoff(&mut spins);
                     }
-                    None => {
+                    // The key's writer died while rewriting it in place: that value is lost.
+                    Owner::Reaped => return Ok(None),
+                    Owner::Settled if self.entry(slot).seq.load(Ordering::Relaxed) & 1 == 1 => {
+                        // Cannot happen (recovery evens every sequence number a dead lock holder left odd), but a
+                        // torn entry must never be returned: drop it.
+                        l.free_entry(slot);
+                        return Ok(None);
+                    }
+                    Owner::Settled => {
                         let e = self.entry(slot);
                         let hit = Hit {
                             slot,
@@ -557,7 +615,7 @@ impl Pool {
         if let Some(mut l) = self.try_lock() {
             if let Some(slot) = l.find(key) {
                 let e = self.entry(slot);
-                if l.busy_owner(slot).is_none()
+                if l.settle(slot) == Owner::Settled
                     && expired(
                         e.created_ns.load(Ordering::Relaxed),
                         e.ttl_ns.load(Ordering::Relaxed),
@@ -574,7 +632,7 @@ impl Pool {
     /// Whether the entry read as `hit` is still unchanged: bytes read from its block since the lookup are whole.
     pub fn validate(&self, hit: &Hit) -> bool {
         fence(Ordering::Acquire);
-        self.entry(hit.slot).seq.load(Ordering::Relaxed) == hit.seq
+        hit.seq & 1 == 0 && self.entry(hit.slot).seq.load(Ordering::Relaxed) == hit.seq
     }
 
     /// Counts a get and, for a hit, marks the entry as just used.
@@ -649,14 +707,20 @@ impl Pool {
         let mut spins = 0u32;
         loop {
             let mut l = self.lock();
-            let existing = l.find(&key);
+            let existing = match l.find(&key) {
+                Some(slot) => match l.settle(slot) {
+                    Owner::Busy => {
+                        // Another put of this key is writing in place; let it finish.
+                        drop(l);
+                        lock::backoff(&mut spins);
+                        continue;
+                    }
+                    Owner::Reaped => None,
+                    Owner::Settled => Some(slot),
+                },
+                None => None,
+            };
             if let Some(slot) = existing {
-                if l.busy_owner(slot).is_some() {
-                    // Another put of this key is writing in place; let it finish.
-                    drop(l);
-                    lock::backoff(&mut spins);
-                    continue;
-                }
                 let e = self.entry(slot);
                 if e.alloc_len.load(Ordering::Relaxed) == alloc_len {
                     l.begin(e);
@@ -701,10 +765,14 @@ impl Pool {
             let Some(slot) = l.find(&key) else {
                 return Ok(false);
             };
-            if l.busy_owner(slot).is_some() {
-                drop(l);
-                lock::backoff(&mut spins);
-                continue;
+            match l.settle(slot) {
+                Owner::Busy => {
+                    drop(l);
+                    lock::backoff(&mut spins);
+                    continue;
+                }
+                Owner::Reaped => return Ok(false),
+                Owner::Settled => {}
             }
             let e = self.entry(slot);
             let was_live = !expired(
@@ -721,6 +789,7 @@ impl Pool {
     pub fn keys(&self) -> Vec<Vec<u8>> {
         let mut l = self.lock();
         l.purge_expired();
+        l.reap();
         let mut out = Vec::new();
         for slot in 0..self.layout.max_entries as u32 {
             let e = self.entry(slot);
@@ -737,7 +806,7 @@ impl Pool {
         l.reap();
         for slot in 0..self.layout.max_entries as u32 {
             if self.entry(slot).state.load(Ordering::Relaxed) == READY
-                && l.busy_owner(slot).is_none()
+                && l.settle(slot) == Owner::Settled
             {
                 l.free_entry(slot);
             }
@@ -886,12 +955,15 @@ impl Reservation<'_> {
                 hash: e.key_hash.load(Ordering::Relaxed),
             };
             if let Some(old) = l.find(&key) {
-                if l.busy_owner(old).is_some() {
-                    drop(l);
-                    lock::backoff(&mut spins);
-                    continue;
+                match l.settle(old) {
+                    Owner::Busy => {
+                        drop(l);
+                        lock::backoff(&mut spins);
+                        continue;
+                    }
+                    Owner::Reaped => {}
+                    Owner::Settled => l.free_entry(old),
                 }
-                l.free_entry(old);
             }
             l.begin(e);
             e.state.store(READY, Ordering::Relaxed);
@@ -1093,18 +1165,18 @@ impl<'p> Locked<'p> {
         None
     }
 
-    /// The live process that owns a pending entry (writing in place, reserving, or leasing), if any. Entries owned
-    /// by dead processes are freed here.
-    fn busy_owner(&self, slot: u32) -> Option<u32> {
+    /// Whether an entry is settled (nobody is writing it), pending with a live owner (writing in place, reserving
+    /// or leasing), or was pending with a dead owner, in which case its half-written value is freed here.
+    fn settle(&mut self, slot: u32) -> Owner {
         let tag = self.pool.lru(slot).load(Ordering::Relaxed);
         if tag & PENDING == 0 {
-            return None;
+            return Owner::Settled;
         }
-        let pid = tag as u32;
-        if process_alive(pid) {
-            Some(pid)
+        if process_alive(tag as u32) {
+            Owner::Busy
         } else {
-            None
+            self.free_entry(slot);
+            Owner::Reaped
         }
     }
 
@@ -1306,7 +1378,7 @@ impl<'p> Locked<'p> {
                     e.ttl_ns.load(Ordering::Relaxed),
                     now,
                 )
-                && self.busy_owner(slot).is_none()
+                && self.settle(slot) == Owner::Settled
             {
                 self.free_entry(slot);
             }
@@ -1684,6 +1756,42 @@ mod tests {
         assert_eq!(s.entries, 3);
         assert_eq!(s.pending, 0);
         assert_eq!(get(&p.0, "b").unwrap(), b"beta");
+    }
+
+    #[test]
+    fn writer_dead_mid_in_place_write_loses_only_its_key() {
+        let p = Tmp(Pool::create(&name("inplace"), 1 << 20, None, 0o600).unwrap());
+        put(&p.0, "a", &[1u8; 1000]);
+        put(&p.0, "b", &[2u8; 1000]);
+        let r = p.0.reserve(b"a", 1000, 0).unwrap();
+        assert!(r.in_place());
+        let slot = r.slot;
+        std::mem::forget(r);
+        // SAFETY: the reservation's block is 1000 bytes inside the data region; the "writer" is half done.
+        unsafe {
+            std::ptr::write_bytes(
+                p.0.data_ptr()
+                    .add(p.0.entry(slot).offset.load(Ordering::Relaxed) as usize),
+                9,
+                500,
+            )
+        };
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        p.0.lru(slot)
+            .store(PENDING | u64::from(dead), Ordering::Relaxed);
+        p.0.entry(slot).writer_pid.store(dead, Ordering::Relaxed);
+        assert_eq!(p.0.probe(b"a").unwrap(), Probe::Busy);
+        assert_eq!(
+            get(&p.0, "a"),
+            None,
+            "a half-rewritten value is never returned"
+        );
+        assert_eq!(get(&p.0, "b").unwrap(), vec![2u8; 1000]);
+        let s = p.0.stats();
+        assert_eq!((s.entries, s.pending), (1, 0));
+        p.0.check().unwrap();
     }
 
     #[test]
