@@ -103,28 +103,15 @@ impl<'py> Decoder<'_, 'py> {
                 }
                 self.view(bytes, descr, &dense.shape)
             }
-            Body::Lz4Frame { frame, decoded_len } => {
-                let out = self.fresh(py, *decoded_len)?;
+            body => {
+                // Compressed (frame, or v3 raw block): decompressed straight into fresh aligned memory of the exact
+                // size the shape proves, never a size the packet claims.
+                let decoded_len = body.decoded_len();
+                let out = self.fresh(py, decoded_len)?;
                 // SAFETY: `out` is a fresh array of exactly `decoded_len` bytes that nothing else references yet.
-                let dst = unsafe { bytes_mut(&out, *decoded_len) };
+                let dst = unsafe { bytes_mut(&out, decoded_len) };
                 let mut run = || {
-                    tenso_format::lz4::decompress_frame_into(frame, dst)?;
-                    check_decoded_bool(dense.dtype, dst)
-                };
-                if nbytes >= DETACH_BYTES {
-                    py.detach(run)
-                } else {
-                    run()
-                }
-                .map_err(decode_error)?;
-                self.over_fresh(out, descr, &dense.shape, copy || self.writeable)
-            }
-            Body::Lz4Block { block, decoded_len } => {
-                let out = self.fresh(py, *decoded_len)?;
-                // SAFETY: as above, a fresh exclusively-owned buffer of `decoded_len` bytes.
-                let dst = unsafe { bytes_mut(&out, *decoded_len) };
-                let mut run = || {
-                    tenso_format::lz4::decompress_block_into(block, dst)?;
+                    body.decode_into(dst)?;
                     check_decoded_bool(dense.dtype, dst)
                 };
                 if nbytes >= DETACH_BYTES {

@@ -167,9 +167,19 @@ fn strided_row_n<const N: usize>(src: &[u8], start: isize, stride: isize, out: &
         let step = stride as usize;
         let first = start as usize;
         let row = &src[first..first + (count - 1) * step + N];
-        for (element, chunk) in out.chunks_exact_mut(N).zip(row.chunks(step)) {
-            element.copy_from_slice(&chunk[..N]);
+        let (body, last) = out.split_at_mut((count - 1) * N);
+        // Fixed-size chunks on both sides let the compiler turn the common steps into vector shuffles.
+        match step / N {
+            2 if step == 2 * N => pick::<N, 2>(body, row),
+            3 if step == 3 * N => pick::<N, 3>(body, row),
+            4 if step == 4 * N => pick::<N, 4>(body, row),
+            _ => {
+                for (element, chunk) in body.chunks_exact_mut(N).zip(row.chunks(step)) {
+                    element.copy_from_slice(&chunk[..N]);
+                }
+            }
         }
+        last.copy_from_slice(&row[row.len() - N..]);
         return;
     }
     let mut at = start;
@@ -177,6 +187,13 @@ fn strided_row_n<const N: usize>(src: &[u8], start: isize, stride: isize, out: &
         let from = at as usize;
         element.copy_from_slice(&src[from..from + N]);
         at += stride;
+    }
+}
+
+/// Copies the first element of every group of `K` consecutive elements of `row` into `out`.
+fn pick<const N: usize, const K: usize>(out: &mut [u8], row: &[u8]) {
+    for (element, group) in out.chunks_exact_mut(N).zip(row.chunks_exact(N * K)) {
+        element.copy_from_slice(&group[..N]);
     }
 }
 
