@@ -107,7 +107,6 @@ fn _loads<'py>(
     copy: bool,
     writeable: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let py = data.py();
     let source = Source::new(data)?;
     // Writeable zero-copy views are only handed out over a private, writeable ndarray (our stream buffers).
     let writeable = writeable
@@ -117,19 +116,7 @@ fn _loads<'py>(
                 .and_then(|w| w.extract::<bool>())
                 .unwrap_or(false)
         });
-    let bytes = source.bytes();
-    let packet = if bytes.len() >= DETACH_BYTES {
-        py.detach(|| tenso_format::decode(bytes))
-    } else {
-        tenso_format::decode(bytes)
-    }
-    .map_err(decode_error)?;
-    Decoder {
-        source: &source,
-        copy,
-        writeable,
-    }
-    .to_python(py, &packet)
+    Decoder::decode(&source, copy, writeable)
 }
 
 /// Decode a packet (the seed's native entry point: read-only zero-copy views).

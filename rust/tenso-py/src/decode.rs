@@ -19,7 +19,30 @@ pub(crate) struct Decoder<'s, 'py> {
     pub writeable: bool,
 }
 
-impl<'py> Decoder<'_, 'py> {
+impl<'s, 'py> Decoder<'s, 'py> {
+    /// Decodes the packet held by `source` into Python objects. Checksums and decompression are O(n), so large
+    /// buffers are parsed with the GIL released.
+    pub fn decode(
+        source: &'s Source<'py>,
+        copy: bool,
+        writeable: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = source.owner.py();
+        let bytes = source.bytes();
+        let packet = if bytes.len() >= DETACH_BYTES {
+            py.detach(|| tenso_format::decode(bytes))
+        } else {
+            tenso_format::decode(bytes)
+        }
+        .map_err(decode_error)?;
+        Decoder {
+            source,
+            copy,
+            writeable,
+        }
+        .to_python(py, &packet)
+    }
+
     pub fn to_python(&self, py: Python<'py>, packet: &Packet<'_>) -> PyResult<Bound<'py, PyAny>> {
         match packet {
             Packet::Dense(dense) => self.dense(py, dense, self.copy),

@@ -238,23 +238,9 @@ unsafe fn bytes_view<'py>(
     }
 }
 
-/// Decodes the packet in `bytes` (a uint8 array), zero-copy over it unless `copy`.
+/// Decodes the packet in `bytes` (a uint8 array) as zero-copy views over it.
 fn decode_from<'py>(bytes: &Bound<'py, PyAny>, writeable: bool) -> PyResult<Bound<'py, PyAny>> {
-    let py = bytes.py();
-    let source = Source::new(bytes)?;
-    let slice = source.bytes();
-    let packet = if slice.len() >= DETACH_BYTES {
-        py.detach(|| tenso_format::decode(slice))
-    } else {
-        tenso_format::decode(slice)
-    }
-    .map_err(decode_error)?;
-    Decoder {
-        source: &source,
-        copy: false,
-        writeable,
-    }
-    .to_python(py, &packet)
+    Decoder::decode(&Source::new(bytes)?, false, writeable)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
