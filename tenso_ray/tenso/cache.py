@@ -43,6 +43,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import tenso_rs as _rs
+from .gpu import _to_host
 
 __all__ = ["TensoCache"]
 
@@ -67,16 +68,12 @@ def _parse_size(size: Any) -> int:
 
 
 def _to_numpy(tensor: Any) -> Any:
-    """Host NumPy for torch / JAX / CuPy tensors; anything the codec knows passes through."""
+    """Host NumPy for torch / JAX / CuPy tensors (bfloat16 through ml_dtypes); anything else passes through."""
     if isinstance(tensor, (np.ndarray, np.generic, dict)):
         return tensor
     module = type(tensor).__module__.split(".", 1)[0]
-    if module == "torch":
-        return tensor.detach().cpu().numpy()
-    if module == "cupy":
-        return tensor.get()
-    if module in ("jax", "jaxlib"):
-        return np.asarray(tensor)
+    if module in ("torch", "cupy", "jax", "jaxlib"):
+        return _to_host(tensor)
     return tensor
 
 

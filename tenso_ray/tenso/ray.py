@@ -22,6 +22,9 @@ every worker of the job, including one that only creates and returns tensors, re
 registration replaced (for example Ray's own reducer under ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``). A worker that is
 off catches up with a later ``register()`` when it next decodes a tenso payload (or at start, with ``runtime_env()``).
 
+``cached_get(ref)`` (module :mod:`tenso.ray_cache`, re-exported here) reads an object through a node-local
+shared-memory cache: one copy per node, zero-copy for every task and actor there.
+
 Workers learn the driver's state from a small file in the Ray session directory (a ``stat`` at most once a
 millisecond while serializing), and from GCS's key-value store on nodes that do not share that directory.
 
@@ -70,7 +73,20 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("tenso.ray requires Ray; install it with: pip install 'tenso-ray[ray]'") from exc
 
-__all__ = ["register", "unregister", "runtime_env", "setup_worker", "is_registered"]
+# The node-local object cache lives in its own module; it is part of this module's API.
+from .ray_cache import NODE_CACHE_ENV, cached_get, drop_node_cache, node_cache, uncache
+
+__all__ = [
+    "register",
+    "unregister",
+    "runtime_env",
+    "setup_worker",
+    "is_registered",
+    "cached_get",
+    "node_cache",
+    "uncache",
+    "drop_node_cache",
+]
 
 #: Environment variable through which ``runtime_env()`` passes the options to the worker setup hook.
 OPTIONS_ENV = "TENSO_RAY_OPTIONS"
@@ -535,14 +551,18 @@ def runtime_env(
     *,
     torch_zero_copy: bool = False,
     base: Optional[dict[str, Any]] = None,
+    node_cache: Any = None,
 ) -> dict[str, Any]:
     """A ``runtime_env`` for ``ray.init`` that registers Tenso in every worker of the job when it starts.
 
     Workers register with these options even before the driver calls :func:`register`; ``unregister()`` in the
-    driver still switches them off. ``base`` is merged in (its ``env_vars`` are kept).
+    driver still switches them off. ``base`` is merged in (its ``env_vars`` are kept). ``node_cache`` (``"2GB"`` or
+    bytes) sizes the per-node pool of :func:`cached_get` when a worker is the first on its node to use it.
     """
     env = dict(base or {})
     env_vars = dict(env.get("env_vars") or {})
+    if node_cache is not None:
+        env_vars[NODE_CACHE_ENV] = str(node_cache)
     env_vars[OPTIONS_ENV] = json.dumps(
         {
             "include_torch": bool(include_torch),

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 use pyo3::Py;
 use tenso_format::EncodeOptions;
-use tenso_shm::pool::{Hit, LeaseHandle, Probe};
+use tenso_shm::pool::{Hit, LeaseHandle, Probe, Room};
 use tenso_shm::{Pool, Segment, ShmError};
 
 use crate::buffers::{alloc_aligned, bytes_mut, descr_for, view_over, Source};
@@ -389,6 +389,53 @@ fn lookup(py: Python<'_>, pool: &Pool, key: &str) -> PyResult<Option<Hit>> {
     }
 }
 
+/// One `get` of `key` (see `_Pool.get`).
+fn get_value<'py>(
+    py: Python<'py>,
+    mapping: &Bound<'py, PyMapping>,
+    key: &str,
+    copy: bool,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let pool = mapping.get().pool();
+    loop {
+        let Some(hit) = lookup(py, pool, key)? else {
+            pool.record(None);
+            return Ok(None);
+        };
+        let src = pool.data_ptr().wrapping_add(hit.offset as usize);
+        let len = hit.len as usize;
+        let result = if copy {
+            let out = alloc_aligned(py, len)?;
+            // SAFETY: `out` is fresh and exclusively ours, `len` bytes.
+            let dst = unsafe { bytes_mut(&out, len) };
+            // SAFETY: lookup checked that [offset, offset + len) lies in the data region of the mapping, which
+            // `mapping` keeps mapped. A concurrent writer may change these bytes while we copy: then the
+            // validation below fails and we retry (any byte values are valid u8s, and nothing else is derived
+            // from them before validation).
+            let src = unsafe { std::slice::from_raw_parts(src, len) };
+            let mut copy_bytes = || dst.copy_from_slice(src);
+            if len >= DETACH_BYTES {
+                py.detach(copy_bytes)
+            } else {
+                copy_bytes()
+            }
+            if !pool.validate(&hit) {
+                continue;
+            }
+            decode_from(out.as_any(), true)
+        } else {
+            // SAFETY: inside the data region of the mapping (checked by lookup).
+            let bytes = unsafe { bytes_view(mapping, src, len, false)? };
+            decode_from(&bytes, false)
+        };
+        if !pool.validate(&hit) {
+            continue;
+        }
+        pool.record(Some(&hit));
+        return result.map(Some);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // _Pool
 // ---------------------------------------------------------------------------------------------------------------
@@ -462,14 +509,16 @@ impl PyPool {
         &self.name
     }
 
-    /// Encodes `obj` straight into pool memory under `key`; returns the packet length.
-    #[pyo3(signature = (key, obj, ttl=None))]
+    /// Encodes `obj` straight into pool memory under `key`; returns the packet length. With `evict=False` no live
+    /// entry is evicted to make room (the put raises `TensoCacheFullError` instead).
+    #[pyo3(signature = (key, obj, ttl=None, evict=true))]
     fn put(
         &self,
         py: Python<'_>,
         key: &str,
         obj: &Bound<'_, PyAny>,
         ttl: Option<f64>,
+        evict: bool,
     ) -> PyResult<usize> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
@@ -485,7 +534,14 @@ impl PyPool {
         // of this process that needs the GIL to finish: wait with the GIL released.
         let len = prepared.len as u64;
         let reservation = py
-            .detach(|| pool.reserve(key.as_bytes(), len, ttl))
+            .detach(|| {
+                let room = if evict {
+                    Room::EvictLru
+                } else {
+                    Room::FreeOnly
+                };
+                pool.reserve_with(key.as_bytes(), len, ttl, room)
+            })
             .map_err(shm_error)?;
         // SAFETY: the reservation is prepared.len bytes of the pool's data region that no other writer touches until
         // commit; on error it is dropped, which frees it.
@@ -503,44 +559,21 @@ impl PyPool {
         copy: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let mapping = self.handle.get(py)?;
-        let pool = mapping.get().pool();
-        loop {
-            let Some(hit) = lookup(py, pool, key)? else {
-                pool.record(None);
-                return Ok(None);
-            };
-            let src = pool.data_ptr().wrapping_add(hit.offset as usize);
-            let len = hit.len as usize;
-            let result = if copy {
-                let out = alloc_aligned(py, len)?;
-                // SAFETY: `out` is fresh and exclusively ours, `len` bytes.
-                let dst = unsafe { bytes_mut(&out, len) };
-                // SAFETY: lookup checked that [offset, offset + len) lies in the data region of the mapping, which
-                // `mapping` keeps mapped. A concurrent writer may change these bytes while we copy: then the
-                // validation below fails and we retry (any byte values are valid u8s, and nothing else is derived
-                // from them before validation).
-                let src = unsafe { std::slice::from_raw_parts(src, len) };
-                let mut copy_bytes = || dst.copy_from_slice(src);
-                if len >= DETACH_BYTES {
-                    py.detach(copy_bytes)
-                } else {
-                    copy_bytes()
-                }
-                if !pool.validate(&hit) {
-                    continue;
-                }
-                decode_from(out.as_any(), true)
-            } else {
-                // SAFETY: inside the data region of the mapping (checked by lookup).
-                let bytes = unsafe { bytes_view(&mapping, src, len, false)? };
-                decode_from(&bytes, false)
-            };
-            if !pool.validate(&hit) {
-                continue;
-            }
-            pool.record(Some(&hit));
-            return result.map(Some);
-        }
+        get_value(py, &mapping, key, copy)
+    }
+
+    /// The values of `keys` in one call (None for each missing one): what `get` gives for each.
+    #[pyo3(signature = (keys, copy=false))]
+    fn get_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<String>,
+        copy: bool,
+    ) -> PyResult<Vec<Option<Bound<'py, PyAny>>>> {
+        let mapping = self.handle.get(py)?;
+        keys.iter()
+            .map(|key| get_value(py, &mapping, key, copy))
+            .collect()
     }
 
     /// Removes `key`; true if it was there (and not expired).

@@ -12,5 +12,5 @@ pub mod pool;
 pub mod segment;
 
 pub use error::ShmError;
-pub use pool::{Hit, Lease, LeaseHandle, Pool, PoolStats, Probe, Reservation};
+pub use pool::{Hit, Lease, LeaseHandle, Pool, PoolStats, Probe, Reservation, Room};
 pub use segment::{unlink, validate_name, Segment};

@@ -238,6 +238,15 @@ impl Hit {
     }
 }
 
+/// How a reservation makes room when the free space is short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    /// Evict least-recently-used entries: the cache's policy.
+    EvictLru,
+    /// Take only free space, and the space of dead writers' and expired entries: no live entry is evicted.
+    FreeOnly,
+}
+
 /// Counters of a pool (consistent with each other: read under the lock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
@@ -693,13 +702,26 @@ impl Pool {
         }
     }
 
-    /// Reserves space for a packet of `packet_len` bytes under `key` (see the module docs for the protocol). Write
-    /// the packet through [`Reservation::as_mut_ptr`], then [`Reservation::commit`]; dropping it uncommitted frees it.
+    /// Reserves space for a packet of `packet_len` bytes under `key` (see the module docs for the protocol), evicting
+    /// least-recently-used entries if needed. Write the packet through [`Reservation::as_mut_ptr`], then
+    /// [`Reservation::commit`]; dropping it uncommitted frees it.
     pub fn reserve(
         &self,
         key: &[u8],
         packet_len: u64,
         ttl_ns: u64,
+    ) -> Result<Reservation<'_>, ShmError> {
+        self.reserve_with(key, packet_len, ttl_ns, Room::EvictLru)
+    }
+
+    /// [`Pool::reserve`], choosing how room is made: with [`Room::FreeOnly`] no live entry is evicted, so zero-copy
+    /// views of the pool's other entries stay valid; the reservation fails with [`ShmError::Full`] instead.
+    pub fn reserve_with(
+        &self,
+        key: &[u8],
+        packet_len: u64,
+        ttl_ns: u64,
+        room: Room,
     ) -> Result<Reservation<'_>, ShmError> {
         let key = Key::new(key)?;
         let alloc_len = packet_len.max(1).next_multiple_of(BLOCK_ALIGN);
@@ -742,7 +764,7 @@ impl Pool {
                     });
                 }
             }
-            let slot = l.new_entry(&key, packet_len, alloc_len, RESERVED, pid)?;
+            let slot = l.new_entry(&key, packet_len, alloc_len, RESERVED, pid, room)?;
             let offset = self.entry(slot).offset.load(Ordering::Relaxed);
             return Ok(Reservation {
                 pool: self,
@@ -848,7 +870,14 @@ impl Pool {
     pub fn lease(&self, len: u64) -> Result<Lease<'_>, ShmError> {
         let alloc_len = len.max(1).next_multiple_of(BLOCK_ALIGN);
         let mut l = self.lock();
-        let slot = l.new_entry(&Key::new(b"")?, len, alloc_len, LEASED, current_pid())?;
+        let slot = l.new_entry(
+            &Key::new(b"")?,
+            len,
+            alloc_len,
+            LEASED,
+            current_pid(),
+            Room::EvictLru,
+        )?;
         let e = self.entry(slot);
         let handle = LeaseHandle {
             slot,
@@ -1260,6 +1289,7 @@ impl<'p> Locked<'p> {
         alloc_len: u64,
         state: u32,
         pid: u32,
+        room: Room,
     ) -> Result<u32, ShmError> {
         let data_size = self.pool.layout.data_size;
         let full = |free| ShmError::Full {
@@ -1277,7 +1307,7 @@ impl<'p> Locked<'p> {
             if let Some(off) = self.table().alloc(alloc_len) {
                 break off;
             }
-            if !self.evict_next(&mut victims) {
+            if !self.evict_next(&mut victims, room) {
                 return Err(full(self.table().free_bytes()));
             }
         };
@@ -1285,7 +1315,7 @@ impl<'p> Locked<'p> {
             if let Some(slot) = self.pop_slot() {
                 break slot;
             }
-            if !self.evict_next(&mut victims) {
+            if !self.evict_next(&mut victims, room) {
                 let _ = self.table().free(offset, alloc_len);
                 return Err(full(self.table().free_bytes()));
             }
@@ -1318,7 +1348,7 @@ impl<'p> Locked<'p> {
 
     /// Evicts the next victim: the leftovers of dead writers first, then expired entries, then the least recently
     /// used. The candidate list is built once per allocation (one scan of the lru array, then sorted).
-    fn evict_next(&mut self, victims: &mut Option<Vec<(u64, u32)>>) -> bool {
+    fn evict_next(&mut self, victims: &mut Option<Vec<(u64, u32)>>, room: Room) -> bool {
         if victims.is_none() {
             self.reap();
             self.purge_expired();
@@ -1333,6 +1363,9 @@ impl<'p> Locked<'p> {
             *victims = Some(list);
             // Reaping and purging may have made room already.
             return true;
+        }
+        if room == Room::FreeOnly {
+            return false;
         }
         let list = victims.as_mut().expect("initialised above");
         while let Some((tag, slot)) = list.pop() {
@@ -1689,6 +1722,30 @@ mod tests {
             pool.reserve(b"huge", pool.data_size() + 1, 0),
             Err(ShmError::Full { .. })
         ));
+        pool.check().unwrap();
+    }
+
+    #[test]
+    fn free_only_never_evicts() {
+        let p = Tmp(Pool::create(&name("freeonly"), 1 << 20, None, 0o600).unwrap());
+        let pool = &p.0;
+        let block = pool.data_size() / 4 / 64 * 64;
+        let value = vec![3u8; block as usize];
+        for k in ["k0", "k1", "k2", "k3"] {
+            put(pool, k, &value);
+        }
+        assert!(matches!(
+            pool.reserve_with(b"k4", block, 0, Room::FreeOnly),
+            Err(ShmError::Full { .. })
+        ));
+        for k in ["k0", "k1", "k2", "k3"] {
+            assert_eq!(get(pool, k).unwrap(), value);
+        }
+        // Freed space is taken as usual.
+        assert!(pool.delete(b"k1").unwrap());
+        let r = pool.reserve_with(b"k4", block, 0, Room::FreeOnly).unwrap();
+        r.commit().unwrap();
+        assert_eq!(pool.stats().entries, 4);
         pool.check().unwrap();
     }
 

@@ -1,0 +1,204 @@
+"""tenso.ray.cached_get: the node-local shared-memory object cache, on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import tenso.ray  # noqa: E402
+from tenso.ray_cache import NODE_CACHE_ENV  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (pip install 'tenso-ray[torch]')")
+POOL = 32 << 20  # the node cache of this module's cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    saved = os.environ.get(NODE_CACHE_ENV)
+    os.environ[NODE_CACHE_ENV] = str(POOL)  # workers started by this ray.init inherit it
+    ray.init(
+        num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, object_store_memory=256 << 20
+    )
+    try:
+        yield
+    finally:
+        tenso.ray.drop_node_cache()
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop(NODE_CACHE_ENV, None)
+        else:
+            os.environ[NODE_CACHE_ENV] = saved
+
+
+@pytest.fixture
+def cache(cluster):
+    c = tenso.ray.node_cache()
+    assert c is not None
+    c.clear()
+    yield c
+    c.clear()
+
+
+@ray.remote
+def _read(refs, device=None):
+    """What a task sees through the cache: (checksum, first value, read-only, pid, dtype name)."""
+    import tenso.ray as tr
+
+    value = tr.cached_get(refs[0], device=device)
+    if isinstance(value, dict):
+        return {k: (float(np.asarray(v, dtype=np.float64).sum()), _readonly(v)) for k, v in value.items()}
+    return float(np.asarray(value, dtype=np.float64).sum()), _readonly(value), os.getpid(), type(value).__name__
+
+
+def _readonly(v) -> bool:
+    if isinstance(v, np.ndarray):
+        return not v.flags.writeable
+    return True  # torch has no read-only flag: the module docs say such tensors share the pool
+
+
+def test_many_tasks_share_one_copy(cache):
+    weights = np.arange(1 << 18, dtype=np.float32)  # 1 MiB
+    ref = ray.put(weights)
+    out = ray.get([_read.remote([ref]) for _ in range(8)])
+    assert {o[0] for o in out} == {float(weights.sum(dtype=np.float64))}
+    assert all(o[1] for o in out)  # read-only views
+    stats = cache.stats
+    assert stats["entries"] == 1  # materialized once on this node
+    assert stats["used_bytes"] >= weights.nbytes
+    # The driver reads the same pool entry: a zero-copy view over shared memory, equal to the object.
+    local = tenso.ray.cached_get(ref)
+    np.testing.assert_array_equal(local, weights)
+    assert not local.flags.writeable
+    assert cache.stats["entries"] == 1
+
+
+def test_dict_of_arrays_every_array_zero_copy_and_aligned(cache):
+    state = {f"layer{i}.weight": np.full(5000 + 7 * i, i, dtype=np.float32) for i in range(40)}
+    state["bias"] = np.arange(100_000, dtype=np.int16)
+    ref = ray.put(state)
+    got = tenso.ray.cached_get(ref)
+    assert list(got) == list(state)
+    for k, v in state.items():
+        np.testing.assert_array_equal(got[k], v)
+        assert got[k].dtype == v.dtype
+        assert not got[k].flags.writeable and not got[k].flags.owndata
+        assert got[k].__array_interface__["data"][0] % 64 == 0  # each array has its own 64-byte-aligned block
+    assert cache.stats["entries"] == len(state) + 1  # one entry per array, plus the manifest
+    out = ray.get(_read.remote([ref]))
+    assert out["layer3.weight"] == (3.0 * (5000 + 21), True)
+    assert tenso.ray.uncache(ref)
+    assert cache.stats["entries"] == 0
+    assert not tenso.ray.uncache(ref)
+
+
+def test_copy_gives_writeable_private_values(cache):
+    a = np.ones((300, 300), np.float64)
+    ref = ray.put(a)
+    first = tenso.ray.cached_get(ref, copy=True)
+    first[0, 0] = 42.0
+    again = tenso.ray.cached_get(ref)
+    assert again[0, 0] == 1.0  # the write did not reach the shared copy
+    d = tenso.ray.cached_get(ray.put({"x": a}), copy=True)
+    assert d["x"].flags.writeable
+
+
+def test_list_of_refs_batches_misses_and_keeps_order(cache):
+    arrays = [np.full(40_000, i, np.float32) for i in range(5)]
+    refs = [ray.put(a) for a in arrays]
+    tenso.ray.cached_get(refs[2])  # one hit among misses
+    got = tenso.ray.cached_get(refs)
+    assert isinstance(got, list) and len(got) == 5
+    for a, g in zip(arrays, got):
+        np.testing.assert_array_equal(a, g)
+    assert cache.stats["entries"] == 5
+
+
+def test_values_the_cache_does_not_take_come_from_ray(cache):
+    small = np.arange(10)  # under min_bytes: Ray already serves it from the worker's memory
+    text = {"not": "arrays"}
+    objs = np.array([object(), 1], dtype=object)
+    refs = [ray.put(small), ray.put(text), ray.put("a string"), ray.put(objs)]
+    got = tenso.ray.cached_get(refs)
+    np.testing.assert_array_equal(got[0], small)
+    assert got[1] == text and got[2] == "a string" and got[3][1] == 1
+    assert cache.stats["entries"] == 0
+    # min_bytes=0 takes the small array.
+    np.testing.assert_array_equal(tenso.ray.cached_get(ray.put(small), min_bytes=0), small)
+    assert cache.stats["entries"] == 1
+    with pytest.raises(TypeError, match="ObjectRef"):
+        tenso.ray.cached_get("not a ref")
+
+
+def test_full_pool_never_evicts_views_in_use(cache):
+    room = cache.stats["data_region_size"]
+    big = np.full(room // 2 // 8, 7.0)  # two of these do not both fit
+    first = tenso.ray.cached_get(ray.put(big))
+    assert cache.stats["entries"] == 1
+    other = big * 2
+    second = tenso.ray.cached_get(ray.put(other))
+    np.testing.assert_array_equal(second, other)  # served by ray.get instead
+    assert cache.stats["entries"] == 1  # nothing evicted ...
+    assert float(first[0]) == 7.0 and float(first[-1]) == 7.0  # ... so the view handed out is intact
+    stats = cache.stats
+    assert stats["used_bytes"] + stats["free_bytes"] == stats["data_region_size"]
+
+
+@needs_torch
+def test_torch_tensors_and_state_dicts(cache):
+    t = torch.arange(100_000, dtype=torch.float32)
+    state = {"w": torch.ones(50_000, dtype=torch.bfloat16), "b": torch.zeros(30_000, dtype=torch.int64)}
+    rt, rs = ray.put(t), ray.put(state)
+    got = tenso.ray.cached_get(rt, device="torch")
+    assert isinstance(got, torch.Tensor) and torch.equal(got, t)
+    got_state = tenso.ray.cached_get(rs, device="torch")
+    assert set(got_state) == {"w", "b"}
+    assert got_state["w"].dtype == torch.bfloat16 and torch.equal(got_state["w"], state["w"])
+    assert torch.equal(got_state["b"], state["b"])
+    # Without a device the same entries come back as NumPy (bfloat16 through ml_dtypes).
+    plain = tenso.ray.cached_get(rs)
+    assert isinstance(plain["b"], np.ndarray) and plain["w"].dtype.name == "bfloat16"
+    owned = tenso.ray.cached_get(rt, device="torch", copy=True)
+    owned[0] = -1.0
+    assert float(tenso.ray.cached_get(rt, device="torch")[0]) == 0.0
+    out = ray.get(_read.remote([rt], "torch"))
+    assert out[0] == float(t.double().sum()) and out[3] == "Tensor"
+
+
+def test_pools_of_dead_sessions_are_swept(cluster):
+    stale = "/dev/shm/tenso_ray_999999999_0123456789abcdef"  # pid above pid_max: never alive
+    with open(stale, "wb") as f:
+        f.write(b"left by a session whose raylet died")
+    tenso.ray.drop_node_cache()  # the next use creates the pool again, and sweeps first
+    try:
+        assert tenso.ray.node_cache() is not None
+        assert not os.path.exists(stale)
+    finally:
+        if os.path.exists(stale):
+            os.unlink(stale)
+
+
+def test_the_pool_belongs_to_the_raylet(cluster):
+    cache = tenso.ray.node_cache()
+    assert cache is tenso.ray.node_cache()  # one handle per process
+    name = cache.name
+    assert name.startswith("tenso_ray_") and os.path.exists(f"/dev/shm/{name}")
+    assert oct(os.stat(f"/dev/shm/{name}").st_mode & 0o777) == "0o600"
+
+    @ray.remote
+    def pool_name():
+        return tenso.ray.node_cache().name
+
+    assert set(ray.get([pool_name.remote() for _ in range(4)])) == {name}
+    env = tenso.ray.runtime_env(node_cache="2GB")
+    assert env["env_vars"][NODE_CACHE_ENV] == "2GB"
