@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fills corpus/<target>/ with seeds from tests/golden (packets written by the reference implementations)
-# and tests/hostile (malformed packets). Run from anywhere; then `cargo +nightly fuzz run <target>`.
+# and tests/hostile (malformed packets). Run from anywhere; then, from the repository root:
+#   cargo +nightly fuzz run -O --fuzz-dir rust/fuzz <target> -- -max_total_time=300
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -27,7 +28,7 @@ done
 if [ -d "$root/tests/hostile" ]; then
     while IFS= read -r -d '' f; do
         copy "$f" "${targets[@]}"
-    done < <(find "$root/tests/hostile" -type f ! -name '*.json' ! -name '*.md' ! -name '*.py' -print0)
+    done < <(find "$root/tests/hostile" -type f ! -path '*/__pycache__/*' ! -name '*.json' ! -name '*.md' ! -name '*.py' -print0)
 fi
 for t in "${targets[@]}"; do
     echo "$t: $(find "$here/corpus/$t" -type f | wc -l) seeds"

@@ -253,7 +253,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 3 } else { 256 }))]
         /// Random put/delete keeps the table sorted, merged, within bounds, disjoint from live blocks, and
         /// free + used equal to the region.
         #[test]

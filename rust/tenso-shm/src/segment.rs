@@ -136,6 +136,20 @@ impl Segment {
         })
     }
 
+    /// A private anonymous mapping of `size` bytes standing in for a named segment, so that the pool's logic can be
+    /// tested within one process, including under Miri, which cannot open shared memory. It has no name.
+    #[cfg(test)]
+    pub(crate) fn anonymous(size: usize) -> Segment {
+        let map = MmapOptions::new()
+            .len(size)
+            .map_anon()
+            .expect("anonymous mapping");
+        Segment {
+            name: String::new(),
+            map: MmapRaw::from(map),
+        }
+    }
+
     /// The name, without a leading slash.
     pub fn name(&self) -> &str {
         &self.name
@@ -203,6 +217,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "needs POSIX shared memory")]
     fn create_open_unlink() {
         let name = unique("seg");
         let seg = Segment::create(&name, 8192, DEFAULT_MODE, true).unwrap();
