@@ -1885,11 +1885,7 @@ mod tests {
             for t in 0..2u32 {
                 s.spawn(move || {
                     for i in 0..per_writer {
-                        put(
-                            pool,
-                            &format!("w{t}-{i}"),
-                            &vec![(t * 100 + i % 100) as u8; 96],
-                        );
+                        put(pool, &format!("w{t}-{i}"), &[(t * 100 + i % 100) as u8; 96]);
                     }
                 });
             }
