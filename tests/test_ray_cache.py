@@ -179,7 +179,11 @@ def test_pools_of_dead_sessions_are_swept(cluster):
     stale = "/dev/shm/tenso_ray_999999999_0123456789abcdef"  # pid above pid_max: never alive
     with open(stale, "wb") as f:
         f.write(b"left by a session whose raylet died")
+    current = f"/dev/shm/{tenso.ray.node_cache().name}"
     tenso.ray.drop_node_cache()  # the next use creates the pool again, and sweeps first
+    assert not os.path.exists(current)
+    tenso.ray.drop_node_cache()  # nothing left to drop: creates nothing either
+    assert not os.path.exists(current)
     try:
         assert tenso.ray.node_cache() is not None
         assert not os.path.exists(stale)

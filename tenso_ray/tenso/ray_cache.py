@@ -13,7 +13,7 @@ When it applies (``benchmarks/bench_ray_cache.py``; figures in ``integrations/ra
   so each reader pays tens of milliseconds and keeps a private copy; through the cache they pay microseconds and
   share the node's one copy.
 * Builtin-dtype NumPy arrays: Ray already maps them zero-copy, and the cache only trims the per-get cost (about
-  8 µs instead of 100-400 µs); the first read on each node pays one copy into the pool (about 15 ms for 64 MiB), so
+  4-6 µs instead of 75-100 µs); the first read on each node pays one copy into the pool (about 13 ms for 64 MiB), so
   it pays off only for an object read a hundred times or more per node.
 * Not for objects read once, and not for small ones: values under ``min_bytes`` (64 KiB by default; Ray keeps
   objects under 100 KiB in the owner's memory) and values the codec cannot encode (arbitrary Python objects) are
@@ -26,7 +26,8 @@ Lifetime and safety:
   :func:`uncache` once no task still reads it, or the whole pool with :func:`drop_node_cache`.
 * The pool is named after the node's raylet (``tenso_ray_<raylet pid>_<hash of its socket>``). The driver unlinks
   its own node's pool when it exits; a pool whose raylet has died is unlinked by the next process that creates a
-  node cache on that host. Other processes keep their mappings until they exit.
+  node cache on that host. Other processes keep their mappings until they exit, and a worker that had the pool
+  open keeps using it after :func:`drop_node_cache` (meant for the end of a job), while new processes get a new one.
 * Its size is fixed when the first process on the node creates it: ``max_memory`` of :func:`node_cache`, else the
   ``TENSO_RAY_NODE_CACHE`` environment variable (``runtime_env(node_cache="2GB")`` sets it for workers), else
   1 GiB, capped at half of the free space of ``/dev/shm``. All of it is reserved at creation, and every process
@@ -79,10 +80,8 @@ _skip: set[str] = set()  # keys of objects this process found uncacheable (not e
 
 
 def _node() -> Any:
-    node = getattr(ray._private.worker.global_worker, "node", None)
-    if node is None:
-        raise RuntimeError("tenso.ray.cached_get needs a connected Ray worker or driver (call ray.init() first)")
-    return node
+    """This process's Ray node, or None (not connected, or a Ray Client session, which has no local node)."""
+    return getattr(ray._private.worker.global_worker, "node", None)
 
 
 def _raylet_pid(node: Any, socket: str) -> Optional[int]:
@@ -172,15 +171,16 @@ def _open(name: str, deadline: float) -> TensoCache:
 def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
     """This node's object-cache pool, opened (or created, sized by ``max_memory``) on first use.
 
-    Returns None where no pool can exist (not Linux, or the raylet's pid cannot be found). ``max_memory`` only
-    matters to the process that creates the pool; the others open it at whatever size it has.
+    Returns None where no pool can exist (not Linux, no local raylet as in a Ray Client session, or the raylet's pid
+    cannot be found). ``max_memory`` only matters to the process that creates the pool; the others open it at
+    whatever size it has.
     """
     global _cache, _cache_socket, _cache_node
     node = _node()
     cache = _cache
     if cache is not None and node is _cache_node:  # the fast path: same connection as last time
         return cache
-    if not os.path.isdir(_SHM_DIR):
+    if node is None or not os.path.isdir(_SHM_DIR):
         return None
     socket = str(node.raylet_socket_name)
     with _lock:
@@ -200,7 +200,7 @@ def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
             try:
                 cache = TensoCache(size, name=name, create=True)
                 if ray._private.worker.global_worker.mode == ray._private.worker.SCRIPT_MODE:
-                    atexit.register(_unlink_at_exit, name)
+                    atexit.register(_unlink_name, name)
             except FileExistsError:
                 cache = _open(name, deadline)
         cache._owns = False  # a `with` block or close() in one process must not unlink everyone's pool
@@ -211,7 +211,7 @@ def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
         return cache
 
 
-def _unlink_at_exit(name: str) -> None:
+def _unlink_name(name: str) -> None:
     try:
         os.unlink(os.path.join(_SHM_DIR, name))
     except OSError:
@@ -401,12 +401,14 @@ def uncache(ref: Any) -> bool:
 
 
 def drop_node_cache() -> None:
-    """Unlink this node's pool (processes that have it open keep their mapping until they exit)."""
+    """Unlink this node's pool, if there is one (processes that have it open keep their mapping until they exit)."""
     global _cache, _cache_socket, _cache_node
-    cache = node_cache()
+    node = _node()
     with _lock:
-        if cache is not None:
-            cache.unlink()
-            cache.close()
+        named = _pool_name(node) if node is not None and os.path.isdir(_SHM_DIR) else None
+        if named is not None:
+            _unlink_name(named[0])
+        if _cache is not None:
+            _cache.close()
         _cache, _cache_socket, _cache_node = None, None, None
         _skip.clear()

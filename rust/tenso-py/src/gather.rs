@@ -8,6 +8,8 @@
 //! Everything here is safe code over slices: the one `unsafe` step, turning the array's memory span into a slice, is in
 //! [`crate::encode`], next to the array it borrows.
 
+use std::sync::Mutex;
+
 /// Edge of the square tiles used for transposed layouts: 32 x 32 elements of up to 16 bytes stay within L1.
 const TILE: usize = 32;
 
@@ -41,11 +43,21 @@ impl Strided<'_> {
         Some((low, len))
     }
 
-    /// Copies every element, in C order, into `dst` (exactly `product(shape) * itemsize` bytes). Large arrays are
-    /// split along their outermost dimension across threads: a strided or transposed read is bound by memory latency,
-    /// not bandwidth, so each core adds throughput.
+    /// Copies every element, in C order, into `dst` (exactly `product(shape) * itemsize` bytes). Large transposes
+    /// are split along their outermost dimension across threads: their reads are bound by memory latency (every
+    /// element of a source column sits on another page), so each core adds throughput. Row copies and strided rows
+    /// stream through memory at full bandwidth already, and stay on one thread.
     pub fn gather_into(&self, dst: &mut [u8]) {
-        self.gather_threads(dst, parallelism(dst.len()));
+        let dims = simplify(self.shape, self.strides);
+        let size = self.itemsize as isize;
+        let transposed =
+            matches!(dims.as_slice(), [.., (_, rs), (_, cs)] if *rs == size && *cs != size);
+        let threads = if transposed {
+            parallelism(dst.len())
+        } else {
+            1
+        };
+        self.gather_threads(dst, threads);
     }
 
     /// [`Self::gather_into`] on up to `threads` threads.
@@ -56,16 +68,23 @@ impl Strided<'_> {
         let dims = simplify(self.shape, self.strides);
         let origin = self.origin as isize;
         match dims.split_first() {
-            Some((&(n0, s0), rest)) if threads > 1 && n0 >= 2 * threads => {
-                let band_rows = n0.div_ceil(threads).next_multiple_of(TILE.min(n0));
+            Some((&(n0, s0), rest)) if threads > 1 && n0 >= 2 * TILE => {
+                // Several bands per thread, taken in turn: a thread slowed down by other work on its core takes
+                // fewer of them instead of holding the others up.
+                let band_rows = (n0 / (threads * 8)).max(TILE).next_multiple_of(TILE);
                 let row_bytes = dst.len() / n0;
+                let bands = Mutex::new(dst.chunks_mut(band_rows * row_bytes).enumerate());
                 std::thread::scope(|scope| {
-                    for (band, out) in dst.chunks_mut(band_rows * row_bytes).enumerate() {
-                        let mut sub = Vec::with_capacity(dims.len());
-                        sub.push((out.len() / row_bytes, s0));
-                        sub.extend_from_slice(rest);
-                        let at = origin + (band * band_rows) as isize * s0;
-                        scope.spawn(move || self.gather_dims(&sub, at, out));
+                    for _ in 0..threads {
+                        scope.spawn(|| loop {
+                            let next = bands.lock().unwrap_or_else(|e| e.into_inner()).next();
+                            let Some((band, out)) = next else { break };
+                            let mut sub = Vec::with_capacity(dims.len());
+                            sub.push((out.len() / row_bytes, s0));
+                            sub.extend_from_slice(rest);
+                            let at = origin + (band * band_rows) as isize * s0;
+                            self.gather_dims(&sub, at, out);
+                        });
                     }
                 });
             }
