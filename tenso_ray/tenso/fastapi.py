@@ -47,7 +47,7 @@ async def _iterate(parts: list[Union[bytes, memoryview]]) -> AsyncIterator[Union
         yield part
 
 
-class TensoResponse(StreamingResponse):  # type: ignore[misc]  # untyped without the extra
+class TensoResponse(StreamingResponse):
     """A streaming response whose body is one tenso packet.
 
     The packet is sent as its parts (header bytes, then each array body as a

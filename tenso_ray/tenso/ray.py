@@ -93,6 +93,10 @@ OPTIONS_ENV = "TENSO_RAY_OPTIONS"
 _KV_NAMESPACE = "tenso"
 _HOOK = "tenso.ray.setup_worker"
 
+# PickleBuffer itself, typed to take any object: NumPy's stubs declare no ``__buffer__`` before Python 3.12, so type
+# checkers would reject the ndarrays it is given here.
+_buffer: Callable[[Any], pickle.PickleBuffer] = pickle.PickleBuffer
+
 # Types whose buffer NumPy can rebuild from ``dtype.str`` alone (bool, integers, floats, complex); others (ml_dtypes,
 # structured, datetime) travel with their dtype object.
 _BUILTIN_KINDS = frozenset("biufc")
@@ -132,7 +136,7 @@ def _reduce_ndarray(a: np.ndarray) -> Any:
         # bytes and the dtype object.
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)  # the one gather copy
-        return _rebuild_bytes, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8)), dtype, a.shape)
+        return _rebuild_bytes, (_buffer(a.reshape(-1).view(np.uint8)), dtype, a.shape)
     if a.flags.c_contiguous:
         order = "C"
     elif a.flags.f_contiguous:
@@ -140,12 +144,12 @@ def _reduce_ndarray(a: np.ndarray) -> Any:
     else:
         span = _span(a)
         if span is not None:
-            return _rebuild_strided, (pickle.PickleBuffer(span), dtype.str, a.shape, a.strides)
+            return _rebuild_strided, (_buffer(span), dtype.str, a.shape, a.strides)
         a = np.ascontiguousarray(a)  # the one gather copy: pickle5 can only hand out contiguous memory
         order = "C"
     if a.ndim == 1:
-        return _rebuild_ndarray1, (pickle.PickleBuffer(a), dtype.str)
-    return _rebuild_ndarray, (pickle.PickleBuffer(a), dtype.str, a.shape, order)
+        return _rebuild_ndarray1, (_buffer(a), dtype.str)
+    return _rebuild_ndarray, (_buffer(a), dtype.str, a.shape, order)
 
 
 # A strided view whose elements cover at least half of the memory between its first and last byte is sent as that
@@ -224,7 +228,7 @@ def _torch_body(t: Any) -> tuple[Any, str, tuple[int, ...], str]:
         body = np.empty(0, np.uint8)
     else:
         body = flat.view(torch.uint8).numpy()
-    return pickle.PickleBuffer(body), dtype, shape, device
+    return _buffer(body), dtype, shape, device
 
 
 def _reduce_tensor(t: Any) -> Any:

@@ -6,7 +6,7 @@ with ``_`` is private to the :mod:`tenso` package. Constants mirror
 """
 
 from collections.abc import Sequence
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
