@@ -206,3 +206,25 @@ def test_the_pool_belongs_to_the_raylet(cluster):
     assert set(ray.get([pool_name.remote() for _ in range(4)])) == {name}
     env = tenso.ray.runtime_env(node_cache="2GB")
     assert env["env_vars"][NODE_CACHE_ENV] == "2GB"
+
+
+def test_a_pool_owned_by_another_user_falls_back_to_ray_get(cluster, monkeypatch):
+    import tenso.ray_cache as rc
+
+    assert tenso.ray.node_cache() is not None  # the pool exists; this process now pretends it may not open it
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "tenso_ray_x")
+
+    monkeypatch.setattr(rc, "TensoCache", denied)
+    monkeypatch.setattr(rc, "_cache", None)
+    monkeypatch.setattr(rc, "_cache_node", None)
+    monkeypatch.setattr(rc, "_denied_node", None)
+    a = np.arange(100_000, dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match="node cache unavailable"):
+        got = tenso.ray.cached_get(ray.put(a))
+    np.testing.assert_array_equal(got, a)
+    assert got.flags.c_contiguous
+    # Decided once per connection: no second warning, no second attempt.
+    np.testing.assert_array_equal(tenso.ray.cached_get(ray.put(a)), a)
+    assert tenso.ray.node_cache() is None

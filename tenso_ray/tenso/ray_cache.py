@@ -76,6 +76,7 @@ _lock = threading.Lock()
 _cache: Optional[TensoCache] = None
 _cache_socket: Optional[str] = None
 _cache_node: Any = None  # the ray Node object of the connection _cache belongs to
+_denied_node: Any = None  # a connection whose node pool this process may not open (another user's)
 _skip: set[str] = set()  # keys of objects this process found uncacheable (not encodable, or too small)
 
 
@@ -160,7 +161,7 @@ def _open(name: str, deadline: float) -> TensoCache:
     while True:
         try:
             return TensoCache(name=name, create=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             raise
         except (OSError, ValueError):
             if time.monotonic() > deadline:
@@ -175,12 +176,12 @@ def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
     cannot be found). ``max_memory`` only matters to the process that creates the pool; the others open it at
     whatever size it has.
     """
-    global _cache, _cache_socket, _cache_node
+    global _cache, _cache_socket, _cache_node, _denied_node
     node = _node()
     cache = _cache
     if cache is not None and node is _cache_node:  # the fast path: same connection as last time
         return cache
-    if node is None or not os.path.isdir(_SHM_DIR):
+    if node is None or node is _denied_node or not os.path.isdir(_SHM_DIR):
         return None
     socket = str(node.raylet_socket_name)
     with _lock:
@@ -193,16 +194,22 @@ def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
         name, socket = named
         deadline = time.monotonic() + 10.0
         try:
-            cache = _open(name, deadline)
-        except FileNotFoundError:
-            _sweep()
-            size = _parse_size(max_memory) if max_memory is not None else _default_size()
             try:
-                cache = TensoCache(size, name=name, create=True)
-                if ray._private.worker.global_worker.mode == ray._private.worker.SCRIPT_MODE:
-                    atexit.register(_unlink_name, name)
-            except FileExistsError:
                 cache = _open(name, deadline)
+            except FileNotFoundError:
+                _sweep()
+                size = _parse_size(max_memory) if max_memory is not None else _default_size()
+                try:
+                    cache = TensoCache(size, name=name, create=True)
+                    if ray._private.worker.global_worker.mode == ray._private.worker.SCRIPT_MODE:
+                        atexit.register(_unlink_name, name)
+                except FileExistsError:
+                    cache = _open(name, deadline)
+        except PermissionError as exc:
+            # Another user's job on this host owns the pool (mode 0600): this process reads through Ray.
+            warnings.warn(f"tenso.ray node cache unavailable, using ray.get: {exc}", RuntimeWarning, stacklevel=2)
+            _denied_node = node
+            return None
         cache._owns = False  # a `with` block or close() in one process must not unlink everyone's pool
         if _cache is not None:
             _cache.close()
