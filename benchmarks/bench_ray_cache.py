@@ -37,6 +37,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 MAIN_PY = os.path.join(ROOT, ".venv", "bin", "python")
 MIB = 1 << 20
@@ -209,11 +212,7 @@ def job(plugin: str, reps: int, payloads: list[str]) -> dict:
 
 
 def fmt(metric: str, v: float) -> str:
-    if metric == "memory":
-        return f"{v / MIB:.1f} MiB"
-    if v >= 1e6:
-        return f"{v / 1e6:.2f} ms"
-    return f"{v / 1e3:.1f} us"
+    return f"{v / MIB:.1f} MiB" if metric == "memory" else harness.human_ns(v)
 
 
 def main() -> None:

@@ -27,6 +27,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [1 * KiB, 1 * MiB, 64 * MiB]
 POOL = "256MB"
@@ -255,20 +258,7 @@ class Proc:
             self.p.kill()
 
 
-def human(ns) -> str:
-    if ns is None:
-        return "n/a"
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f}ms"
-    if ns >= 1e3:
-        return f"{ns / 1e3:.2f}us"
-    return f"{ns:.0f}ns"
-
-
 def ref_python() -> str | None:
-    sys.path.insert(0, HERE)
-    import harness
-
     return harness.ensure_refvenv("0.24.0")
 
 
@@ -310,7 +300,7 @@ def main() -> None:
                     i: (min(s) if s else None) for i, s in best.items()
                 }
                 row = results["latency"][f"{op}/{size}"]
-                print(f"{op:9s} {size:>9d} " + "  ".join(f"{i}={human(row[i])}" for i in impls), flush=True)
+                print(f"{op:9s} {size:>9d} " + "  ".join(f"{i}={harness.human_ns(row[i])}" for i in impls), flush=True)
         seconds = 2.0 if args.quick else 4.0
         for r in range(2):
             for impl in (impls[:2] if r == 0 else impls[:2][::-1]):
@@ -347,8 +337,8 @@ def main() -> None:
         rb = f"{b['ours'] / b['floor']:.2f}x" if b.get("ours") and b.get("floor") else "n/a"
         r2 = f"{t / o:.1f}x" if o and t else "n/a"
         fs = row.get("floor-shm")
-        print(f"| {op} | {int(size) // KiB} KiB | {human(o)} | {human(t)} | {human(f)} | {human(fs)} | {r1} | {rb} |"
-              f" {r2} |")
+        times = " | ".join(harness.human_ns(v) for v in (o, t, f, fs))
+        print(f"| {op} | {int(size) // KiB} KiB | {times} | {r1} | {rb} | {r2} |")
     mp_ours = statistics.median(results["mp"].get("ours") or [0]) or None
     mp_ref = statistics.median(results["mp"].get("tenso-0.24.0") or [0]) or None
     print(f"| mp ops/s (4 procs, 1 KiB, 50% get/50% put) | | {mp_ours and f'{mp_ours:,.0f}'} | "
@@ -357,7 +347,7 @@ def main() -> None:
     targets = []
     for size in SIZES:
         o = lat[f"get/{size}"].get("ours")
-        targets.append((f"zero-copy get {size // KiB} KiB <= 3 us", o is not None and o <= 3000, human(o)))
+        targets.append((f"zero-copy get {size // KiB} KiB <= 3 us", o is not None and o <= 3000, harness.human_ns(o)))
     for size in SIZES[1:]:
         o, f = lat[f"put/{size}"].get("ours"), lat[f"put/{size}"].get("floor")
         ok = o is not None and f is not None and o <= 1.25 * f
@@ -376,9 +366,6 @@ def main() -> None:
     for name, ok, measured in targets:
         print(f"| {name} | {'PASS' if ok else 'FAIL'} | {measured} |")
     results["targets"] = [{"target": n, "pass": ok, "measured": m} for n, ok, m in targets]
-    sys.path.insert(0, HERE)
-    import harness
-
     results["machine"] = harness.machine_info()
     results["command"] = " ".join([os.path.relpath(sys.executable, os.path.dirname(HERE))] + sys.argv)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -138,10 +138,7 @@ def _sweep() -> None:
     for entry in names:
         match = _NAME.match(entry)
         if match and not _alive(int(match.group(1))):
-            try:
-                os.unlink(os.path.join(_SHM_DIR, entry))
-            except OSError:
-                pass
+            _unlink_name(entry)
 
 
 def _default_size() -> int:
@@ -234,17 +231,14 @@ def _encodable(value: Any) -> Any:
     if isinstance(value, dict):
         if not value or not all(isinstance(k, str) for k in value):
             return None
-        out = {}
-        for k, v in value.items():
-            v = _to_numpy(v)
-            if not isinstance(v, np.ndarray) or v.dtype.hasobject:
-                return None
-            out[k] = v
-        return out
-    value = _to_numpy(value)
-    if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-        return value
-    return None
+        arrays = {k: _encodable_array(v) for k, v in value.items()}
+        return None if any(a is None for a in arrays.values()) else arrays
+    return _encodable_array(value)
+
+
+def _encodable_array(value: Any) -> Optional[np.ndarray]:
+    array = _to_numpy(value)
+    return array if isinstance(array, np.ndarray) and not array.dtype.hasobject else None
 
 
 def _nbytes(value: Any) -> int:
@@ -257,23 +251,16 @@ def _map(value: Any, fn: Any) -> Any:
     return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
 
-# ml_dtypes types that torch has too (same bits): views are reinterpreted, not converted.
-_TORCH_SAME_BITS = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-
-
 def _torch_view(array: np.ndarray) -> Any:
+    """A torch tensor over ``array``'s memory (bfloat16 and float8 included), as the Ray plug-in builds its own."""
     import torch
 
-    with warnings.catch_warnings():
-        # torch warns that the array is read-only; the module docs say that these tensors share the pool's memory.
-        warnings.simplefilter("ignore", UserWarning)
-        if array.dtype.kind in "biufc":
-            return torch.from_numpy(array)
-        target = getattr(torch, array.dtype.name, None) if array.dtype.name in _TORCH_SAME_BITS else None
-        if target is None:
-            raise TypeError(f"device='torch' cannot hold dtype {array.dtype}; use device=None")
-        bits = np.uint8 if array.dtype.itemsize == 1 else np.int16
-        return torch.from_numpy(array.view(bits)).view(target)
+    from .ray import _tensor_from
+
+    if not isinstance(getattr(torch, array.dtype.name, None), torch.dtype):
+        raise TypeError(f"device='torch' cannot hold dtype {array.dtype}; use device=None")
+    # The module docs say that these tensors share the pool's memory: zero-copy, writes included.
+    return _tensor_from(array.reshape(-1).view(np.uint8), array.dtype.name, array.shape, "cpu", True)
 
 
 def _deliver(value: Any, device: Optional[str], copy: bool) -> Any:

@@ -57,15 +57,14 @@ impl Strided<'_> {
         } else {
             1
         };
-        self.gather_threads(dst, threads);
+        self.gather_threads(&dims, dst, threads);
     }
 
-    /// [`Self::gather_into`] on up to `threads` threads.
-    fn gather_threads(&self, dst: &mut [u8], threads: usize) {
+    /// [`Self::gather_into`] of the simplified `dims` on up to `threads` threads.
+    fn gather_threads(&self, dims: &[(usize, isize)], dst: &mut [u8], threads: usize) {
         if dst.is_empty() {
             return;
         }
-        let dims = simplify(self.shape, self.strides);
         let origin = self.origin as isize;
         match dims.split_first() {
             Some((&(n0, s0), rest)) if threads > 1 && n0 >= 2 * TILE => {
@@ -88,7 +87,7 @@ impl Strided<'_> {
                     }
                 });
             }
-            _ => self.gather_dims(&dims, origin, dst),
+            _ => self.gather_dims(dims, origin, dst),
         }
     }
 
@@ -344,7 +343,7 @@ mod tests {
         // One thread, and bands across three (what large arrays get on a multi-core machine).
         for threads in [1, 3] {
             let mut got = vec![0u8; expected.len()];
-            strided.gather_threads(&mut got, threads);
+            strided.gather_threads(&simplify(shape, strides), &mut got, threads);
             assert_eq!(
                 got, expected,
                 "shape {shape:?} strides {strides:?} size {size} threads {threads}"

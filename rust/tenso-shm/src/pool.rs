@@ -242,6 +242,15 @@ impl Hit {
     }
 }
 
+/// Index capacity of a pool of `pool_size` bytes: `max_entries` if given (at least 1), else one per
+/// [`BYTES_PER_ENTRY`], within [[`MIN_ENTRIES`], [`MAX_ENTRIES`]].
+fn entries_for(pool_size: u64, max_entries: Option<u64>) -> u64 {
+    match max_entries {
+        Some(n) => n.clamp(1, MAX_ENTRIES),
+        None => (pool_size / BYTES_PER_ENTRY).clamp(MIN_ENTRIES, MAX_ENTRIES),
+    }
+}
+
 /// How a reservation makes room when the free space is short.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Room {
@@ -320,10 +329,7 @@ impl Pool {
         max_entries: Option<u64>,
         mode: u32,
     ) -> Result<Pool, ShmError> {
-        let max_entries = match max_entries {
-            Some(n) => n.clamp(1, MAX_ENTRIES),
-            None => (pool_size / BYTES_PER_ENTRY).clamp(MIN_ENTRIES, MAX_ENTRIES),
-        };
+        let max_entries = entries_for(pool_size, max_entries);
         let layout = Layout::new(pool_size, max_entries).ok_or_else(|| ShmError::TooSmall {
             size: pool_size,
             minimum: Layout::new(u64::MAX, max_entries).map_or(0, |l| l.data_offset + BLOCK_ALIGN),
@@ -1670,8 +1676,7 @@ mod tests {
     /// A pool for one test: a named segment, or under Miri (which has no shared memory) an anonymous mapping.
     fn tmp_pool(tag: &str, size: u64) -> Tmp {
         if cfg!(miri) {
-            let entries = (size / BYTES_PER_ENTRY).clamp(MIN_ENTRIES, MAX_ENTRIES);
-            let layout = Layout::new(size, entries).unwrap();
+            let layout = Layout::new(size, entries_for(size, None)).unwrap();
             return Tmp(Pool::init(Segment::anonymous(size as usize), layout));
         }
         Tmp(Pool::create(&name(tag), size, None, 0o600).unwrap())
