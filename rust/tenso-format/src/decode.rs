@@ -51,6 +51,8 @@ pub struct DecodeOptions {
     pub max_elements: u64,
     /// Verify XXH3 footers. Default true. When false the footer bytes must still be present.
     pub verify_integrity: bool,
+    /// The one-shot XXH3-64 that verifies single-piece bodies (see [`crate::hash`]); `None`: `xxhash-rust`.
+    pub xxh3: Option<crate::hash::Xxh3Fn>,
 }
 
 impl Default for DecodeOptions {
@@ -59,6 +61,17 @@ impl Default for DecodeOptions {
             max_depth: MAX_DEPTH,
             max_elements: MAX_ELEMENTS,
             verify_integrity: true,
+            xxh3: None,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// These options with `f` as the one-shot XXH3-64.
+    pub fn with_xxh3(self, f: crate::hash::Xxh3Fn) -> Self {
+        DecodeOptions {
+            xxh3: Some(f),
+            ..self
         }
     }
 }
@@ -381,7 +394,8 @@ fn verify(opts: &DecodeOptions, stored: u64, parts: &[&[u8]]) -> Result<(), Form
     }
     #[cfg(feature = "xxh3")]
     {
-        check_digest(stored, crate::hash::xxh3_64_parts(parts))
+        let f = crate::hash::or_default(opts.xxh3);
+        check_digest(stored, crate::hash::xxh3_64_parts_with(f, parts))
     }
     #[cfg(not(feature = "xxh3"))]
     {
@@ -589,7 +603,8 @@ impl Decoder<'_> {
             // 0.19.4's `dumps` hashes bodies of 1 MiB or more in 1 MiB chunks (FORMAT.md §5.3).
             if version == Version::V3
                 && data.len() >= CHUNKED_HASH_CHUNK
-                && crate::hash::xxh3_64_chunked(data) == stored
+                && crate::hash::xxh3_64_chunked_with(crate::hash::or_default(self.opts.xxh3), data)
+                    == stored
             {
                 return Ok(());
             }

@@ -32,6 +32,8 @@ pub struct EncodeOptions {
     pub integrity: bool,
     /// Compress dense leaves with LZ4 (honoured by [`encode`] only). Default false.
     pub compress: bool,
+    /// The one-shot XXH3-64 of single-piece footers (see [`crate::hash`]); `None`: `xxhash-rust`.
+    pub xxh3: Option<crate::hash::Xxh3Fn>,
 }
 
 impl Default for EncodeOptions {
@@ -41,11 +43,20 @@ impl Default for EncodeOptions {
             alignment: DEFAULT_ALIGNMENT,
             integrity: false,
             compress: false,
+            xxh3: None,
         }
     }
 }
 
 impl EncodeOptions {
+    /// These options with `f` as the one-shot XXH3-64.
+    pub fn with_xxh3(self, f: crate::hash::Xxh3Fn) -> Self {
+        EncodeOptions {
+            xxh3: Some(f),
+            ..self
+        }
+    }
+
     /// Checks the alignment: a power of two, at most `2^63`.
     pub fn validate(&self) -> Result<(), FormatError> {
         if !self.alignment.is_power_of_two()
@@ -156,6 +167,7 @@ pub fn plan(item: &Item<'_>, opts: &EncodeOptions) -> Result<Plan, FormatError> 
         out: None,
         pos: 0,
         slots: Vec::new(),
+        xxh3: opts.xxh3,
     };
     e.item(item, opts, 0)?;
     Ok(Plan {
@@ -182,17 +194,23 @@ pub fn encode_into(
         out: Some(out),
         pos: 0,
         slots: Vec::new(),
+        xxh3: opts.xxh3,
     };
     e.item(item, opts, 0)?;
     debug_assert_eq!(e.pos, p.len);
     Ok(p)
 }
 
-/// Computes the footers of deferred bodies after the caller filled them.
+/// Computes the footers of deferred bodies after the caller filled them, with `xxhash-rust`.
 pub fn seal(out: &mut [u8], slots: &[Slot]) {
+    seal_with(out, slots, &EncodeOptions::default());
+}
+
+/// [`seal`] with the XXH3 implementation of `opts` (the options the plan was made with).
+pub fn seal_with(out: &mut [u8], slots: &[Slot], opts: &EncodeOptions) {
     for s in slots {
         if let Some(at) = s.footer {
-            let d = digest(&[&out[s.body.clone()]]);
+            let d = digest(opts.xxh3, &[&out[s.body.clone()]]);
             out[at..at + 8].copy_from_slice(&d.to_le_bytes());
         }
     }
@@ -277,12 +295,12 @@ fn with_frames<'b>(item: &Item<'b>, frames: &'b [Vec<u8>], idx: &mut usize) -> I
 }
 
 #[cfg(feature = "xxh3")]
-fn digest(parts: &[&[u8]]) -> u64 {
-    crate::hash::xxh3_64_parts(parts)
+fn digest(xxh3: Option<crate::hash::Xxh3Fn>, parts: &[&[u8]]) -> u64 {
+    crate::hash::xxh3_64_parts_with(crate::hash::or_default(xxh3), parts)
 }
 
 #[cfg(not(feature = "xxh3"))]
-fn digest(_: &[&[u8]]) -> u64 {
+fn digest(_: Option<crate::hash::Xxh3Fn>, _: &[&[u8]]) -> u64 {
     unreachable!("plan refuses integrity without the xxh3 feature")
 }
 
@@ -318,6 +336,8 @@ struct Emitter<'o> {
     out: Option<&'o mut [u8]>,
     pos: usize,
     slots: Vec<Slot>,
+    /// [`EncodeOptions::xxh3`].
+    xxh3: Option<crate::hash::Xxh3Fn>,
 }
 
 impl Emitter<'_> {
@@ -378,7 +398,7 @@ impl Emitter<'_> {
         if let Some(out) = self.out.as_deref_mut() {
             let d = {
                 let pieces: Vec<&[u8]> = parts.iter().map(|p| &out[p.clone()]).collect();
-                digest(&pieces)
+                digest(self.xxh3, &pieces)
             };
             out[r].copy_from_slice(&d.to_le_bytes());
         }
@@ -746,7 +766,7 @@ mod tests {
             version,
             alignment,
             integrity,
-            compress: false,
+            ..EncodeOptions::default()
         }
     }
 
@@ -870,6 +890,49 @@ mod tests {
         assert_eq!(
             p[p.len() - 8..],
             [0xc2, 0x94, 0xd3, 0x38, 0x05, 0x80, 0x06, 0x2d]
+        );
+    }
+
+    #[cfg(feature = "xxh3")]
+    #[test]
+    fn options_carry_the_xxh3_implementation() {
+        use crate::decode::{decode_with, DecodeOptions};
+        use crate::hash::Xxh3Fn;
+        // A stand-in that is not XXH3, so that the footers show which implementation wrote and checked them.
+        let fake = Xxh3Fn(|data| 0x5EED ^ data.len() as u64);
+        let body = f32s(&[1.0, 2.0, 3.0]);
+        let item = Item::Dense {
+            dtype: DType::Float32,
+            shape: vec![3],
+            body: BodySrc::Bytes(&body),
+        };
+        let o = opts(Version::V4, 64, true).with_xxh3(fake);
+        let p = encode(&item, &o).unwrap();
+        assert_eq!(p[p.len() - 8..], (0x5EED ^ 12u64).to_le_bytes());
+        let checked = DecodeOptions::default().with_xxh3(fake);
+        assert!(decode_with(&p, &checked).is_ok());
+        assert!(
+            decode(&p).unwrap_err().is_integrity(),
+            "xxhash-rust disagrees"
+        );
+        // seal_with uses the options' implementation; seal uses xxhash-rust.
+        let deferred = Item::Dense {
+            dtype: DType::Float32,
+            shape: vec![3],
+            body: BodySrc::Deferred,
+        };
+        let plan = plan(&deferred, &o).unwrap();
+        let mut out = vec![0u8; plan.len];
+        encode_into(&deferred, &o, &mut out).unwrap();
+        out[plan.slots[0].body.clone()].copy_from_slice(&body);
+        seal_with(&mut out, &plan.slots, &o);
+        assert_eq!(out, p);
+        seal(&mut out, &plan.slots);
+        assert!(decode(&out).is_ok());
+        // Which implementation does not take part in equality: all of them compute XXH3.
+        assert_eq!(
+            o,
+            opts(Version::V4, 64, true).with_xxh3(Xxh3Fn::XXHASH_RUST)
         );
     }
 

@@ -1,4 +1,4 @@
-//! XXH3-64 integrity digests (feature `xxh3`).
+//! XXH3-64 integrity digests (feature `xxh3`; the [`Xxh3Fn`] seam is always there).
 //!
 //! The footer is XXH3 64-bit, seed 0, default secret, stored little-endian right after the protected bytes.
 //! v3 packets written by 0.19.4's `dumps` use a chunked variant for bodies of 1 MiB or more (FORMAT.md §5.3):
@@ -10,53 +10,81 @@
 //!
 //! Writers always use the plain digest; readers of v3 dense bodies try the chunked one as a fallback.
 //!
-//! # Pluggable fast path
+//! # A faster XXH3
 //!
 //! This crate is portable and free of `unsafe`, so its own XXH3 is `xxhash-rust` compiled for the build target (SSE2 on
-//! baseline x86-64). An embedder may install a faster, bit-identical one-shot implementation once per process with
-//! [`set_xxh3_64_impl`]; [`xxh3_64`], [`xxh3_64_chunked`] and [`xxh3_64_parts`] (and so encode footers, `seal` and
-//! decode verification of single-piece bodies) then use it for inputs of [`FAST_PATH_MIN_LEN`] bytes or more. The
-//! Python bindings install a SIMD implementation (AVX-512 / AVX2) chosen at run time. The streaming [`Hasher`] always
-//! uses `xxhash-rust`.
+//! baseline x86-64). A caller with a faster, bit-identical one-shot implementation (the Python binding passes
+//! `tenso-kernels`' AVX-512 / AVX2 one, chosen at run time) hands it over as an [`Xxh3Fn`] in
+//! [`DecodeOptions::xxh3`](crate::DecodeOptions::xxh3) and [`EncodeOptions::xxh3`](crate::EncodeOptions::xxh3)
+//! (used by decode verification, encode footers and [`seal_with`](crate::seal_with)), or to the `*_with` functions
+//! here. Digests over several pieces use the streaming [`Hasher`], which is always `xxhash-rust`. Without the `xxh3`
+//! feature only [`Xxh3Fn`] exists, and integrity footers are unsupported whatever the options carry.
 
-use std::sync::OnceLock;
-
+#[cfg(feature = "xxh3")]
 use crate::consts::CHUNKED_HASH_CHUNK;
 
-/// Inputs shorter than this always use `xxhash-rust` (XXH3's short-input paths end at 240 bytes; a plugged
-/// implementation only pays off on the long-input loop).
-pub const FAST_PATH_MIN_LEN: usize = 1024;
+/// A one-shot XXH3-64 (seed 0, default secret) implementation. It must return exactly what `xxhash-rust`'s
+/// `xxh3::xxh3_64` does for every input: the format relies on it and nothing checks it.
+///
+/// Two of them compare equal whichever implementations they wrap, since all of them compute the same function.
+#[derive(Clone, Copy)]
+pub struct Xxh3Fn(pub fn(&[u8]) -> u64);
 
-/// A one-shot XXH3-64 (seed 0, default secret) implementation.
-pub type Xxh3Impl = fn(&[u8]) -> u64;
+impl Xxh3Fn {
+    /// `xxhash-rust`, the implementation used when the options carry none.
+    #[cfg(feature = "xxh3")]
+    pub const XXHASH_RUST: Xxh3Fn = Xxh3Fn(xxhash_rust::xxh3::xxh3_64);
 
-static FAST_IMPL: OnceLock<Xxh3Impl> = OnceLock::new();
-
-/// Installs a one-shot XXH3-64 implementation for long inputs (see the module docs). It must return exactly
-/// `xxhash_rust::xxh3::xxh3_64(data)` for every input; only the first call per process takes effect, and the return
-/// value says whether this call did.
-pub fn set_xxh3_64_impl(f: Xxh3Impl) -> bool {
-    FAST_IMPL.set(f).is_ok()
+    /// The digest of `data`.
+    #[inline]
+    pub fn digest(self, data: &[u8]) -> u64 {
+        (self.0)(data)
+    }
 }
 
-/// XXH3-64 (seed 0) of `data`.
+impl PartialEq for Xxh3Fn {
+    fn eq(&self, _: &Self) -> bool {
+        // Every implementation computes XXH3-64 (the type's contract), so they are interchangeable. Comparing the
+        // pointers would not even be reliable: one function may have several addresses.
+        true
+    }
+}
+
+impl Eq for Xxh3Fn {}
+
+impl std::fmt::Debug for Xxh3Fn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Xxh3Fn(..)")
+    }
+}
+
+/// `f`, or [`Xxh3Fn::XXHASH_RUST`] when the options carry none.
+#[cfg(feature = "xxh3")]
+pub(crate) fn or_default(f: Option<Xxh3Fn>) -> Xxh3Fn {
+    f.unwrap_or(Xxh3Fn::XXHASH_RUST)
+}
+
+/// XXH3-64 (seed 0) of `data` (`xxhash-rust`).
+#[cfg(feature = "xxh3")]
 #[inline]
 pub fn xxh3_64(data: &[u8]) -> u64 {
-    if data.len() >= FAST_PATH_MIN_LEN {
-        if let Some(f) = FAST_IMPL.get() {
-            return f(data);
-        }
-    }
     xxhash_rust::xxh3::xxh3_64(data)
 }
 
-/// XXH3-64 (seed 0) of the concatenation of `parts`. A single non-empty part takes the one-shot path ([`xxh3_64`]);
-/// several go through the streaming [`Hasher`].
+/// XXH3-64 (seed 0) of the concatenation of `parts` (`xxhash-rust`).
+#[cfg(feature = "xxh3")]
 pub fn xxh3_64_parts(parts: &[&[u8]]) -> u64 {
+    xxh3_64_parts_with(Xxh3Fn::XXHASH_RUST, parts)
+}
+
+/// XXH3-64 (seed 0) of the concatenation of `parts`. A single non-empty part is hashed in one shot by `f`; several go
+/// through the streaming [`Hasher`].
+#[cfg(feature = "xxh3")]
+pub fn xxh3_64_parts_with(f: Xxh3Fn, parts: &[&[u8]]) -> u64 {
     let mut non_empty = parts.iter().filter(|p| !p.is_empty());
     match (non_empty.next(), non_empty.next()) {
-        (None, _) => xxh3_64(&[]),
-        (Some(only), None) => xxh3_64(only),
+        (None, _) => f.digest(&[]),
+        (Some(only), None) => f.digest(only),
         _ => {
             let mut h = Hasher::new();
             for p in parts {
@@ -67,34 +95,45 @@ pub fn xxh3_64_parts(parts: &[&[u8]]) -> u64 {
     }
 }
 
-/// The chunked variant of 0.19.4 (see the module docs).
+/// The chunked variant of 0.19.4 (see the module docs), with `xxhash-rust`.
+#[cfg(feature = "xxh3")]
 pub fn xxh3_64_chunked(data: &[u8]) -> u64 {
+    xxh3_64_chunked_with(Xxh3Fn::XXHASH_RUST, data)
+}
+
+/// The chunked variant of 0.19.4 (see the module docs), each chunk hashed by `f`.
+#[cfg(feature = "xxh3")]
+pub fn xxh3_64_chunked_with(f: Xxh3Fn, data: &[u8]) -> u64 {
     if data.len() < CHUNKED_HASH_CHUNK {
-        return xxh3_64(data);
+        return f.digest(data);
     }
     let mut h = Hasher::new();
     for chunk in data.chunks(CHUNKED_HASH_CHUNK) {
-        h.update(&xxh3_64(chunk).to_le_bytes());
+        h.update(&f.digest(chunk).to_le_bytes());
     }
     h.digest()
 }
 
 /// Streaming XXH3-64, for digests over several pieces (v4 quantized metadata ‖ codes).
+#[cfg(feature = "xxh3")]
 #[derive(Clone)]
 pub struct Hasher(xxhash_rust::xxh3::Xxh3);
 
+#[cfg(feature = "xxh3")]
 impl std::fmt::Debug for Hasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Hasher").field(&self.0.digest()).finish()
     }
 }
 
+#[cfg(feature = "xxh3")]
 impl Default for Hasher {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(feature = "xxh3")]
 impl Hasher {
     /// A fresh hasher (seed 0).
     pub fn new() -> Self {
@@ -112,7 +151,7 @@ impl Hasher {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "xxh3"))]
 mod tests {
     use super::*;
 
@@ -139,6 +178,29 @@ mod tests {
         assert_eq!(xxh3_64_parts(&[&data[..100], &data[100..]]), whole);
         assert_eq!(xxh3_64_parts(&[]), xxh3_64(b""));
         assert_eq!(xxh3_64_parts(&[&[], &[]]), xxh3_64(b""));
+    }
+
+    #[test]
+    fn with_uses_the_given_implementation() {
+        // A stand-in that is not XXH3 shows which calls go through `f`.
+        let f = Xxh3Fn(|data| data.len() as u64);
+        let data = vec![5u8; CHUNKED_HASH_CHUNK + 3];
+        assert_eq!(xxh3_64_parts_with(f, &[&[], &data[..7]]), 7);
+        assert_eq!(xxh3_64_parts_with(f, &[]), 0);
+        let streamed = xxh3_64_parts(&[&data[..1], &data[1..2]]);
+        assert_eq!(xxh3_64_parts_with(f, &[&data[..1], &data[1..2]]), streamed);
+        assert_eq!(xxh3_64_chunked_with(f, &data[..100]), 100);
+        let mut cat = Vec::new();
+        cat.extend_from_slice(&(CHUNKED_HASH_CHUNK as u64).to_le_bytes());
+        cat.extend_from_slice(&3u64.to_le_bytes());
+        assert_eq!(xxh3_64_chunked_with(f, &data), xxh3_64(&cat));
+        assert_eq!(Xxh3Fn::XXHASH_RUST.digest(b""), xxh3_64(b""));
+        assert_eq!(
+            Some(f),
+            Some(Xxh3Fn::XXHASH_RUST),
+            "implementations are interchangeable"
+        );
+        assert_eq!(format!("{f:?}"), "Xxh3Fn(..)");
     }
 
     #[test]

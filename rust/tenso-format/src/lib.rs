@@ -31,7 +31,8 @@
 //!   caller into [`Slot`]s;
 //! * [`frame()`]: incremental stream framing;
 //! * [`packet_info`]: header inspection;
-//! * [`quant`]: quantization arithmetic; `lz4` and `hash` (features `lz4`, `xxh3`).
+//! * [`quant`]: quantization arithmetic; `lz4` and `hash` (features `lz4`, `xxh3`; [`hash::Xxh3Fn`] plugs in a faster
+//!   XXH3).
 //!
 //! Built with `--no-default-features`, compressed bodies and integrity footers give
 //! [`FormatError::Unsupported`] (unless integrity verification is switched off).
@@ -58,7 +59,6 @@ pub mod dtype;
 pub mod encode;
 pub mod error;
 pub mod frame;
-#[cfg(feature = "xxh3")]
 pub mod hash;
 pub mod header;
 pub mod info;
@@ -74,7 +74,8 @@ pub use decode::{
 };
 pub use dtype::{DType, QDType, QuantScheme, SparseFormat, Version};
 pub use encode::{
-    dense_prefix_len, encode, encode_into, plan, seal, BodySrc, EncodeOptions, Item, Plan, Slot,
+    dense_prefix_len, encode, encode_into, plan, seal, seal_with, BodySrc, EncodeOptions, Item,
+    Plan, Slot,
 };
 pub use error::FormatError;
 pub use frame::{frame, Frame};

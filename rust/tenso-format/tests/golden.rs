@@ -302,6 +302,7 @@ fn corpus_decodes_matches_layout_and_reencodes() {
             alignment: o["alignment"].as_u64().unwrap() as usize,
             integrity: o["check_integrity"].as_bool().unwrap(),
             compress: o["compress"].as_bool().unwrap(),
+            ..EncodeOptions::default()
         };
         let mut arena = Vec::new();
         bodies(&packet, &mut arena);

@@ -43,6 +43,7 @@ fn options() -> impl Strategy<Value = EncodeOptions> {
             alignment,
             integrity,
             compress,
+            ..EncodeOptions::default()
         },
     )
 }

@@ -64,9 +64,9 @@ fn encode_to_array<'py>(
         // SAFETY: as above; the views `fill_slots` created over `out` are gone (they were temporaries).
         let buf = unsafe { bytes_mut(&out, plan.len) };
         if big {
-            py.detach(|| tenso_format::seal(buf, &plan.slots));
+            py.detach(|| tenso_format::seal_with(buf, &plan.slots, &opts));
         } else {
-            tenso_format::seal(buf, &plan.slots);
+            tenso_format::seal_with(buf, &plan.slots, &opts);
         }
     }
     Ok(out)
@@ -156,9 +156,9 @@ fn _dump_parts<'py>(
             let bytes = Source::new(body.as_any())?;
             let slice = bytes.bytes();
             let digest = if slice.len() >= DETACH_BYTES {
-                py.detach(|| tenso_format::hash::xxh3_64(slice))
+                py.detach(|| tenso_kernels::xxh3::xxh3_64(slice))
             } else {
-                tenso_format::hash::xxh3_64(slice)
+                tenso_kernels::xxh3::xxh3_64(slice)
             };
             frame[footer..footer + 8].copy_from_slice(&digest.to_le_bytes());
         }
@@ -249,7 +249,7 @@ fn dump_to_buffer_rs(
     if !plan.slots.is_empty() {
         fill_slots(&target, &plan.slots, &collected)?;
         // SAFETY: as above; the temporary views made by `fill_slots` are gone.
-        tenso_format::seal(unsafe { bytes_mut(&target, plan.len) }, &plan.slots);
+        tenso_format::seal_with(unsafe { bytes_mut(&target, plan.len) }, &plan.slots, &opts);
     }
     Ok(plan.len)
 }
@@ -353,7 +353,7 @@ fn _alloc(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyUntypedArray>> {
 fn _xxh3_64(data: &Bound<'_, PyAny>) -> PyResult<u64> {
     let source = Source::new(data)?;
     let bytes = source.bytes();
-    Ok(data.py().detach(|| tenso_format::hash::xxh3_64(bytes)))
+    Ok(data.py().detach(|| tenso_kernels::xxh3::xxh3_64(bytes)))
 }
 
 /// The chunked XXH3 variant written by tenso 0.19.4 for bodies of 1 MiB or more.
@@ -363,7 +363,7 @@ fn _xxh3_64_chunked(data: &Bound<'_, PyAny>) -> PyResult<u64> {
     let bytes = source.bytes();
     Ok(data
         .py()
-        .detach(|| tenso_format::hash::xxh3_64_chunked(bytes)))
+        .detach(|| tenso_format::hash::xxh3_64_chunked_with(tenso_kernels::xxh3::XXH3_FN, bytes)))
 }
 
 /// An LZ4 frame of a buffer, as the writer compresses bodies.

@@ -30,9 +30,9 @@ impl<'s, 'py> Decoder<'s, 'py> {
         let py = source.owner.py();
         let bytes = source.bytes();
         let packet = if bytes.len() >= DETACH_BYTES {
-            py.detach(|| tenso_format::decode(bytes))
+            py.detach(|| tenso_format::decode_with(bytes, &crate::decode_options()))
         } else {
-            tenso_format::decode(bytes)
+            tenso_format::decode_with(bytes, &crate::decode_options())
         }
         .map_err(decode_error)?;
         Decoder {

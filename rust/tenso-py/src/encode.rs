@@ -11,9 +11,10 @@ use tenso_format::{
     BodySrc, DType, EncodeOptions, Item, QDType, QuantScheme, SparseFormat, Version, MAX_DEPTH,
 };
 
+use tenso_kernels::gather::Strided;
+
 use crate::buffers::{bytes_mut, data_ptr, descr_for, view_over, wire_dtype, Source};
 use crate::errors::encode_error;
-use crate::gather::Strided;
 
 /// Bodies at least this large are copied, hashed or compressed with the GIL released.
 pub(crate) const DETACH_BYTES: usize = 256 * 1024;
@@ -430,34 +431,13 @@ fn walk_quantized<'py>(
     })
 }
 
-/// An LZ4 frame of `body`. Bodies of several 4 MiB blocks are compressed on all cores (the blocks are independent,
-/// so the frame decodes anywhere); small ones in one call with the GIL held.
+/// An LZ4 frame of `body` (`tenso_kernels::lz4`: bodies of several 4 MiB blocks are compressed on all cores); small
+/// ones with the GIL held.
 pub(crate) fn compress_body(py: Python<'_>, body: &[u8]) -> Vec<u8> {
-    use tenso_format::lz4::{compress_frame, frame_block, frame_from_blocks, FRAME_BLOCK_SIZE};
     if body.len() < DETACH_BYTES {
-        return compress_frame(body);
+        return tenso_kernels::lz4::compress_frame(body);
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 || body.len() < 2 * FRAME_BLOCK_SIZE {
-        return py.detach(|| compress_frame(body));
-    }
-    py.detach(|| {
-        let chunks: Vec<&[u8]> = body.chunks(FRAME_BLOCK_SIZE).collect();
-        let per_thread = chunks.len().div_ceil(threads);
-        let blocks: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = chunks
-                .chunks(per_thread)
-                .map(|group| {
-                    scope.spawn(move || group.iter().map(|c| frame_block(c)).collect::<Vec<_>>())
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("a compression worker panicked"))
-                .collect()
-        });
-        frame_from_blocks(&blocks)
-    })
+    py.detach(|| tenso_kernels::lz4::compress_frame(body))
 }
 
 /// Builds the writer options from the Python keywords.
@@ -489,7 +469,9 @@ pub(crate) fn encode_options(
         alignment: alignment as usize,
         integrity: check_integrity,
         compress: false,
-    })
+        ..EncodeOptions::default()
+    }
+    .with_xxh3(tenso_kernels::xxh3::XXH3_FN))
 }
 
 /// Copies each gathered array into its slot of `out` (a uint8 array), converting layout and byte order on the way.
@@ -552,13 +534,19 @@ pub(crate) fn gather_array<'py>(
     let src = unsafe { std::slice::from_raw_parts(data_ptr(array).offset(low), span_len) };
     // SAFETY: `out` is our exclusively-owned buffer and `range` is inside it; no other Rust reference to it exists.
     let dst = unsafe { &mut bytes_mut(out, range.end)[range.start..] };
-    let strided = Strided {
+    let strided = Strided::try_new(
         src,
-        origin: (-low) as usize,
-        shape: array.shape(),
-        strides: array.strides(),
+        (-low) as usize,
+        array.shape(),
+        array.strides(),
         itemsize,
-    };
+    )
+    .ok_or_else(|| PyValueError::new_err("internal error: array elements outside their span"))?;
+    if strided.len() != dst.len() {
+        return Err(PyValueError::new_err(
+            "internal error: gather slot size differs from the array's",
+        ));
+    }
     if dst.len() >= DETACH_BYTES {
         py.detach(|| strided.gather_into(dst));
     } else {

@@ -9,25 +9,41 @@ mod codec;
 mod decode;
 mod encode;
 mod errors;
-mod gather;
 mod parts;
 mod quant;
 mod shm;
-mod xxh3;
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
+use tenso_format::DecodeOptions;
 
 /// Registers every function and constant of the module.
 #[pymodule]
 fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    xxh3::install();
     codec::register(m)?;
     quant::register(m)?;
     parts::register(m)?;
     shm::register(m)?;
     constants(m)?;
+    m.add_function(wrap_pyfunction!(_kernel_paths, m)?)?;
     Ok(())
+}
+
+/// The decoder options of every packet read from Python: the defaults, with `tenso-kernels`' XXH3 (AVX-512 / AVX2
+/// where the CPU has them) verifying integrity footers. The writer's are `encode::encode_options`.
+pub(crate) fn decode_options() -> DecodeOptions {
+    DecodeOptions::default().with_xxh3(tenso_kernels::xxh3::XXH3_FN)
+}
+
+/// The paths the compute kernels take in this process, e.g. `{"xxh3": "avx2", "gather": "specialized"}`
+/// (`"portable"` everywhere under `TENSO_FORCE_PORTABLE=1`).
+#[pyfunction]
+fn _kernel_paths(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let paths = PyDict::new(py);
+    for (kernel, path) in tenso_kernels::Paths::active().names() {
+        paths.set_item(kernel, path)?;
+    }
+    Ok(paths)
 }
 
 /// The protocol constants, defined once in `tenso-format` and re-exported by `tenso.config`.

@@ -206,10 +206,11 @@ unsafe fn write_packet(
         fill_slots(&out, &plan.slots, &prepared.collected)?;
         // SAFETY: the temporary views made by fill_slots are gone; `out` covers exactly our `len` bytes.
         let buf = unsafe { bytes_mut(&out, len) };
+        let opts = &prepared.opts;
         if len >= DETACH_BYTES {
-            py.detach(|| tenso_format::seal(buf, &plan.slots));
+            py.detach(|| tenso_format::seal_with(buf, &plan.slots, opts));
         } else {
-            tenso_format::seal(buf, &plan.slots);
+            tenso_format::seal_with(buf, &plan.slots, opts);
         }
     }
     Ok(())

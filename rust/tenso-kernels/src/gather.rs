@@ -3,28 +3,89 @@
 //! NumPy's generic copy walks element by element through an iterator; for the layouts people actually send (a slice
 //! with a step, a transposed matrix, a column block) that costs several times a plain memcpy. Here the layout is first
 //! simplified (unit dimensions dropped, dimensions that are contiguous with each other merged), then copied with the
-//! cheapest loop that fits it: whole rows, cache-sized tiles for transposes, or fixed-size element moves.
+//! cheapest loop that fits it: whole rows, cache-sized tiles for transposes, or fixed-size element moves
+//! ([`Path::Specialized`]). [`Path::Portable`] is the reference loop: one element at a time, in C order, on one thread.
 //!
-//! Everything here is safe code over slices: the one `unsafe` step, turning the array's memory span into a slice, is in
-//! [`crate::encode`], next to the array it borrows.
+//! Everything here is safe code over slices; the caller turns an array's memory span into a slice (the binding does
+//! so next to the array it borrows) and [`Strided::try_new`] checks that every element lies inside it.
 
 use std::sync::Mutex;
 
 /// Edge of the square tiles used for transposed layouts: 32 x 32 elements of up to 16 bytes stay within L1.
 const TILE: usize = 32;
 
-/// A strided view of `src`: element `[i0, i1, ...]` starts at byte `origin + sum(i_k * strides[k])`.
-pub(crate) struct Strided<'a> {
-    pub src: &'a [u8],
-    pub origin: usize,
-    pub shape: &'a [usize],
-    pub strides: &'a [isize],
-    pub itemsize: usize,
+/// A gather implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Loops chosen by layout: row copies, cache tiles for transposes (on several threads when large), fixed-size
+    /// element moves that the compiler vectorizes.
+    Specialized,
+    /// One element at a time, in C order, on one thread.
+    Portable,
 }
 
-impl Strided<'_> {
+impl Path {
+    /// The name reported to Python (`tenso.tenso_rs._kernel_paths()`): `specialized` or `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Specialized => "specialized",
+            Path::Portable => "portable",
+        }
+    }
+
+    /// The path [`Strided::gather_into`] takes: [`Path::Portable`] when forced (see the crate docs).
+    pub fn active() -> Path {
+        if crate::portable_forced() {
+            Path::Portable
+        } else {
+            Path::Specialized
+        }
+    }
+}
+
+/// A strided view of `src`: element `[i0, i1, ...]` starts at byte `origin + sum(i_k * strides[k])`.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a> {
+    src: &'a [u8],
+    origin: usize,
+    shape: &'a [usize],
+    strides: &'a [isize],
+    itemsize: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// A view of the elements of `shape` and byte `strides` (NumPy's), each `itemsize` bytes, the first at byte
+    /// `origin` of `src`. `None` unless `shape` and `strides` have the same length, `itemsize` is not zero and every
+    /// element lies inside `src` (an array with no elements needs no bytes).
+    pub fn try_new(
+        src: &'a [u8],
+        origin: usize,
+        shape: &'a [usize],
+        strides: &'a [isize],
+        itemsize: usize,
+    ) -> Option<Self> {
+        if shape.len() != strides.len() || itemsize == 0 {
+            return None;
+        }
+        shape.iter().try_fold(itemsize, |n, &d| n.checked_mul(d))?;
+        if let Some((low, len)) = Self::span(shape, strides, itemsize) {
+            let first = isize::try_from(origin).ok()?.checked_add(low)?;
+            let first = usize::try_from(first).ok()?;
+            if first.checked_add(len)? > src.len() {
+                return None;
+            }
+        }
+        Some(Strided {
+            src,
+            origin,
+            shape,
+            strides,
+            itemsize,
+        })
+    }
+
     /// The byte span `(lowest offset, length)` that an array of this shape and strides touches, relative to the
-    /// first element; `None` for an empty array.
+    /// first element; `None` for an empty array (or one whose offsets overflow).
     pub fn span(shape: &[usize], strides: &[isize], itemsize: usize) -> Option<(isize, usize)> {
         let mut low = 0isize;
         let mut high = 0isize;
@@ -43,21 +104,71 @@ impl Strided<'_> {
         Some((low, len))
     }
 
-    /// Copies every element, in C order, into `dst` (exactly `product(shape) * itemsize` bytes). Large transposes
-    /// are split along their outermost dimension across threads: their reads are bound by memory latency (every
-    /// element of a source column sits on another page), so each core adds throughput. Row copies and strided rows
-    /// stream through memory at full bandwidth already, and stay on one thread.
+    /// Bytes of the C-order copy: `product(shape) * itemsize`.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.itemsize
+    }
+
+    /// Whether the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies every element, in C order, into `dst`, on the [active](Path::active) path.
+    ///
+    /// On the specialized path, large transposes are split along their outermost dimension across threads: their
+    /// reads are bound by memory latency (every element of a source column sits on another page), so each core adds
+    /// throughput. Row copies and strided rows stream through memory at full bandwidth already, and stay on one thread.
+    ///
+    /// # Panics
+    ///
+    /// If `dst.len()` is not [`Self::len`].
     pub fn gather_into(&self, dst: &mut [u8]) {
-        let dims = simplify(self.shape, self.strides);
-        let size = self.itemsize as isize;
-        let transposed =
-            matches!(dims.as_slice(), [.., (_, rs), (_, cs)] if *rs == size && *cs != size);
-        let threads = if transposed {
-            parallelism(dst.len())
-        } else {
-            1
-        };
-        self.gather_threads(&dims, dst, threads);
+        self.gather_on(Path::active(), dst);
+    }
+
+    /// [`Self::gather_into`] on `path` (for tests and benchmarks).
+    ///
+    /// # Panics
+    ///
+    /// If `dst.len()` is not [`Self::len`].
+    pub fn gather_on(&self, path: Path, dst: &mut [u8]) {
+        assert_eq!(dst.len(), self.len(), "gather output of the wrong size");
+        match path {
+            Path::Portable => self.gather_portable(dst),
+            Path::Specialized => {
+                let dims = simplify(self.shape, self.strides);
+                let size = self.itemsize as isize;
+                let transposed =
+                    matches!(dims.as_slice(), [.., (_, rs), (_, cs)] if *rs == size && *cs != size);
+                let threads = if transposed {
+                    parallelism(dst.len())
+                } else {
+                    1
+                };
+                self.gather_threads(&dims, dst, threads);
+            }
+        }
+    }
+
+    /// The portable path: an odometer over the original shape and strides, one element per step.
+    fn gather_portable(&self, dst: &mut [u8]) {
+        let (shape, strides, size) = (self.shape, self.strides, self.itemsize);
+        let mut index = vec![0usize; shape.len()];
+        let mut offset = self.origin as isize;
+        for element in dst.chunks_exact_mut(size) {
+            let at = offset as usize;
+            element.copy_from_slice(&self.src[at..at + size]);
+            for k in (0..shape.len()).rev() {
+                index[k] += 1;
+                offset += strides[k];
+                if index[k] < shape[k] {
+                    break;
+                }
+                offset -= strides[k] * shape[k] as isize;
+                index[k] = 0;
+            }
+        }
     }
 
     /// [`Self::gather_into`] of the simplified `dims` on up to `threads` threads.
@@ -329,26 +440,90 @@ mod tests {
     }
 
     fn check(shape: &[usize], strides: &[isize], size: usize) {
-        let (low, len) = Strided::span(shape, strides, size).expect("non-empty");
-        let src: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-        let origin = (-low) as usize;
-        let expected = naive(&src, origin, shape, strides, size);
-        let strided = Strided {
-            src: &src,
-            origin,
-            shape,
-            strides,
-            itemsize: size,
-        };
-        // One thread, and bands across three (what large arrays get on a multi-core machine).
-        for threads in [1, 3] {
+        // The span starts `shift` bytes into the source, so that no path relies on an aligned source.
+        for shift in [0usize, 3] {
+            let (low, len) = Strided::span(shape, strides, size).expect("non-empty");
+            let src: Vec<u8> = (0..len + shift).map(|i| (i * 7 + 3) as u8).collect();
+            let origin = (-low) as usize + shift;
+            let expected = naive(&src, origin, shape, strides, size);
+            let strided = Strided::try_new(&src, origin, shape, strides, size).expect("in bounds");
+            let what = format!("shape {shape:?} strides {strides:?} size {size} shift {shift}");
+            // One thread, and bands across three (what large arrays get on a multi-core machine).
+            for threads in [1, 3] {
+                let mut got = vec![0u8; expected.len()];
+                strided.gather_threads(&simplify(shape, strides), &mut got, threads);
+                assert_eq!(got, expected, "{what} threads {threads}");
+            }
+            for path in [Path::Specialized, Path::Portable] {
+                let mut got = vec![0u8; expected.len()];
+                strided.gather_on(path, &mut got);
+                assert_eq!(got, expected, "{what} {path:?}");
+            }
             let mut got = vec![0u8; expected.len()];
-            strided.gather_threads(&simplify(shape, strides), &mut got, threads);
-            assert_eq!(
-                got, expected,
-                "shape {shape:?} strides {strides:?} size {size} threads {threads}"
-            );
+            strided.gather_into(&mut got);
+            assert_eq!(got, expected, "{what} active path");
         }
+    }
+
+    #[test]
+    fn specialized_matches_portable_on_many_shapes() {
+        // Transposes, column steps and reversed rows of every size around the tile edges.
+        let dims: &[usize] = if cfg!(miri) {
+            &[1, 2, 33]
+        } else {
+            &[1, 2, 31, 32, 33, 65]
+        };
+        let sizes: &[usize] = if cfg!(miri) {
+            &[1, 8, 3]
+        } else {
+            &[1, 2, 4, 8, 16, 12]
+        };
+        for &size in sizes {
+            let s = size as isize;
+            for &rows in dims {
+                for &cols in dims {
+                    let (r, c) = (rows as isize, cols as isize);
+                    check(&[rows, cols], &[s, r * s], size); // transposed
+                    check(&[rows, cols], &[2 * c * s, 2 * s], size); // every other column
+                    check(&[rows, cols], &[-c * s, s], size); // reversed rows
+                    check(&[rows, cols], &[3 * c * s, -3 * s], size); // reversed, every third column
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn try_new_checks_bounds() {
+        let src = [0u8; 24];
+        assert!(Strided::try_new(&src, 0, &[2, 3], &[12, 4], 4).is_some());
+        assert!(
+            Strided::try_new(&src, 1, &[2, 3], &[12, 4], 4).is_none(),
+            "last element past the end"
+        );
+        assert!(Strided::try_new(&src, 8, &[2, 3], &[-8, 4], 4).is_some());
+        assert!(
+            Strided::try_new(&src, 7, &[2, 3], &[-8, 4], 4).is_none(),
+            "first row before the start"
+        );
+        assert!(
+            Strided::try_new(&src, 0, &[2, 3], &[12], 4).is_none(),
+            "strides of another rank"
+        );
+        assert!(
+            Strided::try_new(&src, 0, &[3], &[4], 0).is_none(),
+            "zero itemsize"
+        );
+        assert!(
+            Strided::try_new(&src, 0, &[usize::MAX, 2], &[0, 0], 4).is_none(),
+            "size overflows"
+        );
+        let empty = Strided::try_new(&[], 99, &[4, 0], &[8, 8], 8).expect("no element, no byte");
+        assert!(empty.is_empty());
+        empty.gather_into(&mut []);
+        let scalar = Strided::try_new(&src, 20, &[], &[], 4).expect("0-d");
+        let mut one = [9u8; 4];
+        scalar.gather_on(Path::Portable, &mut one);
+        assert_eq!(one, [0; 4]);
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! XXH3-64 (seed 0, default secret) for long inputs with SIMD kernels chosen at run time.
+//! XXH3-64 (seed 0, default secret) with SIMD kernels for long inputs, chosen at run time.
 //!
-//! `tenso-format` hashes with `xxhash-rust`, which is compiled for the build target: SSE2 on baseline x86-64. The
-//! module init installs [`select`]'s choice with `tenso_format::hash::set_xxh3_64_impl`, so every integrity digest of
-//! a long body (encode footers, `seal`, decode verification, `_xxh3_64`) runs on the widest vector unit the CPU has.
+//! `xxhash-rust` is compiled for the build target: SSE2 on baseline x86-64. [`xxh3_64`] runs the long-input loop on
+//! the widest vector unit the CPU has (AVX-512F, else AVX2) and everything else on `xxhash-rust`, the portable path
+//! ([`Path`]; `TENSO_FORCE_PORTABLE=1` or [`crate::set_force_portable`] selects it everywhere). The digests are the
+//! same on every path: the tests compare each kernel with `xxhash-rust` over many lengths and alignments.
 //!
-//! Only the long-input path of XXH3 (more than 240 bytes) is vectorized; shorter inputs, other architectures and CPUs
-//! without AVX2 use `xxhash-rust`. The long path, as the XXH3 specification defines it for the default secret:
+//! Only the long-input path of XXH3 (more than 240 bytes) is vectorized; shorter inputs, other architectures, Miri and
+//! CPUs without AVX2 use `xxhash-rust`. The long path, as the XXH3 specification defines it for the default secret:
 //!
 //! * eight u64 accumulators start at fixed primes; the input is cut into 64-byte stripes and 1024-byte blocks
 //!   (16 stripes: `(192 - 64) / 8`);
@@ -17,31 +18,97 @@
 //!   bytes are accumulated once more with the secret at byte `192 - 64 - 7`;
 //! * the accumulators are merged pairwise with the secret from byte 11 into `len · PRIME64_1`, then avalanched.
 
-/// Installs the fastest implementation this CPU supports as `tenso-format`'s long-input XXH3.
-pub(crate) fn install() {
-    // `false` only means an implementation is already installed (the module was initialised twice).
-    let _ = tenso_format::hash::set_xxh3_64_impl(select());
+/// Inputs up to this length take XXH3's short and mid-size paths, which `xxhash-rust` handles on every path.
+pub const MID_SIZE_MAX: usize = 240;
+
+/// An implementation of XXH3-64's long-input loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// One 512-bit accumulator (x86-64 with AVX-512F).
+    Avx512,
+    /// Two 256-bit accumulators (x86-64 with AVX2).
+    Avx2,
+    /// `xxhash-rust` as compiled for the build target.
+    Portable,
 }
 
-/// The fastest bit-identical XXH3-64 implementation for this CPU.
-pub(crate) fn select() -> fn(&[u8]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            return x86::xxh3_64_avx512;
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            return x86::xxh3_64_avx2;
+impl Path {
+    /// Every path, fastest first.
+    pub const ALL: [Path; 3] = [Path::Avx512, Path::Avx2, Path::Portable];
+
+    /// The name reported to Python (`tenso.tenso_rs._kernel_paths()`): `avx512`, `avx2` or `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Avx512 => "avx512",
+            Path::Avx2 => "avx2",
+            Path::Portable => "portable",
         }
     }
-    xxhash_rust::xxh3::xxh3_64
+
+    /// Whether this CPU (and build) can run the path. Under Miri only the portable path is available.
+    pub fn available(self) -> bool {
+        match self {
+            Path::Portable => true,
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Path::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Path::Avx2 => std::is_x86_feature_detected!("avx2"),
+            #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+            Path::Avx512 | Path::Avx2 => false,
+        }
+    }
+
+    /// The fastest path this CPU can run, whatever the portable switch says.
+    pub fn detect() -> Path {
+        Path::ALL
+            .into_iter()
+            .find(|p| p.available())
+            .unwrap_or(Path::Portable)
+    }
+
+    /// The path [`xxh3_64`] takes: [`Path::Portable`] when forced (see the crate docs), else [`Path::detect`].
+    pub fn active() -> Path {
+        if crate::portable_forced() {
+            Path::Portable
+        } else {
+            Path::detect()
+        }
+    }
 }
 
-/// Inputs up to this length take XXH3's short and mid-size paths, which `xxhash-rust` handles.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const MID_SIZE_MAX: usize = 240;
+/// [`xxh3_64`] as `tenso-format`'s XXH3 plug-in (`DecodeOptions::with_xxh3`, `EncodeOptions::with_xxh3`).
+pub const XXH3_FN: tenso_format::hash::Xxh3Fn = tenso_format::hash::Xxh3Fn(xxh3_64);
 
-#[cfg(target_arch = "x86_64")]
+/// XXH3-64 (seed 0, default secret) of `data` on the [active](Path::active) path.
+pub fn xxh3_64(data: &[u8]) -> u64 {
+    if data.len() <= MID_SIZE_MAX {
+        return portable(data);
+    }
+    run(Path::active(), data)
+}
+
+/// XXH3-64 of `data` on `path`; `None` when this CPU cannot run it ([`Path::available`]). For tests and benchmarks.
+pub fn xxh3_64_on(path: Path, data: &[u8]) -> Option<u64> {
+    path.available().then(|| run(path, data))
+}
+
+/// The digest on an available `path`.
+fn run(path: Path, data: &[u8]) -> u64 {
+    match path {
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        Path::Avx512 => x86::xxh3_64_avx512(data),
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        Path::Avx2 => x86::xxh3_64_avx2(data),
+        _ => portable(data),
+    }
+}
+
+/// The portable path: `xxhash-rust`.
+fn portable(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+#[cfg(all(target_arch = "x86_64", not(miri)))]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -171,22 +238,22 @@ mod x86 {
     }
 
     /// XXH3-64 with the AVX2 kernel for long inputs.
-    pub(crate) fn xxh3_64_avx2(data: &[u8]) -> u64 {
+    pub(super) fn xxh3_64_avx2(data: &[u8]) -> u64 {
         if data.len() > MID_SIZE_MAX && std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (detected just above) and the input is long, as `long_avx2` requires.
             unsafe { long_avx2(data) }
         } else {
-            xxhash_rust::xxh3::xxh3_64(data)
+            super::portable(data)
         }
     }
 
     /// XXH3-64 with the AVX-512 kernel for long inputs.
-    pub(crate) fn xxh3_64_avx512(data: &[u8]) -> u64 {
+    pub(super) fn xxh3_64_avx512(data: &[u8]) -> u64 {
         if data.len() > MID_SIZE_MAX && std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (detected just above) and the input is long, as `long_avx512` requires.
             unsafe { long_avx512(data) }
         } else {
-            xxhash_rust::xxh3::xxh3_64(data)
+            super::portable(data)
         }
     }
 
@@ -287,59 +354,40 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes as bytes;
 
-    /// Deterministic pseudo-random bytes (xorshift64*).
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s >> 12;
-                s ^= s << 25;
-                s ^= s >> 27;
-                (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-            })
-            .collect()
-    }
-
-    /// The kernels this CPU can run, by name.
-    type Kernel = (&'static str, fn(&[u8]) -> u64);
-
-    fn kernels() -> Vec<Kernel> {
-        #[allow(unused_mut)]
-        let mut k: Vec<Kernel> = vec![("selected", select())];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") {
-                k.push(("avx2", x86::xxh3_64_avx2));
-            }
-            if std::is_x86_feature_detected!("avx512f") {
-                k.push(("avx512", x86::xxh3_64_avx512));
-            }
-        }
-        k
-    }
-
+    /// Every path this CPU runs, and the dispatching entry point, agree with `xxhash-rust` on `data`.
     fn check(data: &[u8]) {
         let want = xxhash_rust::xxh3::xxh3_64(data);
-        for (name, f) in kernels() {
-            assert_eq!(f(data), want, "{name} kernel, length {}", data.len());
+        assert_eq!(xxh3_64(data), want, "dispatch, length {}", data.len());
+        for path in Path::ALL {
+            if let Some(got) = xxh3_64_on(path, data) {
+                assert_eq!(got, want, "{} kernel, length {}", path.name(), data.len());
+            }
         }
     }
 
     #[test]
-    fn every_length_up_to_4096() {
-        let data = bytes(4096, 1);
-        for len in 0..=4096 {
-            check(&data[..len]);
-        }
-        // Same lengths at an odd offset, so no load is aligned.
-        let data = bytes(4097, 2);
-        for len in 0..=4096 {
-            check(&data[1..1 + len]);
+    fn every_length_and_alignment() {
+        // Under Miri (portable path only, and slow) a sample of the lengths around each boundary of XXH3.
+        let lengths: Vec<usize> = if cfg!(miri) {
+            vec![
+                0, 1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 255, 1024, 1025, 1087, 2113,
+            ]
+        } else {
+            (0..=4096).collect()
+        };
+        let offsets: &[usize] = if cfg!(miri) { &[0, 3] } else { &[0, 1, 7, 31] };
+        let data = bytes(4096 + 64, 1);
+        for &offset in offsets {
+            for &len in &lengths {
+                check(&data[offset..offset + len]);
+            }
         }
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "megabytes of input: too slow under Miri")]
     fn large_lengths() {
         let data = bytes((3 << 20) + 4096, 3);
         let block = 1024;
@@ -364,16 +412,29 @@ mod tests {
     }
 
     #[test]
-    fn installed_through_tenso_format() {
-        install();
-        let data = bytes(1 << 20, 4);
+    fn paths() {
+        assert!(Path::Portable.available());
+        assert!(Path::detect().available());
+        assert_eq!(xxh3_64_on(Path::Portable, b""), Some(0x2D06_8005_38D3_94C2));
+        if cfg!(miri) || !cfg!(target_arch = "x86_64") {
+            assert_eq!(Path::detect(), Path::Portable);
+        }
+        let names: Vec<_> = Path::ALL.iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["avx512", "avx2", "portable"]);
+    }
+
+    #[test]
+    fn plugged_into_tenso_format() {
+        let data = bytes(if cfg!(miri) { 3000 } else { (2 << 20) + 5 }, 4);
+        let want = tenso_format::hash::xxh3_64_chunked(&data);
         assert_eq!(
-            tenso_format::hash::xxh3_64(&data),
-            xxhash_rust::xxh3::xxh3_64(&data)
+            tenso_format::hash::xxh3_64_chunked_with(XXH3_FN, &data),
+            want
         );
+        let parts = [&data[..10], &data[10..]];
         assert_eq!(
-            tenso_format::hash::xxh3_64_chunked(&data),
-            xxhash_rust::xxh3::xxh3_64(&xxhash_rust::xxh3::xxh3_64(&data).to_le_bytes())
+            tenso_format::hash::xxh3_64_parts_with(XXH3_FN, &[&data]),
+            tenso_format::hash::xxh3_64_parts(&parts)
         );
     }
 }
