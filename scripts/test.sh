@@ -41,3 +41,12 @@ step "pytest (installed wheel)"
 cd "$ROOT/tests"
 TENSO_RAY_REQUIRE_INSTALLED=1 "$ROOT/.venv/bin/python" -m pytest -q \
     -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -p no:cacheprovider "$ROOT/tests" "$@"
+
+step "portable kernels (TENSO_FORCE_PORTABLE=1): cargo test -p tenso-kernels, hash and codec pytest subsets"
+# The engine's SIMD XXH3 and specialized gathers are skipped: what a CPU without AVX2/AVX-512 runs, tested here.
+cd "$ROOT"
+TENSO_FORCE_PORTABLE=1 cargo test -q -p tenso-kernels
+cd "$ROOT/tests"
+TENSO_FORCE_PORTABLE=1 TENSO_RAY_REQUIRE_INSTALLED=1 "$ROOT/.venv/bin/python" -m pytest -q \
+    -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -p no:cacheprovider \
+    "$ROOT/tests/test_api.py" "$ROOT/tests/test_golden.py" "$ROOT/tests/test_portable.py"

@@ -35,6 +35,7 @@ __all__ = [
     "_xxh3_64_chunked",
     "_lz4_compress",
     "_lz4_decompress",
+    "_kernel_paths",
     "_quantize",
     "_dequantize",
     "FLAG_ALIGNED",
@@ -177,6 +178,9 @@ def _xxh3_64(data: _Buffer) -> int: ...
 def _xxh3_64_chunked(data: _Buffer) -> int: ...
 def _lz4_compress(data: _Buffer) -> bytes: ...
 def _lz4_decompress(data: _Buffer, size: int) -> npt.NDArray[np.uint8]: ...
+def _kernel_paths() -> dict[str, str]:
+    """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
+    "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
 
 # --- shared memory (rust/tenso-py/src/shm.rs) ---
 @final

@@ -108,7 +108,9 @@ mod tests {
 
     #[test]
     fn switch_forces_every_portable_path() {
-        // The only test that flips the process-wide switch; the others compare paths explicitly.
+        // The only test that flips the process-wide switch; the others compare paths explicitly. It puts the switch
+        // back as it found it (TENSO_FORCE_PORTABLE=1 runs the whole suite on the portable paths).
+        let before = portable_forced();
         set_force_portable(true);
         assert!(portable_forced());
         assert_eq!(
@@ -126,5 +128,6 @@ mod tests {
         assert!(!portable_forced());
         assert_eq!(Paths::active().xxh3, xxh3::Path::detect());
         assert_eq!(Paths::active().gather, gather::Path::Specialized);
+        set_force_portable(before);
     }
 }
