@@ -216,6 +216,22 @@ pub struct Sparse<'a> {
     pub components: [Dense<'a>; 3],
 }
 
+impl Sparse<'_> {
+    /// Checks the components against each other and the logical shape (FORMAT.md §8; done by every
+    /// decode, see [`crate::sparse`]).
+    pub fn validate(&self) -> Result<(), FormatError> {
+        fn part<'s>(d: &'s Dense<'_>) -> crate::sparse::Component<'s> {
+            crate::sparse::Component {
+                dtype: d.dtype,
+                shape: &d.shape,
+                raw: d.raw(),
+            }
+        }
+        let [a, b, c] = &self.components;
+        crate::sparse::validate(self.format, self.shape, [part(a), part(b), part(c)])
+    }
+}
+
 /// A quantized tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized<'a> {
@@ -511,7 +527,7 @@ impl Decoder<'_> {
             shape: [shape[0], shape[1]],
             components,
         };
-        crate::sparse::validate(&sparse)?;
+        sparse.validate()?;
         Ok((Packet::Sparse(sparse), pos))
     }
 

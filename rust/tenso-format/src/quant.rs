@@ -265,17 +265,32 @@ mod tests {
     #[test]
     fn v3_channel_axis_is_the_first_matching_axis() {
         let pc = QuantScheme::PerChannel;
-        assert_eq!(channel_axis(Version::V3, pc, None, &[7, 3, 2], 3).unwrap(), 1);
-        assert_eq!(channel_axis(Version::V3, pc, None, &[7, 3, 2], 2).unwrap(), 2);
-        assert_eq!(channel_axis(Version::V3, pc, None, &[7, 3, 2], 7).unwrap(), 0);
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[7, 3, 2], 3).unwrap(),
+            1
+        );
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[7, 3, 2], 2).unwrap(),
+            2
+        );
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[7, 3, 2], 7).unwrap(),
+            0
+        );
         // Several matches: the first, which is 0.19.4's own reading when axis 0 matches.
         assert_eq!(channel_axis(Version::V3, pc, None, &[4, 4], 4).unwrap(), 0);
-        assert_eq!(channel_axis(Version::V3, pc, None, &[5, 4, 4], 4).unwrap(), 1);
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[5, 4, 4], 4).unwrap(),
+            1
+        );
         assert!(channel_axis(Version::V3, pc, None, &[7, 3, 2], 5).is_err());
         assert!(channel_axis(Version::V3, pc, None, &[], 1).is_err());
         let pt = QuantScheme::PerTensor;
         assert_eq!(channel_axis(Version::V3, pt, None, &[7, 3], 1).unwrap(), 0);
-        assert_eq!(channel_axis(Version::V4, pc, Some(2), &[7, 3], 3).unwrap(), 2);
+        assert_eq!(
+            channel_axis(Version::V4, pc, Some(2), &[7, 3], 3).unwrap(),
+            2
+        );
     }
 
     #[test]
