@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import tenso_rs as _rs
-from .core import _GROWTH_STEP, _INITIAL_CAPACITY, _grow, _loads_owned, _parts
+from .core import _GROWTH_STEP, _INITIAL_CAPACITY, _ended_message, _grow, _loads_owned, _parts
 from .errors import TensoTruncatedError
 
 if TYPE_CHECKING:  # asyncio costs ~80 ms to import; only the coroutines need it
@@ -68,10 +68,7 @@ async def aread_stream(reader: asyncio.StreamReader) -> Optional[Any]:
             except IncompleteReadError as exc:
                 if have == 0 and not exc.partial:
                     return None
-                got = have + len(exc.partial)
-                raise TensoTruncatedError(
-                    f"stream ended after {got} bytes of a packet that needs at least {need}"
-                ) from None
+                raise TensoTruncatedError(_ended_message(have + len(exc.partial), need)) from None
             buf[have : have + step] = memoryview(chunk)
             have += step
     return _loads_owned(buf[:have])

@@ -498,6 +498,19 @@ def _grow(buf: Any, have: int, need: int) -> Any:
     return new
 
 
+def _ended_message(have: int, need: int) -> str:
+    """The message of a stream that ends inside a packet: upstream's words, then ours.
+
+    "header" while the fixed header (8 bytes in v3, 10 in v4) is incomplete, "body" after it, as 0.19.4
+    and 0.24.0 say; the detail says how far the packet got.
+    """
+    part = "header" if have < _FIXED_HEADER_MAX else "body"
+    return f"Stream ended during {part} read: got {have} bytes of a packet that needs at least {need}"
+
+
+_FIXED_HEADER_MAX = 10  # the v4 header; a v3 packet's 8 bytes are followed by at least a shape or a key length
+
+
 def _framed_read(fill: Any) -> Optional[Any]:
     """Read one packet with ``fill`` into an aligned buffer; None if the stream is empty.
 
@@ -518,9 +531,7 @@ def _framed_read(fill: Any) -> Optional[Any]:
             if not n:
                 if have == 0:
                     return None
-                raise TensoTruncatedError(
-                    f"stream ended after {have} bytes of a packet that needs at least {need}"
-                )
+                raise TensoTruncatedError(_ended_message(have, need))
             have += n
 
 

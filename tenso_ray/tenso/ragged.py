@@ -25,7 +25,7 @@ _COUNT_KEY = "__ragged_count__"
 
 def _rebuild_strings(offsets: np.ndarray, payload: bytes) -> "StringTensor":
     """Unpickle a :class:`StringTensor` (module-level so pickle can find it)."""
-    return StringTensor._from_parts(offsets, payload)
+    return StringTensor.__tenso_from_parts__(offsets, payload)
 
 
 class StringTensor:
@@ -77,8 +77,18 @@ class StringTensor:
         self._offsets: np.ndarray = offsets
         self._payload: Union[bytes, memoryview] = b"".join(encoded)
 
+    # The codec's accessors: the native module reads and builds string tensors through these two documented
+    # methods only, never through the private attributes (FORMAT.md §10: offsets, then payload).
+
+    def __tenso_parts__(self) -> tuple[np.ndarray, Union[bytes, memoryview]]:
+        """The wire parts ``(offsets, payload)``: ``len(self) + 1`` uint64 offsets and the packed UTF-8.
+
+        What the native encoder writes; no copy.
+        """
+        return self._offsets, self._payload
+
     @classmethod
-    def _from_parts(cls, offsets: np.ndarray, payload: Any) -> "StringTensor":
+    def __tenso_from_parts__(cls, offsets: np.ndarray, payload: Any) -> "StringTensor":
         """Assemble a tensor from already validated offsets and payload (no copy).
 
         Used by the native decoder, which checks the offsets and the UTF-8
@@ -295,10 +305,13 @@ class RaggedArray:
             ``__ragged_flat__`` and ``__ragged_count__`` (uint64, one element),
             in that order.
         """
-        return _rs._dumps(self._bundle(), check_integrity=check_integrity)
+        return _rs._dumps(self.__tenso_parts__(), check_integrity=check_integrity)
 
-    def _bundle(self) -> dict[str, np.ndarray]:
-        """The dict this array is written as (entry order is part of the format)."""
+    def __tenso_parts__(self) -> dict[str, np.ndarray]:
+        """The bundle this array is written as (entry order is part of the format, FORMAT.md §11).
+
+        The codec's accessor: the native encoder writes a ragged array as this dict, no copy.
+        """
         return {
             _OFFSETS_KEY: self._offsets,
             _FLAT_KEY: self._flat,

@@ -3,6 +3,7 @@
 //! Dispatch follows FORMAT.md §13:
 //!
 //! ```text
+//! header.kind() (one dispatch shared with `frame` and `packet_info`):
 //! header ─┬─ GPU_IPC_REF             → rejected (FormatError::Unsupported)
 //!         ├─ BUNDLE                  → bundle: count × (klen u32, key, vlen u32, packet)
 //!         ├─ SPARSE_COO | CSR | CSC  → sparse: shape [rows, cols], 3 × (n u32, dense packet)
@@ -35,7 +36,7 @@ use crate::consts::*;
 use crate::dtype::{DType, QDType, QuantScheme, SparseFormat, Version};
 use crate::error::FormatError;
 use crate::header::{
-    add, checked_elements, pad_to, parse_header, read_u32, read_u8, slice, Header,
+    add, checked_elements, pad_to, parse_header, read_u32, read_u8, slice, Header, PacketKind,
 };
 
 /// The most container levels a decoder follows whatever `DecodeOptions::max_depth` says (the recursion
@@ -228,6 +229,22 @@ pub struct Sparse<'a> {
     pub components: [Dense<'a>; 3],
 }
 
+impl Sparse<'_> {
+    /// Checks the components against each other and the logical shape (FORMAT.md §8; done by every
+    /// decode, see [`crate::sparse`]).
+    pub fn validate(&self) -> Result<(), FormatError> {
+        fn part<'s>(d: &'s Dense<'_>) -> crate::sparse::Component<'s> {
+            crate::sparse::Component {
+                dtype: d.dtype,
+                shape: &d.shape,
+                raw: d.raw(),
+            }
+        }
+        let [a, b, c] = &self.components;
+        crate::sparse::validate(self.format, self.shape, [part(a), part(b), part(c)])
+    }
+}
+
 /// A quantized tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized<'a> {
@@ -237,7 +254,8 @@ pub struct Quantized<'a> {
     pub qdtype: QDType,
     /// Scheme.
     pub scheme: QuantScheme,
-    /// Channel axis (v4 wire byte; always 0 for v3, which does not record it).
+    /// Channel axis: the v4 wire byte; for v3, which does not record it, the first axis whose length
+    /// equals the number of scales for per-channel packets (FORMAT.md §9.3) and 0 otherwise.
     pub axis: u8,
     /// Group size as stored.
     pub group_size: u32,
@@ -409,30 +427,20 @@ fn verify(opts: &DecodeOptions, stored: u64, parts: &[&[u8]]) -> Result<(), Form
 impl Decoder<'_> {
     fn packet<'a>(&self, buf: &'a [u8], depth: usize) -> Result<(Packet<'a>, usize), FormatError> {
         let h = parse_header(buf)?;
-        let f = h.flags;
-        if f & !KNOWN_FLAGS != 0 {
-            return Err(FormatError::BadFlags { flags: f });
-        }
-        if f & FLAG_GPU_IPC_REF != 0 {
-            return Err(FormatError::Unsupported {
+        match h.kind()? {
+            PacketKind::GpuIpcRef => Err(FormatError::Unsupported {
                 what: "gpu ipc reference packets",
-            });
-        }
-        if f & FLAG_BUNDLE != 0 {
-            self.bundle(buf, &h, depth)
-        } else if f & SPARSE_FLAGS != 0 {
-            self.sparse(buf, &h, depth)
-        } else if f & FLAG_STRING != 0 {
-            self.strings(buf, &h).map(|(s, e)| (Packet::Strings(s), e))
-        } else if f & FLAG_RAGGED != 0 {
-            Err(FormatError::Unsupported {
+            }),
+            PacketKind::Bundle => self.bundle(buf, &h, depth),
+            PacketKind::Sparse(_) => self.sparse(buf, &h, depth),
+            PacketKind::Strings => self.strings(buf, &h).map(|(s, e)| (Packet::Strings(s), e)),
+            PacketKind::Ragged => Err(FormatError::Unsupported {
                 what: "ragged direct framing (FLAG_RAGGED), which no writer produces",
-            })
-        } else if (QDTYPE_QINT8..=QDTYPE_QUINT4).contains(&h.dtype_code) {
-            self.quantized(buf, &h)
-                .map(|(q, e)| (Packet::Quantized(q), e))
-        } else {
-            self.dense(buf, &h).map(|(d, e)| (Packet::Dense(d), e))
+            }),
+            PacketKind::Quantized => self
+                .quantized(buf, &h)
+                .map(|(q, e)| (Packet::Quantized(q), e)),
+            PacketKind::Dense => self.dense(buf, &h).map(|(d, e)| (Packet::Dense(d), e)),
         }
     }
 
@@ -533,7 +541,7 @@ impl Decoder<'_> {
             shape: [shape[0], shape[1]],
             components,
         };
-        crate::sparse::validate(&sparse)?;
+        sparse.validate()?;
         Ok((Packet::Sparse(sparse), pos))
     }
 
@@ -628,13 +636,14 @@ impl Decoder<'_> {
         let n = checked_elements(&shape, self.opts.max_elements)?;
         let m = h.len() + 4 * ndim;
         let scheme = QuantScheme::from_code(read_u8(buf, m)?)?;
-        let (axis, mut pos) = match h.version {
-            Version::V3 => (0u8, m + 1),
-            Version::V4 => (read_u8(buf, m + 1)?, m + 2),
+        let (wire_axis, mut pos) = match h.version {
+            Version::V3 => (None, m + 1),
+            Version::V4 => (Some(read_u8(buf, m + 1)?), m + 2),
         };
         let group_size = read_u32(buf, pos)?;
         let num_scales = read_u32(buf, pos + 4)?;
         pos += 8;
+        let axis = crate::quant::channel_axis(h.version, scheme, wire_axis, &shape, num_scales)?;
         let expected = scheme.expected_num_scales(&shape, group_size, usize::from(axis))?;
         if u64::from(num_scales) != expected {
             return Err(FormatError::BadQuant {

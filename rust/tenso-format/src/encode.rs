@@ -93,7 +93,7 @@ pub enum Item<'a> {
         /// COO: data, row, col; CSR/CSC: data, indices, indptr.
         components: Box<[Item<'a>; 3]>,
     },
-    /// A quantized tensor (never compressed; v3 cannot record a per-channel axis other than 0).
+    /// A quantized tensor (never compressed; v3 does not record the per-channel axis, see [`Plan::dropped_axes`]).
     Quantized {
         /// Code type.
         qdtype: QDType,
@@ -148,6 +148,10 @@ pub struct Plan {
     pub len: usize,
     /// Deferred bodies.
     pub slots: Vec<Slot>,
+    /// Per-channel quantized tensors written as v3 along an axis other than 0: v3 has no axis byte, so
+    /// readers infer the first axis whose length equals the number of scales (FORMAT.md §9.3), as
+    /// 0.19.4 writes them. Callers may warn that the axis is not recorded.
+    pub dropped_axes: usize,
 }
 
 /// Offset of the body of a dense packet: header + shape + exponent byte + padding.
@@ -168,11 +172,13 @@ pub fn plan(item: &Item<'_>, opts: &EncodeOptions) -> Result<Plan, FormatError> 
         pos: 0,
         slots: Vec::new(),
         xxh3: opts.xxh3,
+        dropped_axes: 0,
     };
     e.item(item, opts, 0)?;
     Ok(Plan {
         len: e.pos,
         slots: e.slots,
+        dropped_axes: e.dropped_axes,
     })
 }
 
@@ -195,6 +201,7 @@ pub fn encode_into(
         pos: 0,
         slots: Vec::new(),
         xxh3: opts.xxh3,
+        dropped_axes: 0,
     };
     e.item(item, opts, 0)?;
     debug_assert_eq!(e.pos, p.len);
@@ -338,6 +345,7 @@ struct Emitter<'o> {
     slots: Vec<Slot>,
     /// [`EncodeOptions::xxh3`].
     xxh3: Option<crate::hash::Xxh3Fn>,
+    dropped_axes: usize,
 }
 
 impl Emitter<'_> {
@@ -634,9 +642,8 @@ impl Emitter<'_> {
         check_integrity_available(opts.integrity)?;
         let n = check_shape(shape)?;
         if opts.version == Version::V3 && scheme == QuantScheme::PerChannel && axis != 0 {
-            return Err(FormatError::Unsupported {
-                what: "a per-channel axis other than 0 in protocol v3 (no axis byte)",
-            });
+            // Written as 0.19.4 writes it: v3 has no axis byte (FORMAT.md §9.3).
+            self.dropped_axes += 1;
         }
         let expected = scheme.expected_num_scales(shape, group_size, usize::from(axis))?;
         if scales.len() as u64 != expected || zero_points.len() != scales.len() {
@@ -756,6 +763,7 @@ mod tests {
     //! The worked examples of FORMAT.md, encoded and decoded.
     use super::*;
     use crate::decode::{decode, Packet};
+    use crate::frame::Frame;
 
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -1078,6 +1086,56 @@ mod tests {
             panic!()
         };
         assert_eq!(s.components[0].alignment, 128);
+    }
+
+    #[test]
+    fn v3_per_channel_axis_is_dropped_and_inferred() {
+        // Shape (7, 3, 2) along axis 1: 3 scales, no axis byte in v3 (FORMAT.md §9.3).
+        let values: Vec<f32> = (0..42).map(|i| (i % 11) as f32 - 5.0).collect();
+        for (axis, qd) in [(1u8, QDType::QInt8), (2, QDType::QUInt4)] {
+            let q = crate::quant::quantize(
+                &values,
+                &[7, 3, 2],
+                qd,
+                QuantScheme::PerChannel,
+                0,
+                usize::from(axis),
+            )
+            .unwrap();
+            let item = Item::Quantized {
+                qdtype: qd,
+                scheme: QuantScheme::PerChannel,
+                axis,
+                group_size: 0,
+                shape: vec![7, 3, 2],
+                scales: &q.scales,
+                zero_points: &q.zero_points,
+                codes: &q.codes,
+            };
+            let o3 = opts(Version::V3, 64, false);
+            assert_eq!(plan(&item, &o3).unwrap().dropped_axes, 1);
+            assert_eq!(
+                plan(&item, &opts(Version::V4, 64, false))
+                    .unwrap()
+                    .dropped_axes,
+                0
+            );
+            let bytes = encode(&item, &o3).unwrap();
+            let Packet::Quantized(back) = decode(&bytes).unwrap() else {
+                panic!()
+            };
+            assert_eq!(back.axis, axis);
+            assert_eq!(back.scales, q.scales);
+            assert_eq!(back.codes, &q.codes[..]);
+            let (Frame::Complete(n) | Frame::Need(n)) =
+                crate::frame::frame(&bytes, &crate::decode::DecodeOptions::default()).unwrap();
+            assert_eq!(n, bytes.len());
+            // A v3 per-channel packet whose scale count matches no axis is refused.
+            let mut bad = bytes.clone();
+            let ns_at = 8 + 12 + 1 + 4;
+            bad[ns_at] = 5;
+            assert!(matches!(decode(&bad), Err(FormatError::BadQuant { .. })));
+        }
     }
 
     #[test]

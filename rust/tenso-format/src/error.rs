@@ -4,6 +4,11 @@ use std::fmt;
 
 /// Everything that can go wrong while reading or writing a packet.
 ///
+/// Messages are lowercase; where upstream tenso has a message for the same situation, ours starts with
+/// its words ("packet too short", "invalid tenso packet", "integrity check failed", "packet exceeds
+/// maximum dimensions", "packet exceeds maximum elements", "32-bit") and adds the detail after a colon.
+/// The Python binding capitalises the first letter, which gives upstream's exact wording.
+///
 /// Variants carry the offsets and values involved so that a message can say what was wrong and where.
 /// Offsets are relative to the first byte of the innermost packet being decoded (for a packet nested in a
 /// bundle or sparse packet, that packet's own first byte).
@@ -210,19 +215,26 @@ impl fmt::Display for FormatError {
             }
             UnknownDType { code } => write!(f, "unsupported or unknown dtype code {code}"),
             UnsupportedDType { name } => write!(f, "unsupported dtype: {name}"),
-            TooManyDims { ndim, limit } => {
-                write!(f, "packet has {ndim} dimensions, the maximum is {limit}")
-            }
+            TooManyDims { ndim, limit } => write!(
+                f,
+                "packet exceeds maximum dimensions: {ndim} dimensions, the maximum is {limit}"
+            ),
             TooManyElements { count, limit } => {
                 if *count == u128::MAX {
-                    write!(f, "element count overflows, the maximum is {limit}")
+                    write!(
+                        f,
+                        "packet exceeds maximum elements: the element count overflows, the maximum is {limit}"
+                    )
                 } else {
-                    write!(f, "packet has {count} elements, the maximum is {limit}")
+                    write!(
+                        f,
+                        "packet exceeds maximum elements: {count} elements, the maximum is {limit}"
+                    )
                 }
             }
             DimTooLarge { dim } => write!(
                 f,
-                "dimension {dim} does not fit in 32 bits (maximum {})",
+                "dimension {dim} does not fit in a 32-bit shape field (maximum {})",
                 u32::MAX
             ),
             BadAlignment { alignment } => write!(

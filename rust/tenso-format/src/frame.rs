@@ -18,7 +18,7 @@ use crate::consts::*;
 use crate::decode::DecodeOptions;
 use crate::dtype::{DType, QDType, QuantScheme, Version};
 use crate::error::FormatError;
-use crate::header::{checked_elements, parse_header, read_u32, read_u64, read_u8};
+use crate::header::{checked_elements, parse_header, read_u32, read_u64, read_u8, PacketKind};
 
 /// The answer of [`frame`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,37 +82,43 @@ impl Framer<'_, '_> {
         let h = parse_header(self.p)?;
         let f = h.flags;
         let hl = h.len();
-        if f & !KNOWN_FLAGS != 0 {
-            return Err(FormatError::BadFlags { flags: f });
-        }
-        if f & FLAG_GPU_IPC_REF != 0 {
-            return Err(FormatError::Unsupported {
-                what: "gpu ipc reference packets",
-            });
-        }
-        if f & FLAG_BUNDLE != 0 {
-            let mut pos = hl;
-            for _ in 0..h.count {
-                need!(self, sum(&[pos, 4])?);
-                let klen = read_u32(self.p, pos)? as usize;
-                let vlen_at = sum(&[pos, 4, klen])?;
-                need!(self, sum(&[vlen_at, 4])?);
-                let vlen = read_u32(self.p, vlen_at)? as usize;
-                pos = sum(&[vlen_at, 4, vlen])?;
+        let kind = h.kind()?;
+        match kind {
+            PacketKind::GpuIpcRef => {
+                return Err(FormatError::Unsupported {
+                    what: "gpu ipc reference packets",
+                })
             }
-            return self.done(pos);
-        }
-        if f & SPARSE_FLAGS != 0 {
-            let mut pos = hl + 8;
-            for _ in 0..3 {
-                need!(self, pos + 4);
-                let n = read_u32(self.p, pos)? as usize;
-                pos = sum(&[pos, 4, n])?;
+            PacketKind::Ragged => {
+                return Err(FormatError::Unsupported {
+                    what: "ragged direct framing (FLAG_RAGGED)",
+                })
             }
-            return self.done(pos);
+            PacketKind::Bundle => {
+                let mut pos = hl;
+                for _ in 0..h.count {
+                    need!(self, sum(&[pos, 4])?);
+                    let klen = read_u32(self.p, pos)? as usize;
+                    let vlen_at = sum(&[pos, 4, klen])?;
+                    need!(self, sum(&[vlen_at, 4])?);
+                    let vlen = read_u32(self.p, vlen_at)? as usize;
+                    pos = sum(&[vlen_at, 4, vlen])?;
+                }
+                return self.done(pos);
+            }
+            PacketKind::Sparse(_) => {
+                let mut pos = hl + 8;
+                for _ in 0..3 {
+                    need!(self, pos + 4);
+                    let n = read_u32(self.p, pos)? as usize;
+                    pos = sum(&[pos, 4, n])?;
+                }
+                return self.done(pos);
+            }
+            PacketKind::Strings | PacketKind::Quantized | PacketKind::Dense => {}
         }
         let footer = if f & FLAG_INTEGRITY != 0 { 8 } else { 0 };
-        if f & FLAG_STRING != 0 {
+        if kind == PacketKind::Strings {
             need!(self, hl + 4);
             let count = u64::from(read_u32(self.p, hl)?);
             checked_elements(&[count], self.opts.max_elements)?;
@@ -126,11 +132,6 @@ impl Framer<'_, '_> {
             let total = to_usize(read_u64(self.p, offsets_end - 8)?)?;
             return self.done(sum(&[offsets_end, total, footer])?);
         }
-        if f & FLAG_RAGGED != 0 {
-            return Err(FormatError::Unsupported {
-                what: "ragged direct framing (FLAG_RAGGED)",
-            });
-        }
         let ndim = usize::from(h.count);
         if ndim > MAX_NDIM {
             return Err(FormatError::TooManyDims {
@@ -142,18 +143,19 @@ impl Framer<'_, '_> {
         need!(self, m);
         let shape = crate::decode::read_shape(self.p, hl, ndim)?;
         let n = checked_elements(&shape, self.opts.max_elements)?;
-        if (QDTYPE_QINT8..=QDTYPE_QUINT4).contains(&h.dtype_code) {
+        if kind == PacketKind::Quantized {
             let qd = QDType::from_code(h.dtype_code)?;
             let fixed = if h.version == Version::V3 { 9 } else { 10 };
             need!(self, m + fixed);
             let scheme = QuantScheme::from_code(read_u8(self.p, m)?)?;
-            let axis = if h.version == Version::V4 {
-                read_u8(self.p, m + 1)?
+            let wire_axis = if h.version == Version::V4 {
+                Some(read_u8(self.p, m + 1)?)
             } else {
-                0
+                None
             };
             let group_size = read_u32(self.p, m + fixed - 8)?;
             let ns = read_u32(self.p, m + fixed - 4)?;
+            let axis = crate::quant::channel_axis(h.version, scheme, wire_axis, &shape, ns)?;
             if u64::from(ns) != scheme.expected_num_scales(&shape, group_size, usize::from(axis))? {
                 return Err(FormatError::BadQuant {
                     reason: "num_scales does not match the scheme and shape",

@@ -11,9 +11,43 @@
 //!                                         9   1  reserved (00; 01 marks a GPU IPC reference)
 //! ```
 
-use crate::consts::{HEADER_SIZE_V3, HEADER_SIZE_V4, MAGIC};
-use crate::dtype::Version;
+use crate::consts::*;
+use crate::dtype::{SparseFormat, Version};
 use crate::error::FormatError;
+
+/// The kind of packet a header selects (FORMAT.md §13 dispatch), as returned by [`Header::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PacketKind {
+    /// Dense array.
+    Dense,
+    /// Bundle.
+    Bundle,
+    /// Sparse matrix of the given format.
+    Sparse(SparseFormat),
+    /// Quantized tensor.
+    Quantized,
+    /// v4 string tensor.
+    Strings,
+    /// v4 direct ragged framing (not decodable here).
+    Ragged,
+    /// v4 GPU IPC reference (not decodable here).
+    GpuIpcRef,
+}
+
+impl PacketKind {
+    /// `"dense"`, `"bundle"`, `"sparse"`, `"quantized"`, `"string"`, `"ragged"` or `"gpu_ipc_ref"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PacketKind::Dense => "dense",
+            PacketKind::Bundle => "bundle",
+            PacketKind::Sparse(_) => "sparse",
+            PacketKind::Quantized => "quantized",
+            PacketKind::Strings => "string",
+            PacketKind::Ragged => "ragged",
+            PacketKind::GpuIpcRef => "gpu_ipc_ref",
+        }
+    }
+}
 
 /// The decoded fixed header of a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +78,44 @@ impl Header {
     /// True when every bit of `mask` is set.
     pub fn has(&self, mask: u16) -> bool {
         self.flags & mask == mask
+    }
+
+    /// The kind of packet this header selects: the one dispatch that the decoder, the stream framer
+    /// and `packet_info` share (FORMAT.md §13).
+    ///
+    /// ```text
+    /// unknown flag bits         → FormatError::BadFlags
+    /// GPU_IPC_REF               → GpuIpcRef
+    /// BUNDLE                    → Bundle
+    /// SPARSE_COO | CSR | CSC    → Sparse(format)   (two sparse bits: FormatError::BadFlags)
+    /// STRING                    → Strings
+    /// RAGGED                    → Ragged
+    /// dtype 16..19              → Quantized
+    /// otherwise                 → Dense
+    /// ```
+    ///
+    /// Only the flag bits that select the kind are looked at here; each kind's reader then refuses
+    /// flags that do not apply to it.
+    pub fn kind(&self) -> Result<PacketKind, FormatError> {
+        let f = self.flags;
+        if f & !KNOWN_FLAGS != 0 {
+            return Err(FormatError::BadFlags { flags: f });
+        }
+        Ok(if f & FLAG_GPU_IPC_REF != 0 {
+            PacketKind::GpuIpcRef
+        } else if f & FLAG_BUNDLE != 0 {
+            PacketKind::Bundle
+        } else if f & SPARSE_FLAGS != 0 {
+            PacketKind::Sparse(SparseFormat::from_flags(f)?)
+        } else if f & FLAG_STRING != 0 {
+            PacketKind::Strings
+        } else if f & FLAG_RAGGED != 0 {
+            PacketKind::Ragged
+        } else if (QDTYPE_QINT8..=QDTYPE_QUINT4).contains(&self.dtype_code) {
+            PacketKind::Quantized
+        } else {
+            PacketKind::Dense
+        })
     }
 
     /// Writes the header into `out` (which must be at least `len()` bytes).

@@ -2,43 +2,10 @@
 
 use crate::consts::*;
 use crate::decode::read_shape;
-use crate::dtype::{DType, QDType, SparseFormat, Version};
+use crate::dtype::{DType, QDType, Version};
 use crate::error::FormatError;
+pub use crate::header::PacketKind;
 use crate::header::{checked_elements, parse_header};
-
-/// The kind of packet a header selects (FORMAT.md §13 dispatch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PacketKind {
-    /// Dense array.
-    Dense,
-    /// Bundle.
-    Bundle,
-    /// Sparse matrix of the given format.
-    Sparse(SparseFormat),
-    /// Quantized tensor.
-    Quantized,
-    /// v4 string tensor.
-    Strings,
-    /// v4 direct ragged framing (not decodable here).
-    Ragged,
-    /// v4 GPU IPC reference (not decodable here).
-    GpuIpcRef,
-}
-
-impl PacketKind {
-    /// `"dense"`, `"bundle"`, `"sparse"`, `"quantized"`, `"string"`, `"ragged"` or `"gpu_ipc_ref"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            PacketKind::Dense => "dense",
-            PacketKind::Bundle => "bundle",
-            PacketKind::Sparse(_) => "sparse",
-            PacketKind::Quantized => "quantized",
-            PacketKind::Strings => "string",
-            PacketKind::Ragged => "ragged",
-            PacketKind::GpuIpcRef => "gpu_ipc_ref",
-        }
-    }
-}
 
 /// What the header and shape of a packet say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,24 +43,7 @@ pub struct PacketInfo {
 pub fn packet_info(buf: &[u8]) -> Result<PacketInfo, FormatError> {
     let h = parse_header(buf)?;
     let f = h.flags;
-    if f & !KNOWN_FLAGS != 0 {
-        return Err(FormatError::BadFlags { flags: f });
-    }
-    let kind = if f & FLAG_GPU_IPC_REF != 0 {
-        PacketKind::GpuIpcRef
-    } else if f & FLAG_BUNDLE != 0 {
-        PacketKind::Bundle
-    } else if f & SPARSE_FLAGS != 0 {
-        PacketKind::Sparse(SparseFormat::from_flags(f)?)
-    } else if f & FLAG_STRING != 0 {
-        PacketKind::Strings
-    } else if f & FLAG_RAGGED != 0 {
-        PacketKind::Ragged
-    } else if (QDTYPE_QINT8..=QDTYPE_QUINT4).contains(&h.dtype_code) {
-        PacketKind::Quantized
-    } else {
-        PacketKind::Dense
-    };
+    let kind = h.kind()?;
     let mut info = PacketInfo {
         version: h.version,
         flags: f,

@@ -16,8 +16,35 @@
 //! `group_size` elements in C order (the last group may be shorter). 4-bit codes are packed two per byte,
 //! even index in the low nibble, odd index in the high nibble; for odd N the last high nibble is 0.
 
-use crate::dtype::{QDType, QuantScheme};
+use crate::dtype::{QDType, QuantScheme, Version};
 use crate::error::FormatError;
+
+/// The channel axis of a quantized packet being read (FORMAT.md §9.3).
+///
+/// v4 records it (`wire_axis`). v3 has no axis byte: 0.19.4 quantizes along any axis but writes only the
+/// scales, and its own `dequantize` assumes axis 0. A v3 per-channel packet is therefore valid when
+/// `num_scales` equals the length of some axis, and its axis is the **first** such axis: unambiguous
+/// when one axis matches, and the same as 0.19.4 (axis 0) whenever axis 0 matches. When several axes
+/// match and the writer used a later one, the packet does not say so and the values dequantize along
+/// the first (as they do with 0.19.4). Other v3 schemes get axis 0.
+pub fn channel_axis(
+    version: Version,
+    scheme: QuantScheme,
+    wire_axis: Option<u8>,
+    shape: &[u64],
+    num_scales: u32,
+) -> Result<u8, FormatError> {
+    match (version, wire_axis) {
+        (Version::V4, Some(axis)) => Ok(axis),
+        _ if scheme != QuantScheme::PerChannel => Ok(0),
+        _ => shape
+            .iter()
+            .position(|&d| d == u64::from(num_scales))
+            // ndim <= MAX_NDIM (32) was checked when the shape was read.
+            .map(|a| a as u8)
+            .ok_or(bad("num_scales does not equal the length of any axis")),
+    }
+}
 
 /// Scales, zero points and packed codes of a quantized tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +261,37 @@ pub fn unpack_nibbles(packed: &[u8], n: usize, signed: bool) -> Vec<i8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v3_channel_axis_is_the_first_matching_axis() {
+        let pc = QuantScheme::PerChannel;
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[7, 3, 2], 3).unwrap(),
+            1
+        );
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[7, 3, 2], 2).unwrap(),
+            2
+        );
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[7, 3, 2], 7).unwrap(),
+            0
+        );
+        // Several matches: the first, which is 0.19.4's own reading when axis 0 matches.
+        assert_eq!(channel_axis(Version::V3, pc, None, &[4, 4], 4).unwrap(), 0);
+        assert_eq!(
+            channel_axis(Version::V3, pc, None, &[5, 4, 4], 4).unwrap(),
+            1
+        );
+        assert!(channel_axis(Version::V3, pc, None, &[7, 3, 2], 5).is_err());
+        assert!(channel_axis(Version::V3, pc, None, &[], 1).is_err());
+        let pt = QuantScheme::PerTensor;
+        assert_eq!(channel_axis(Version::V3, pt, None, &[7, 3], 1).unwrap(), 0);
+        assert_eq!(
+            channel_axis(Version::V4, pc, Some(2), &[7, 3], 3).unwrap(),
+            2
+        );
+    }
 
     #[test]
     fn nibbles_match_the_spec_example() {

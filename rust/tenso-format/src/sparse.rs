@@ -15,23 +15,34 @@
 //! CSR/CSC: `len(indptr) == major + 1`, `indptr[0] == 0`, non-decreasing, `indptr[last] == nnz`,
 //! `indices < minor`. The logical shape is not subject to `MAX_ELEMENTS` (the components are).
 
-use crate::decode::{Dense, Sparse};
+//!
+//! This module sees components as [`Component`]s (dtype, shape, raw body), so it depends on no decoder
+//! type: `decode` calls it, never the other way round.
+
 use crate::dtype::{DType, SparseFormat};
 use crate::error::FormatError;
+
+/// One component of a sparse packet as validation sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Component<'a> {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape of the component packet.
+    pub shape: &'a [u64],
+    /// The raw body, or `None` when the component is compressed.
+    pub raw: Option<&'a [u8]>,
+}
 
 fn bad(reason: &'static str) -> FormatError {
     FormatError::BadSparse { reason }
 }
 
 /// The raw body of a 1-D uncompressed component.
-fn body<'a>(d: &Dense<'a>) -> Result<&'a [u8], FormatError> {
+fn body<'a>(d: &Component<'a>) -> Result<&'a [u8], FormatError> {
     if d.shape.len() != 1 {
         return Err(bad("components must be 1-D"));
     }
-    match d.body {
-        crate::decode::Body::Raw(b) => Ok(b),
-        _ => Err(bad("components must not be compressed")),
-    }
+    d.raw.ok_or(bad("components must not be compressed"))
 }
 
 /// Index `i` of an index component as u64 (None when negative).
@@ -62,7 +73,7 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    fn new(d: &Dense<'a>) -> Result<Self, FormatError> {
+    fn new(d: &Component<'a>) -> Result<Self, FormatError> {
         let body = body(d)?;
         if !d.dtype.is_sparse_index() {
             return Err(bad("index arrays must be int32, int64, uint32 or uint64"));
@@ -88,13 +99,18 @@ impl<'a> Index<'a> {
     }
 }
 
-/// Checks a decoded sparse packet (see the module docs).
-pub fn validate(s: &Sparse<'_>) -> Result<(), FormatError> {
-    let [data, a, b] = &s.components;
+/// Checks the components of a sparse packet of logical `shape` (see the module docs), in wire order
+/// (COO: data, row, col; CSR/CSC: data, indices, indptr).
+pub fn validate(
+    format: SparseFormat,
+    shape: [u64; 2],
+    components: [Component<'_>; 3],
+) -> Result<(), FormatError> {
+    let [data, a, b] = &components;
     body(data)?;
     let nnz = data.shape[0];
-    let [rows, cols] = s.shape;
-    match s.format {
+    let [rows, cols] = shape;
+    match format {
         SparseFormat::Coo => {
             let row = Index::new(a)?;
             let col = Index::new(b)?;
@@ -105,7 +121,7 @@ pub fn validate(s: &Sparse<'_>) -> Result<(), FormatError> {
             col.all_below(cols, "column index out of range")?;
         }
         SparseFormat::Csr | SparseFormat::Csc => {
-            let (major, minor) = if s.format == SparseFormat::Csr {
+            let (major, minor) = if format == SparseFormat::Csr {
                 (rows, cols)
             } else {
                 (cols, rows)
@@ -143,17 +159,29 @@ pub fn validate(s: &Sparse<'_>) -> Result<(), FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Body;
-    use crate::dtype::Version;
 
-    fn comp(dtype: DType, body: &[u8]) -> Dense<'_> {
+    struct Owned {
+        dtype: DType,
+        shape: [u64; 1],
+        body: Vec<u8>,
+    }
+
+    impl Owned {
+        fn comp(&self) -> Component<'_> {
+            Component {
+                dtype: self.dtype,
+                shape: &self.shape,
+                raw: Some(&self.body),
+            }
+        }
+    }
+
+    fn comp(dtype: DType, body: Vec<u8>) -> Owned {
         let n = (body.len() / dtype.itemsize()) as u64;
-        Dense {
-            version: Version::V4,
+        Owned {
             dtype,
-            shape: vec![n],
-            alignment: 64,
-            body: Body::Raw(body),
+            shape: [n],
+            body,
         }
     }
 
@@ -161,58 +189,48 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    fn check(format: SparseFormat, shape: [u64; 2], c: &[Owned; 3]) -> Result<(), FormatError> {
+        validate(format, shape, [c[0].comp(), c[1].comp(), c[2].comp()])
+    }
+
     #[test]
     fn csr_checks() {
-        let data = [0u8; 16];
-        let indices = le(&[1, 0]);
-        let ok_ptr = le(&[0, 1, 2]);
-        fn s<'a>(data: &'a [u8], indices: &'a [u8], ptr: &'a [u8], shape: [u64; 2]) -> Sparse<'a> {
-            Sparse {
-                format: SparseFormat::Csr,
-                shape,
-                components: [
-                    comp(DType::Float64, data),
-                    comp(DType::Int64, indices),
-                    comp(DType::Int64, ptr),
-                ],
-            }
-        }
-        validate(&s(&data, &indices, &ok_ptr, [2, 2])).unwrap();
+        let parts = |ptr: &[i64]| {
+            [
+                comp(DType::Float64, vec![0u8; 16]),
+                comp(DType::Int64, le(&[1, 0])),
+                comp(DType::Int64, le(ptr)),
+            ]
+        };
+        let ok = parts(&[0, 1, 2]);
+        check(SparseFormat::Csr, [2, 2], &ok).unwrap();
         assert!(
-            validate(&s(&data, &indices, &ok_ptr, [2, 1])).is_err(),
+            check(SparseFormat::Csr, [2, 1], &ok).is_err(),
             "index 1 out of range for 1 column"
         );
         assert!(
-            validate(&s(&data, &indices, &ok_ptr, [3, 2])).is_err(),
+            check(SparseFormat::Csr, [3, 2], &ok).is_err(),
             "indptr length"
         );
         assert!(
-            validate(&s(&data, &indices, &le(&[0, 5, 2]), [2, 2])).is_err(),
+            check(SparseFormat::Csr, [2, 2], &parts(&[0, 5, 2])).is_err(),
             "the upstream segfault case"
         );
-        let csc = Sparse {
-            format: SparseFormat::Csc,
-            ..s(&data, &indices, &ok_ptr, [2, 2])
-        };
-        validate(&csc).unwrap();
+        check(SparseFormat::Csc, [2, 2], &ok).unwrap();
+        let mut compressed = [ok[0].comp(), ok[1].comp(), ok[2].comp()];
+        compressed[0].raw = None;
+        assert!(validate(SparseFormat::Csr, [2, 2], compressed).is_err());
     }
 
     #[test]
     fn coo_checks() {
-        let data = [0u8; 8];
-        let rows = le(&[0, 1]);
-        let cols = le(&[-1, 1]);
-        let s = Sparse {
-            format: SparseFormat::Coo,
-            shape: [2, 2],
-            components: [
-                comp(DType::Float32, &data),
-                comp(DType::Int64, &rows),
-                comp(DType::Int64, &cols),
-            ],
-        };
+        let c = [
+            comp(DType::Float32, vec![0u8; 8]),
+            comp(DType::Int64, le(&[0, 1])),
+            comp(DType::Int64, le(&[-1, 1])),
+        ];
         assert_eq!(
-            validate(&s).unwrap_err(),
+            check(SparseFormat::Coo, [2, 2], &c).unwrap_err(),
             FormatError::BadSparse {
                 reason: "negative index"
             }

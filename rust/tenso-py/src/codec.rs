@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use numpy::{PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyUserWarning, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView, PyTuple};
@@ -32,6 +32,24 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// Warns once per encode call (a `UserWarning`, shown once per call site by Python's default filter) when a v3 packet
+/// could not record the axis of per-channel quantized tensors along an axis other than 0: protocol 3 has no axis byte,
+/// the packet is what tenso 0.19.4 writes, and readers take the first axis whose length equals the number of scales
+/// (FORMAT.md §9.3).
+pub(crate) fn warn_dropped_axes(py: Python<'_>, plan: &tenso_format::Plan) -> PyResult<()> {
+    if plan.dropped_axes == 0 {
+        return Ok(());
+    }
+    let category = py.get_type::<PyUserWarning>();
+    PyErr::warn(
+        py,
+        category.as_any(),
+        c"protocol 3 has no axis byte: a per-channel QuantizedTensor along an axis other than 0 is written as tenso \
+0.19.4 writes it, and readers infer the first axis whose length equals the number of scales (docs/FORMAT.md 9.3)",
+        2,
+    )
+}
+
 /// Encodes `obj` into a fresh 64-byte-aligned NumPy buffer and returns the buffer as a uint8 array.
 fn encode_to_array<'py>(
     obj: &Bound<'py, PyAny>,
@@ -53,6 +71,7 @@ fn encode_to_array<'py>(
     )?;
     let item = collected.item();
     let plan = tenso_format::plan(&item, &opts).map_err(encode_error)?;
+    warn_dropped_axes(py, &plan)?;
     let out = alloc_aligned(py, plan.len)?;
     // SAFETY: `out` is fresh, plan.len bytes long, and no other reference to its memory exists in this function.
     let buf = unsafe { bytes_mut(&out, plan.len) };
@@ -148,6 +167,7 @@ fn _dump_parts<'py>(
     // Framing only: the body ranges of a zeroed allocation are never touched, so the kernel never backs them.
     let mut frame = vec![0u8; tenso_format::plan(&item, &opts).map_err(encode_error)?.len];
     let plan = tenso_format::encode_into(&item, &opts, &mut frame).map_err(encode_error)?;
+    warn_dropped_axes(py, &plan)?;
     let parts = PyList::empty(py);
     let mut pos = 0;
     for (slot, (array, dtype)) in plan.slots.iter().zip(&collected.gather) {
@@ -222,6 +242,7 @@ fn dump_to_buffer_rs(
     )?;
     let item = collected.item();
     let plan = tenso_format::plan(&item, &opts).map_err(encode_error)?;
+    warn_dropped_axes(py, &plan)?;
     let target = py
         .import("numpy")?
         .getattr("frombuffer")?

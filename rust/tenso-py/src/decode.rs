@@ -100,7 +100,7 @@ impl<'s, 'py> Decoder<'s, 'py> {
             Packet::Strings(s) => {
                 let offsets = PyArray1::from_slice(py, &s.offsets);
                 let payload = PyBytes::new(py, s.payload);
-                string_tensor_type(py)?.call_method1("_from_parts", (offsets, payload))
+                string_tensor_type(py)?.call_method1("__tenso_from_parts__", (offsets, payload))
             }
             #[allow(unreachable_patterns)]
             _ => Err(decode_error(tenso_format::FormatError::Unsupported {

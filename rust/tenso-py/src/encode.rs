@@ -235,13 +235,22 @@ fn walk<'py>(
     }
     if obj.is_instance(ragged_array_type(py)?.as_any())? {
         // A ragged array travels as its three-entry bundle (FORMAT.md §11).
-        return walk(&obj.call_method0("_bundle")?, opts, depth, keep, gather);
+        return walk(
+            &obj.call_method0("__tenso_parts__")?,
+            opts,
+            depth,
+            keep,
+            gather,
+        );
     }
     if obj.is_instance(string_tensor_type(py)?.as_any())? {
-        let offsets = contiguous(obj.getattr("_offsets")?, "uint64")?;
+        // The documented accessor (tenso/ragged.py), never the private attributes.
+        let (offsets, payload): (Bound<'_, PyAny>, Bound<'_, PyAny>) =
+            obj.call_method0("__tenso_parts__")?.extract()?;
+        let offsets = contiguous(offsets, "uint64")?;
         let offsets: PyReadonlyArray1<u64> = offsets.extract()?;
         let offsets = offsets.as_slice()?.to_vec();
-        let payload = Source::new(&obj.getattr("_payload")?)?;
+        let payload = Source::new(&payload)?;
         let span = Span {
             ptr: payload.bytes().as_ptr(),
             len: payload.bytes().len(),

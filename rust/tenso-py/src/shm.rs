@@ -5,7 +5,6 @@
 //! as any view of it lives, whatever `close()` was called on. Packets are encoded straight into the segment with the
 //! codec's encode-into path and decoded as views over it.
 
-use std::io;
 use std::sync::Mutex;
 
 use numpy::PyUntypedArray;
@@ -20,36 +19,13 @@ use tenso_shm::{Pool, Segment, ShmError};
 use crate::buffers::{alloc_aligned, bytes_mut, descr_for, view_over, Source};
 use crate::decode::Decoder;
 use crate::encode::{encode_options, fill_slots, Collected, WalkOptions, DETACH_BYTES};
-use crate::errors::TensoCacheFullError;
-use crate::errors::{decode_error, encode_error};
+use crate::errors::{decode_error, encode_error, shm_error};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMapping>()?;
     m.add_class::<PyShm>()?;
     m.add_class::<PyPool>()?;
     Ok(())
-}
-
-/// Maps a shm error to the builtin (or tenso) class its situation promises: I/O errors keep their errno-derived
-/// class (FileNotFoundError, FileExistsError, PermissionError, OSError for ENOSPC) and errno, and say which call
-/// failed.
-fn shm_error(err: ShmError) -> PyErr {
-    match &err {
-        ShmError::Io { source, .. } => {
-            let msg = err.to_string();
-            let code = source.raw_os_error();
-            let template = PyErr::from(io::Error::from(source.kind()));
-            Python::attach(|py| {
-                let ty = template.get_type(py);
-                match code {
-                    Some(code) => PyErr::from_type(ty, (code, msg)),
-                    None => PyErr::from_type(ty, msg),
-                }
-            })
-        }
-        ShmError::Full { .. } => TensoCacheFullError::new_err(err.to_string()),
-        _ => PyValueError::new_err(err.to_string()),
-    }
 }
 
 /// What a `_Mapping` maps.
