@@ -27,6 +27,18 @@ fn tmp_pool(tag: &str, size: u64) -> Tmp {
     Tmp(Pool::create(&name(tag), size, None, 0o600).unwrap())
 }
 
+/// A pool with a chosen pin-table capacity.
+fn tmp_pool_with_pins(tag: &str, size: u64, pin_slots: u64) -> Tmp {
+    let entries = entries_for(size, None);
+    let layout = Layout::new(size, entries, pin_slots).unwrap();
+    let seg = if cfg!(miri) {
+        Segment::anonymous(size as usize)
+    } else {
+        Segment::create(&name(tag), size, 0o600, false).unwrap()
+    };
+    Tmp(Pool::init(seg, layout))
+}
+
 struct Tmp(Pool);
 impl Drop for Tmp {
     fn drop(&mut self) {
@@ -286,5 +298,234 @@ fn threads_never_see_torn_values() {
             });
         }
     });
+    pool.check().unwrap();
+}
+
+/// A pid that exists no more.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+/// Pins `key`: its bytes (read under the pin, or copied if the table is full), its range in the mapping, the pin.
+fn pin(pool: &Pool, key: &str) -> (Vec<u8>, std::ops::Range<usize>, Option<Pin>) {
+    pool.read_pinned(key.as_bytes(), &Spin, |packet, pin| {
+        let mut v = vec![0u8; packet.len()];
+        packet.copy_to(&mut v);
+        (v, packet.range(), pin)
+    })
+    .unwrap()
+    .expect("the key is in the pool")
+}
+
+/// What a zero-copy view of `range` shows now.
+fn live(pool: &Pool, range: std::ops::Range<usize>) -> Vec<u8> {
+    assert!(range.end <= pool.segment().len());
+    // SAFETY: the range lies inside the mapping (checked above), which `pool` keeps mapped; nobody writes it during
+    // these single-threaded tests.
+    unsafe {
+        std::slice::from_raw_parts(pool.segment().as_ptr().add(range.start), range.len()).to_vec()
+    }
+}
+
+/// Fills a pool of four blocks with k0..k3 (k{i} = [i; block]) and returns the block size.
+fn four_blocks(pool: &Pool) -> usize {
+    let block = (pool.data_size() / 4 / 64 * 64) as usize;
+    for i in 0..4u8 {
+        put(pool, &format!("k{i}"), &vec![i; block]);
+    }
+    block
+}
+
+#[test]
+fn pinned_entry_is_never_evicted() {
+    let p = tmp_pool("pin-evict", 1 << 20);
+    let pool = &p.0;
+    let block = four_blocks(pool);
+    let (bytes, range, pin) = pin(pool, "k0");
+    let pin = pin.expect("the pin table has room");
+    assert_eq!(bytes, vec![0u8; block]);
+    for i in 4..12u8 {
+        put(pool, &format!("k{i}"), &vec![i; block]);
+        assert_eq!(
+            live(pool, range.clone()),
+            vec![0u8; block],
+            "a pinned view changed"
+        );
+    }
+    let s = pool.stats();
+    assert_eq!((s.pinned, s.evictions), (1, 8));
+    assert_eq!(get(pool, "k0").unwrap(), vec![0u8; block]);
+    pool.check().unwrap();
+    pool.unpin(pin);
+    assert_eq!(pool.stats().pinned, 0);
+    for i in 12..16u8 {
+        put(pool, &format!("k{i}"), &vec![i; block]);
+    }
+    assert_eq!(
+        get(pool, "k0"),
+        None,
+        "unpinned, the entry is evictable again"
+    );
+    pool.check().unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "spawns a process")]
+fn dead_pids_pin_is_cleared_and_its_entry_evicted() {
+    let p = tmp_pool("pin-dead", 1 << 20);
+    let pool = &p.0;
+    let block = four_blocks(pool);
+    let (_, _, pin) = pin(pool, "k0");
+    let pin = pin.unwrap();
+    // Hand the pin to a process that has died.
+    let dead = dead_pid();
+    for i in 0..pool.pin_slots() as u32 {
+        let slot = pool.pin_slot(i);
+        if slot.pid.load(Ordering::Relaxed) == crate::lock::current_pid() {
+            slot.pid.store(dead, Ordering::Relaxed);
+        }
+    }
+    for i in 4..8u8 {
+        put(pool, &format!("k{i}"), &vec![i; block]);
+    }
+    assert_eq!(
+        get(pool, "k0"),
+        None,
+        "a dead process's pin protects nothing"
+    );
+    let s = pool.stats();
+    assert_eq!((s.pinned, s.evictions), (0, 4));
+    pool.unpin(pin); // its slot was cleared: nothing happens
+    pool.check().unwrap();
+}
+
+#[test]
+fn unpin_on_drop() {
+    let p = tmp_pool("pin-drop", 1 << 20);
+    let pool = &p.0;
+    put(pool, "a", b"alpha");
+    let first = Pinned::new(pool, pin(pool, "a").2.unwrap());
+    let second = Pinned::new(pool, pin(pool, "a").2.unwrap());
+    // Two views of one entry share a pin slot.
+    assert_eq!(pool.header().pins_used.load(Ordering::Relaxed), 1);
+    assert_eq!(pool.stats().pinned, 1);
+    drop(first);
+    assert_eq!(pool.stats().pinned, 1);
+    drop(second);
+    assert_eq!(pool.stats().pinned, 0);
+    assert_eq!(pool.header().pins_used.load(Ordering::Relaxed), 0);
+    pool.check().unwrap();
+}
+
+#[test]
+fn full_pin_table_falls_back_to_a_copy() {
+    let p = tmp_pool_with_pins("pin-full", 1 << 20, 2);
+    let pool = &p.0;
+    for k in ["a", "b", "c"] {
+        put(pool, k, k.repeat(100).as_bytes());
+    }
+    let a = pin(pool, "a").2.unwrap();
+    let b = pin(pool, "b").2.unwrap();
+    let (bytes, _, none) = pin(pool, "c");
+    assert_eq!(none, None, "the table is full");
+    assert_eq!(
+        bytes,
+        "c".repeat(100).as_bytes(),
+        "the fallback copy is whole"
+    );
+    // Another view of a pinned entry still fits (it shares the slot).
+    let a2 = pin(pool, "a").2.unwrap();
+    assert_eq!(pool.stats().pinned, 2);
+    pool.unpin(a);
+    pool.unpin(a2);
+    let c = pin(pool, "c").2.expect("a slot is free again");
+    pool.unpin(b);
+    pool.unpin(c);
+    assert_eq!(pool.stats().pinned, 0);
+    pool.check().unwrap();
+}
+
+#[test]
+fn pinned_entry_outlives_replace_and_delete() {
+    let p = tmp_pool("pin-retire", 1 << 20);
+    let pool = &p.0;
+    put(pool, "a", &[1u8; 1000]);
+    let (_, range, pin) = pin(pool, "a");
+    let pin = pin.unwrap();
+    // Same block size, but pinned: not written in place.
+    let r = pool.reserve(b"a", 1000, 0).unwrap();
+    assert!(!r.in_place());
+    r.copy_from_slice(&[2u8; 1000]);
+    r.commit().unwrap();
+    assert_eq!(get(pool, "a").unwrap(), vec![2u8; 1000]);
+    assert_eq!(live(pool, range.clone()), vec![1u8; 1000]);
+    assert!(pool.delete(b"a").unwrap());
+    pool.clear();
+    let s = pool.stats();
+    assert_eq!(
+        (s.entries, s.pinned, s.used_bytes),
+        (0, 1, 1024),
+        "the retired block stays"
+    );
+    assert!(pool.keys().is_empty());
+    pool.check().unwrap();
+    // Its block is not reused while pinned.
+    put(pool, "b", &[3u8; 1000]);
+    assert_eq!(live(pool, range), vec![1u8; 1000]);
+    pool.unpin(pin);
+    let s = pool.stats();
+    assert_eq!((s.entries, s.pinned, s.used_bytes), (1, 0, 1024));
+    pool.check().unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "spawns a process")]
+fn recovery_keeps_live_pins_and_drops_dead_ones() {
+    let p = tmp_pool("pin-recover", 1 << 20);
+    let pool = &p.0;
+    put(pool, "a", &[1u8; 1000]);
+    put(pool, "b", &[2u8; 1000]);
+    let (_, range, pin_a) = pin(pool, "a");
+    let pin_a = pin_a.unwrap();
+    let _ = pin(pool, "b").2.unwrap();
+    // b's pin passes to a process that has died.
+    let b_slot = pool.lookup(b"b").unwrap().unwrap().slot;
+    let dead = dead_pid();
+    for i in 0..pool.pin_slots() as u32 {
+        let slot = pool.pin_slot(i);
+        if slot.slot.load(Ordering::Relaxed) == b_slot {
+            slot.pid.store(dead, Ordering::Relaxed);
+        }
+    }
+    // A pinned entry deleted (retired), then a lock holder that dies and leaves the counters garbage.
+    assert!(pool.delete(b"a").unwrap());
+    {
+        let mut l = pool.lock();
+        l.table().reset();
+        l.h().used_bytes.store(12345, Ordering::Relaxed);
+        l.h().pins_used.store(77, Ordering::Relaxed);
+        let token = l.token;
+        std::mem::forget(l);
+        pool.header().lock.store(
+            (u64::from(dead) << 32) | (token & 0xffff_ffff),
+            Ordering::Relaxed,
+        );
+    }
+    put(pool, "c", &[3u8; 1000]); // takes the lock over and recovers
+    pool.check().unwrap();
+    let s = pool.stats();
+    assert_eq!(s.recoveries, 1);
+    assert_eq!(
+        (s.entries, s.pinned),
+        (2, 1),
+        "b's dead pin is gone, a's live one kept"
+    );
+    assert_eq!(live(pool, range), vec![1u8; 1000]);
+    pool.unpin(pin_a);
+    let s = pool.stats();
+    assert_eq!((s.entries, s.pinned, s.used_bytes), (2, 0, 2048));
     pool.check().unwrap();
 }
