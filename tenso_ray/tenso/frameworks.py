@@ -81,7 +81,7 @@ def _import(name: str, what: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise ImportError(f"{what} needs {name}: {_EXTRAS[name]}") from exc
+        raise ImportError(f"{what} needs {name}: {_EXTRAS[name.split('.')[0]]}") from exc
 
 
 def _torch() -> Any:
@@ -347,6 +347,7 @@ def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
 def _jax_target(spec: str) -> Any:
     """The JAX device for ``spec`` (None: JAX's default device); RuntimeError if it does not exist."""
     jax = _import("jax", "device 'jax'")
+    _import("jax.numpy", "device 'jax'")
     if spec == "":
         return None
     if spec == "cpu":
@@ -438,9 +439,14 @@ def from_host(array: np.ndarray, device: str = "numpy", zero_copy: bool = False)
         return _torch_from_host(array, spec, zero_copy)
     if framework == "jax":
         jax = _import("jax", "device 'jax'")
-        # JAX arrays are immutable: aliasing the caller's memory is only right when the caller says so. (JAX without
+        target = _jax_target(spec)
+        # JAX arrays are immutable, yet on the CPU device_put aliases an aligned NumPy array whatever its may_alias
+        # says: only zero_copy=True may take that path; otherwise jnp.array makes the copy. (JAX without
         # jax_enable_x64 narrows 64-bit dtypes to 32 bits, as it does for every input.)
-        return jax.device_put(array, _jax_target(spec), may_alias=bool(zero_copy))
+        if zero_copy:
+            return jax.device_put(array, target)
+        copied = jax.numpy.array(array, copy=True)
+        return copied if target is None else jax.device_put(copied, target)
     cupy = _import("cupy", "device 'cupy'")
     with cupy.cuda.Device(_cupy_index(spec)):
         return cupy.asarray(array)
