@@ -182,6 +182,10 @@ def test_torch_bytes_need_no_ml_dtypes(monkeypatch):
     contiguous = fw.torch_bytes(t)
     assert _ptr(contiguous) == t.data_ptr()  # no copy for a contiguous CPU tensor
     assert fw.torch_from_bytes(b"", torch.bfloat16, (0, 4)).shape == (0, 4)
+    with pytest.raises(ValueError, match="cannot hold"):
+        fw.torch_from_bytes(bytes(10), "bfloat16", (3, 2))
+    with pytest.raises(TypeError, match="not a torch dtype"):
+        fw.torch_from_bytes(bytes(4), "Tensor", (1,))
     with pytest.raises(ImportError, match=r"tenso-ray\[bfloat16\]"):
         fw.to_host(t)
 

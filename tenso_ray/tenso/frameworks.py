@@ -17,7 +17,8 @@ view of the same width for strided arrays), never through ``torch.from_numpy`` o
 torch refuses) and never through a float conversion.
 
 No framework is imported until a function needs it; a missing one raises ImportError naming the extra to install.
-A CUDA device asked of a framework that has none raises RuntimeError saying what is missing.
+A CUDA device asked of a framework that has none raises RuntimeError saying what is missing. Device copies go
+through pageable host memory for now; pinned staging and DLPack hand-off (issue #13) plug in here.
 """
 
 from __future__ import annotations
@@ -74,22 +75,18 @@ _CUDA_SPEC = re.compile(r"^(?:cuda|gpu)(?::(?P<index>\d+))?$")
 # torch warns when it shares a non-writable NumPy array (it cannot mark tensors read-only). Sharing is what the
 # caller asked for with zero_copy=True, and read-only inputs are only read on the way to a device.
 _READONLY_WARNING = "The given NumPy array is not writable"
-_BUFFER_WARNING = "The given buffer is not writable"
 
 
 def _import(name: str, what: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        raise ImportError(f"{what} needs {name}: {_EXTRAS[name.split('.')[0]]}") from exc
+        top = name.split(".")[0]
+        raise ImportError(f"{what} needs {top}, which is not installed: {_EXTRAS[top]}") from exc
 
 
 def _torch() -> Any:
-    return _import("torch", "a torch device")
-
-
-def _ml_dtypes() -> Any:
-    return _import("ml_dtypes", "this dtype")
+    return _import("torch", "converting to or from torch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,17 +239,14 @@ def _parse_device(device: str) -> tuple[str, str]:
     m = _DEVICE.match(device.strip().lower()) if isinstance(device, str) else None
     if m is not None:
         framework, spec = m.group("fw"), m.group("spec") or ""
-        try:
-            if framework == "numpy" and spec in ("", "cpu"):
-                return framework, ""
-            if framework == "torch" and (spec in ("", "cpu") or _CUDA_SPEC.match(spec)):
-                return framework, spec
-            if framework == "jax" and (spec in ("", "cpu") or spec.isdigit() or _CUDA_SPEC.match(spec)):
-                return framework, spec
-            if framework == "cupy" and (spec == "" or spec.isdigit()):
-                return framework, spec
-        except ValueError:
-            pass
+        if framework == "numpy" and spec in ("", "cpu"):
+            return framework, ""
+        if framework == "torch" and (spec in ("", "cpu") or _CUDA_SPEC.match(spec)):
+            return framework, spec
+        if framework == "jax" and (spec in ("", "cpu") or spec.isdigit() or _CUDA_SPEC.match(spec)):
+            return framework, spec
+        if framework == "cupy" and (spec == "" or spec.isdigit()):
+            return framework, spec
     raise ValueError(
         f"unknown device {device!r}: use 'numpy', 'torch', 'torch:cpu', 'torch:cuda:N', 'jax', 'jax:N', "
         "'jax:cpu', 'jax:cuda:N', 'cupy' or 'cupy:N'"
@@ -300,7 +294,7 @@ def torch_from_bytes(
     CUDA is checked first, RuntimeError saying what is missing) the bytes are read once, by the copy to it.
     """
     torch = _torch()
-    tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tdtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(tdtype, torch.dtype):
         raise TypeError(f"not a torch dtype: {dtype!r}")
     target = torch.device(device)
@@ -308,6 +302,9 @@ def torch_from_bytes(
         target = torch_cuda_device(target.index, what=f"device {str(device)!r}")
     raw = data if isinstance(data, np.ndarray) and data.dtype == np.uint8 else np.frombuffer(data, dtype=np.uint8)
     shape = tuple(int(n) for n in shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * tdtype.itemsize
+    if raw.size != expected:
+        raise ValueError(f"{raw.size} bytes cannot hold a {tdtype} tensor of shape {shape} ({expected} bytes)")
     if raw.size == 0:
         return torch.empty(shape, dtype=tdtype, device=target)
     if target.type == "cpu" and not zero_copy:
@@ -324,7 +321,7 @@ def torch_from_bytes(
 def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
     torch = _torch()
     tdtype = torch_dtype_of(array.dtype)
-    device: Any = "cpu"
+    device = torch.device("cpu")
     if spec not in ("", "cpu"):
         device = torch_cuda_device(_cuda_index(spec), what=f"device 'torch:{spec}'")
         zero_copy = True  # the host bytes are only read, by the one host-to-device copy
@@ -341,7 +338,7 @@ def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
         tensor = torch.from_numpy(base)
     if tensor.dtype != tdtype:
         tensor = tensor.view(tdtype)
-    return tensor if device == "cpu" else tensor.to(device)
+    return tensor if device.type == "cpu" else tensor.to(device)
 
 
 def _jax_target(spec: str) -> Any:
