@@ -24,12 +24,15 @@ through pageable host memory for now; pinned staging and DLPack hand-off (issue 
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from .tenso_rs import _owned_copy
 
 __all__ = [
     "to_host",
@@ -86,7 +89,7 @@ def _import(name: str, what: str) -> Any:
 
 
 def _torch() -> Any:
-    return _import("torch", "converting to or from torch")
+    return sys.modules.get("torch") or _import("torch", "converting to or from torch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,14 +173,15 @@ def _torch_host(t: Any) -> Any:
     """A CPU, strided, materialised (no lazy conj/neg bit) torch tensor with the same values as ``t``."""
     import torch
 
-    if t.layout != torch.strided:
+    if t.layout is not torch.strided:
         raise TypeError(f"cannot convert a {t.layout} torch tensor; call .to_dense() first")
     if t.is_quantized:
         raise TypeError("cannot convert a quantized torch tensor; call .dequantize() or .int_repr() first")
-    if t.device.type == "meta":
+    device = t.device.type
+    if device == "meta":
         raise TypeError("a torch tensor on the meta device has no data")
     t = t.detach().resolve_conj().resolve_neg()  # no-ops unless a lazy conjugate/negation bit is set
-    if t.device.type != "cpu":
+    if device != "cpu":
         t = t.cpu()  # one device-to-host copy
     return t
 
@@ -277,6 +281,15 @@ def torch_cuda_device(index: Optional[int] = None, *, what: str = "this call") -
     return torch.device("cuda", index)
 
 
+def _from_numpy(torch: Any, array: np.ndarray) -> Any:
+    """``torch.from_numpy``, silencing its warning about a non-writable array, and only that one."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)  # (catch_warnings costs microseconds: only where needed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
+        return torch.from_numpy(array)
+
+
 def _shareable(array: np.ndarray) -> bool:
     # torch.from_numpy takes any non-negative strides that are whole elements.
     item = array.dtype.itemsize
@@ -297,31 +310,32 @@ def torch_from_bytes(
     tdtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(tdtype, torch.dtype):
         raise TypeError(f"not a torch dtype: {dtype!r}")
-    target = torch.device(device)
-    if target.type == "cuda":
-        target = torch_cuda_device(target.index, what=f"device {str(device)!r}")
+    target = None  # the CPU; checked on the string first, as torch.device(...).type costs microseconds
+    if not (isinstance(device, str) and device == "cpu"):
+        target = torch.device(device)
+        kind = target.type
+        if kind == "cuda":
+            target = torch_cuda_device(target.index, what=f"device {str(device)!r}")
+        elif kind == "cpu":
+            target = None
     raw = data if isinstance(data, np.ndarray) and data.dtype == np.uint8 else np.frombuffer(data, dtype=np.uint8)
     shape = tuple(int(n) for n in shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * tdtype.itemsize
+    expected = math.prod(shape) * tdtype.itemsize
     if raw.size != expected:
         raise ValueError(f"{raw.size} bytes cannot hold a {tdtype} tensor of shape {shape} ({expected} bytes)")
     if raw.size == 0:
         return torch.empty(shape, dtype=tdtype, device=target)
-    if target.type == "cpu" and not zero_copy:
-        from .tenso_rs import _owned_copy
-
+    if target is None and not zero_copy:
         # One copy into fresh memory the tensor owns (huge pages, several threads, GIL released).
         raw = _owned_copy(raw)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
-        view = torch.from_numpy(raw.reshape(-1)).view(tdtype).reshape(shape)
-    return view if target.type == "cpu" else view.to(target)
+    view = _from_numpy(torch, raw.reshape(-1)).view(tdtype).reshape(shape)
+    return view if target is None else view.to(target)
 
 
 def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
     torch = _torch()
     tdtype = torch_dtype_of(array.dtype)
-    device = torch.device("cpu")
+    device: Any = "cpu"
     if spec not in ("", "cpu"):
         device = torch_cuda_device(_cuda_index(spec), what=f"device 'torch:{spec}'")
         zero_copy = True  # the host bytes are only read, by the one host-to-device copy
@@ -333,12 +347,10 @@ def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
                                 device, True)
     # Strided and shared: an integer view of the same width keeps the strides, then torch names the dtype.
     base = array if array.dtype.name in _TORCH_BUILTIN else array.view(_SAME_WIDTH[array.dtype.itemsize])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
-        tensor = torch.from_numpy(base)
+    tensor = _from_numpy(torch, base)
     if tensor.dtype != tdtype:
         tensor = tensor.view(tdtype)
-    return tensor if device.type == "cpu" else tensor.to(device)
+    return tensor if device == "cpu" else tensor.to(device)
 
 
 def _jax_target(spec: str) -> Any:
