@@ -224,3 +224,39 @@ def to_transport(kind: str, data: bytes, tmp_path: pathlib.Path) -> Any:
 
 
 TRANSPORTS = ["bytes", "bytearray", "memoryview", "ndarray", "mmap"]
+
+
+# ---------------------------------------------------------------- processes that die by a signal -----------------
+
+#: x86-64 features a prebuilt wheel may assume; a SIGILL on a machine that lacks one of them is most likely why.
+SIMD_FEATURES = ("sse4_2", "avx", "avx2", "bmi2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl")
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def crash_reason(signal_name: str, who: str) -> str:
+    """One line for a process that died by a signal, e.g. "SIGILL in tenso 0.19.4 (CPU lacks avx512f, avx512bw)".
+
+    For SIGILL the known SIMD features that this CPU lacks are named, since an illegal instruction in a prebuilt
+    wheel almost always means it was compiled for a newer CPU than this one.
+    """
+    reason = f"{signal_name} in {who}"
+    if signal_name == "SIGILL":
+        flags = cpu_flags()
+        missing = [f for f in SIMD_FEATURES if flags and f not in flags]
+        if missing:
+            reason += f" (CPU lacks {', '.join(missing)})"
+        elif flags:
+            reason += " (CPU has " + ", ".join(f for f in SIMD_FEATURES if f in flags) + ")"
+    return reason

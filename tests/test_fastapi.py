@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -25,8 +26,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
+class _Records(logging.Handler):
+    """Keeps every record uvicorn logs, so a test can assert the server logged no exception."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
-def server():
+def server_state():
+    """What the server saw: uvicorn's log records and, per finished request, (path, status sent, exception)."""
+    return {"log": _Records(), "done": []}
+
+
+@pytest.fixture(scope="module")
+def server(server_state):
     from fastapi import Depends, FastAPI
     from tenso.fastapi import TensoResponse, get_tenso_data
 
@@ -44,8 +62,29 @@ def server():
     async def ones(n: int):
         return TensoResponse(np.ones(n, dtype=np.float32))
 
+    async def recorded(scope, receive, send):
+        # A pure ASGI wrapper (no middleware semantics of its own): records the status the app sent and whatever
+        # the app let escape, which is what uvicorn would log as "Exception in ASGI application".
+        status = []
+
+        async def send_recorded(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, send_recorded)
+        except BaseException as exc:
+            server_state["done"].append((scope.get("path"), status[:1], exc))
+            raise
+        server_state["done"].append((scope.get("path"), status[:1], None))
+
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(recorded, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                            interface="asgi3")
+    # Config() has just applied uvicorn's logging setup; attach after it so the handler stays.
+    uv_logger = logging.getLogger("uvicorn")
+    uv_logger.addHandler(server_state["log"])
     srv = uvicorn.Server(config)
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -58,6 +97,7 @@ def server():
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     th.join(30)
+    uv_logger.removeHandler(server_state["log"])
     assert not th.is_alive()
 
 
@@ -140,3 +180,31 @@ def test_async_client(server):
         return [tenso.loads(r.content).tolist() for r in rs]
 
     assert asyncio.run(main()) == [[i] * 3 for i in range(8)]
+
+
+def test_aborted_upload_is_a_clean_400(server, server_state):
+    """Issue 9 part 5: a client that sends 32 KiB of a declared 64 KiB body and closes gets the 400 FastAPI's own
+    body parsing gives (ClientDisconnect does not escape), the server logs no exception and serves the next request."""
+    host, port = server.removeprefix("http://").split(":")
+    packet = bytes(tenso.dumps(np.zeros(64 * 1024 // 8 - 8)))
+    assert len(packet) == 64 * 1024
+    done_before = len(server_state["done"])
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Type: application/octet-stream\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (host.encode(), len(packet)))
+        s.sendall(packet[: 32 * 1024])
+    deadline = time.monotonic() + 30
+    while len(server_state["done"]) == done_before:
+        assert time.monotonic() < deadline, "the server never finished the aborted request"
+        time.sleep(0.02)
+    path, status, exc = server_state["done"][done_before]
+    assert (path, status, exc) == ("/echo", [400], None), (path, status, exc)
+    # The server is healthy: the next request on a new connection is answered.
+    arr = np.arange(10, dtype=np.int32)
+    with httpx.Client(timeout=30) as c:
+        r = c.post(server + "/echo", content=bytes(tenso.dumps(arr)), headers=HEADERS)
+    assert r.status_code == 200
+    tensohelp.assert_dense_equal(tenso.loads(r.content), arr)
+    logged = [rec.getMessage() for rec in server_state["log"].records if rec.levelno >= logging.WARNING]
+    assert not [m for m in logged if "Exception in ASGI application" in m], logged
+    assert not logged, logged

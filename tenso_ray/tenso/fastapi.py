@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 try:
     from fastapi import HTTPException, Request
     from fastapi.responses import StreamingResponse
+    from starlette.requests import ClientDisconnect
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "tenso.fastapi requires FastAPI; install it with: pip install 'tenso-ray[fastapi]'"
@@ -119,14 +120,22 @@ async def get_tenso_data(request: Request) -> Any:
     ------
     fastapi.HTTPException
         400 if the content type is missing or different (as the reference
-        package does); 422 if the body is not a valid packet (malformed,
-        truncated or failing its integrity check).
+        package does), or if the client disconnects before sending the whole
+        body (as FastAPI's own body parsing does: an aborted upload is the
+        client's error, so nothing is logged as a server exception); 422 if
+        the body is not a valid packet (malformed, truncated or failing its
+        integrity check).
     """
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != MEDIA_TYPE:
         raise HTTPException(status_code=400, detail=f"Expected {MEDIA_TYPE} content type.")
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect as exc:
+        raise HTTPException(
+            status_code=400, detail="Client disconnected before the request body was complete."
+        ) from exc
     try:
         return loads(body, copy=True)
     except (TensoError, ValueError, EOFError) as exc:

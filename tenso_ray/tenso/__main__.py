@@ -1,0 +1,8 @@
+"""``python -m tenso``: the ``tenso`` command (see :mod:`tenso.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
