@@ -418,3 +418,50 @@ def test_gpu_problem_is_specific(no_cuda):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tenso.gpu.available() is False
+
+
+# --- property: any dtype, shape and layout ----------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _layouts(draw):
+    name = draw(st.sampled_from(ALL))
+    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+    raw = draw(st.binary(min_size=int(np.prod(shape)) * _dtype(name).itemsize,
+                         max_size=int(np.prod(shape)) * _dtype(name).itemsize))
+    a = np.frombuffer(raw, dtype=np.uint8).view(_dtype(name)).reshape(shape).copy()
+    if name == "bool":
+        a = np.asarray(a.view(np.uint8) % 2 == 1)  # only 0 and 1 are bools
+    for axis in range(a.ndim):
+        step = draw(st.sampled_from([1, 2, -1, -2]))
+        a = a[(slice(None),) * axis + (slice(None, None, step),)]
+    if a.ndim > 1 and draw(st.booleans()):
+        a = a.T
+    if draw(st.booleans()):
+        a.flags.writeable = False
+    return a
+
+
+@needs_torch
+@given(a=_layouts(), zero_copy=st.booleans())
+def test_torch_round_trip_any_layout(a, zero_copy):
+    t = fw.from_host(a, "torch", zero_copy=zero_copy)
+    assert tuple(t.shape) == a.shape and t.dtype == fw.torch_dtype_of(a.dtype)
+    back = fw.to_host(t)
+    assert back.dtype == a.dtype and _bytes(back) == _bytes(a)  # bit-exact: NaN payloads kept, no float cast
+    if a.size:
+        shared = t.data_ptr() == _ptr(a)
+        assert shared is (zero_copy and (a.flags.c_contiguous or all(s >= 0 for s in a.strides)))
+
+
+@needs_jax
+@given(a=_layouts(), zero_copy=st.booleans())
+def test_jax_round_trip_any_layout(a, zero_copy):
+    hypothesis.assume(_jax_keeps(a.dtype.name))  # 64-bit narrowing is JAX's own rule (it warns on overflow)
+    x = fw.from_host(a, "jax", zero_copy=zero_copy)
+    back = fw.to_host(x)
+    assert back.shape == a.shape and back.dtype == a.dtype and _bytes(back) == _bytes(a)

@@ -323,8 +323,6 @@ def torch_from_bytes(
     expected = math.prod(shape) * tdtype.itemsize
     if raw.size != expected:
         raise ValueError(f"{raw.size} bytes cannot hold a {tdtype} tensor of shape {shape} ({expected} bytes)")
-    if raw.size == 0:
-        return torch.empty(shape, dtype=tdtype, device=target)
     if target is None and not zero_copy:
         # One copy into fresh memory the tensor owns (huge pages, several threads, GIL released).
         raw = _owned_copy(raw)

@@ -17,7 +17,6 @@ copies currently go through pageable host memory (pinned staging and DLPack are 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import importlib.util
 import os
