@@ -2,8 +2,10 @@
 //! Python classes over `_Shm` and `_Pool` here; the protocols live in `tenso-shm`.
 //!
 //! Every zero-copy array handed out has a `_Mapping` as its (indirect) `base`: the mapping stays mapped for as long
-//! as any view of it lives, whatever `close()` was called on. Packets are encoded straight into the segment with the
-//! codec's encode-into path and decoded as views over it.
+//! as any view of it lives, whatever `close()` was called on (for `_Pool.get(..., pin=True)` the base is a
+//! `_PinnedEntry`, which holds the mapping and the entry's pin). Packets are encoded straight into the segment with
+//! the codec's encode-into path and decoded as views over it. `tenso-shm` hands out ranges of the mapping and owns
+//! the seqlock retry (`Pool::read`); only `PyMapping` turns ranges into addresses.
 
 use std::io;
 use std::ops::{Deref, Range};
