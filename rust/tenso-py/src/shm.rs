@@ -2,8 +2,10 @@
 //! Python classes over `_Shm` and `_Pool` here; the protocols live in `tenso-shm`.
 //!
 //! Every zero-copy array handed out has a `_Mapping` as its (indirect) `base`: the mapping stays mapped for as long
-//! as any view of it lives, whatever `close()` was called on. Packets are encoded straight into the segment with the
-//! codec's encode-into path and decoded as views over it.
+//! as any view of it lives, whatever `close()` was called on (for `_Pool.get(..., pin=True)` the base is a
+//! `_PinnedEntry`, which holds the mapping and the entry's pin). Packets are encoded straight into the segment with
+//! the codec's encode-into path and decoded as views over it. `tenso-shm` hands out ranges of the mapping and owns
+//! the seqlock retry (`Pool::read`); only `PyMapping` turns ranges into addresses.
 
 use std::ops::{Deref, Range};
 use std::sync::Mutex;
@@ -65,16 +67,26 @@ impl PyMapping {
         Ok(unsafe { base.add(range.start) })
     }
 
-    /// A uint8 array over `range` of `slf`'s mapping, with `slf` as its base.
-    fn view<'py>(
+    /// A read-only uint8 array over `range` of `slf`'s mapping, with `slf` as its base.
+    fn view<'py>(slf: &Bound<'py, PyMapping>, range: Range<usize>) -> PyResult<Bound<'py, PyAny>> {
+        let ptr = slf.get().address(&range)?;
+        // SAFETY: `range` lies in the mapping (checked by `address`), which the base `slf` keeps mapped.
+        unsafe { bytes_view(slf.as_any(), ptr, range.len(), false) }
+    }
+
+    /// A writeable uint8 array over `range` of `slf`'s mapping, with `slf` as its base.
+    ///
+    /// # Safety
+    /// This process must be allowed to write `range` for as long as the array lives: a lease it holds, a
+    /// reservation it is writing, or a segment whose writes the application coordinates (`TensoShm.buffer`).
+    unsafe fn view_mut<'py>(
         slf: &Bound<'py, PyMapping>,
         range: Range<usize>,
-        writeable: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ptr = slf.get().address(&range)?;
-        // SAFETY: `range` lies in the mapping (checked by `address`), which the base `slf` keeps mapped. Writeable
-        // views are only asked for over memory this process may write (see the callers).
-        unsafe { bytes_view(slf.as_any(), ptr, range.len(), writeable) }
+        // SAFETY: `range` lies in the mapping (checked by `address`), which the base `slf` keeps mapped; the caller
+        // may write it.
+        unsafe { bytes_view(slf.as_any(), ptr, range.len(), true) }
     }
 
     /// A read-only uint8 array over `range` of the mapping held by `owner`, with `owner` as its base: the pin stays
@@ -223,9 +235,10 @@ unsafe fn write_packet(
         .map_err(encode_error)?
     };
     if !plan.slots.is_empty() {
-        // Gathered bodies (non-contiguous, byte-swapped) are copied by NumPy into their slots of a uint8 view
-        // (writeable: we are these bytes' only writer, as above).
-        let out = PyMapping::view(owner, range, true)?;
+        // Gathered bodies (non-contiguous, byte-swapped) are copied by NumPy into their slots of a uint8 view.
+        // SAFETY: we are these bytes' only writer until this returns (the caller's guarantee); the view does not
+        // outlive this function.
+        let out = unsafe { PyMapping::view_mut(owner, range)? };
         let out = out.cast_into::<PyUntypedArray>()?;
         fill_slots(&out, &plan.slots, &prepared.collected)?;
         // SAFETY: the temporary views made by fill_slots are gone; `out` covers exactly our `len` bytes.
@@ -356,8 +369,8 @@ impl PyShm {
     fn buffer<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
         let mapping = self.handle.get(py)?;
         let len = mapping.get().len();
-        // Writeable: this is the segment's raw buffer, whose writes are coordinated by the application (type docs).
-        let array = PyMapping::view(&mapping, 0..len, true)?;
+        // SAFETY: the segment's raw buffer, whose writes are coordinated by the application (see the type docs).
+        let array = unsafe { PyMapping::view_mut(&mapping, 0..len)? };
         PyMemoryView::from(&array)
     }
 
@@ -388,7 +401,7 @@ impl PyShm {
     fn get<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let mapping = self.handle.get(py)?;
         let len = mapping.get().len();
-        let bytes = PyMapping::view(&mapping, 0..len, false)?;
+        let bytes = PyMapping::view(&mapping, 0..len)?;
         decode_from(&bytes, false)
     }
 
@@ -493,7 +506,7 @@ fn get_value<'py>(
         };
     }
     pool.read(key, &park, |packet| {
-        let bytes = PyMapping::view(mapping, packet.range(), false)?;
+        let bytes = PyMapping::view(mapping, packet.range())?;
         decode_from(&bytes, false)
     })
     .map_err(shm_error)?
@@ -763,8 +776,8 @@ impl PyPool {
         let lease = pool.lease(n).map_err(shm_error)?;
         let range = lease.range();
         let handle = lease.into_handle();
-        // Writeable: the lease holder is the block's only writer.
-        let view = PyMapping::view(&mapping, range, true)?;
+        // SAFETY: the lease holder (this process, until it hands the lease over) is the block's only writer.
+        let view = unsafe { PyMapping::view_mut(&mapping, range)? };
         Ok((lease_tuple(py, &handle)?, PyMemoryView::from(&view)?))
     }
 
@@ -779,8 +792,8 @@ impl PyPool {
         let lease = pool.adopt(lease_handle(handle)).map_err(shm_error)?;
         let range = lease.range();
         let _ = lease.into_handle();
-        // Writeable: as in `_lease`.
-        let view = PyMapping::view(&mapping, range, true)?;
+        // SAFETY: as in `_lease`: the adopted lease is now this process's.
+        let view = unsafe { PyMapping::view_mut(&mapping, range)? };
         PyMemoryView::from(&view)
     }
 

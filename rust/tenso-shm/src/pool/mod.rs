@@ -233,7 +233,12 @@ impl Pool {
 
     /// Takes the pool lock (see [`crate::lock`]), recovering the pool if its last holder died.
     pub fn lock(&self) -> Locked<'_> {
-        let got = lock::acquire(&self.header().lock, current_pid());
+        self.lock_as(current_pid())
+    }
+
+    /// [`Pool::lock`] for callers that already know this process's id (getpid is a system call).
+    fn lock_as(&self, pid: u32) -> Locked<'_> {
+        let got = lock::acquire(&self.header().lock, pid);
         let mut l = Locked::new(self, got.token);
         if got.recovered {
             l.recover();
@@ -242,8 +247,11 @@ impl Pool {
     }
 
     fn try_lock(&self) -> Option<Locked<'_>> {
-        lock::try_acquire(&self.header().lock, current_pid())
-            .map(|got| Locked::new(self, got.token))
+        self.try_lock_as(current_pid())
+    }
+
+    fn try_lock_as(&self, pid: u32) -> Option<Locked<'_>> {
+        lock::try_acquire(&self.header().lock, pid).map(|got| Locked::new(self, got.token))
     }
 
     /// Consistent counters. Removes expired entries, the leftovers of dead writers and the pins of dead processes

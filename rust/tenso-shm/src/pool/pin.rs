@@ -62,8 +62,8 @@ pub(super) enum Pinning {
 
 impl Pool {
     /// Pins the entry read as `hit` if it is still exactly that entry (same sequence number).
-    pub(super) fn pin(&self, hit: &Hit) -> Pinning {
-        self.lock().pin_entry(hit)
+    pub(super) fn pin(&self, hit: &Hit, pid: u32) -> Pinning {
+        self.lock_as(pid).pin_entry(hit, pid)
     }
 
     /// Gives a pin back. Pins taken by another process (a pin copied across `fork`) are left alone.
@@ -71,7 +71,7 @@ impl Pool {
         if pin.pid != current_pid() {
             return;
         }
-        let mut l = self.lock();
+        let mut l = self.lock_as(pin.pid);
         let n = self.layout.pin_slots as u32;
         let same = |i: u32| {
             let p = self.pin_slot(i);
@@ -97,13 +97,13 @@ impl Pool {
 }
 
 impl Locked<'_> {
-    /// Takes a pin for this process on the entry read as `hit`.
-    pub(super) fn pin_entry(&mut self, hit: &Hit) -> Pinning {
+    /// Takes a pin for process `pid` (this one) on the entry read as `hit`.
+    pub(super) fn pin_entry(&mut self, hit: &Hit, pid: u32) -> Pinning {
         let e = self.pool.entry(hit.slot);
         if e.state.load(Ordering::Relaxed) != READY || e.seq.load(Ordering::Relaxed) != hit.seq {
             return Pinning::Changed;
         }
-        let (pid, stamp) = (current_pid(), e.stamp.load(Ordering::Relaxed));
+        let stamp = e.stamp.load(Ordering::Relaxed);
         for attempt in 0..2 {
             let mut free = None;
             for i in 0..self.pool.layout.pin_slots as u32 {

@@ -375,9 +375,10 @@ impl Pool {
                 return Ok(None);
             };
             let packet = Packet { pool: self, hit };
-            let pinning = match self.try_lock() {
-                Some(mut l) => l.pin_entry(&hit),
-                None => park.park(|| self.pin(&hit)),
+            let pid = lock::current_pid();
+            let pinning = match self.try_lock_as(pid) {
+                Some(mut l) => l.pin_entry(&hit, pid),
+                None => park.park(|| self.pin(&hit, pid)),
             };
             match pinning {
                 Pinning::Changed => continue,

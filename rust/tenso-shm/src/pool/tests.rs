@@ -133,10 +133,12 @@ fn free_only_never_evicts() {
 #[test]
 fn ttl_expires() {
     let p = tmp_pool("ttl", 1 << 20);
-    let r = p.0.reserve(b"t", 8, 20_000_000).unwrap();
+    // Miri runs on the real clock (isolation off) about a thousand times slower: give it a TTL it can beat.
+    let ttl_ms = if cfg!(miri) { 3000 } else { 20 };
+    let r = p.0.reserve(b"t", 8, ttl_ms * 1_000_000).unwrap();
     r.commit().unwrap();
     assert!(get(&p.0, "t").is_some());
-    std::thread::sleep(std::time::Duration::from_millis(30));
+    std::thread::sleep(std::time::Duration::from_millis(ttl_ms + 10));
     assert_eq!(get(&p.0, "t"), None);
     assert!(p.0.keys().is_empty());
     assert_eq!(p.0.stats().entries, 0);
