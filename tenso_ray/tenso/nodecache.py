@@ -121,13 +121,14 @@ def attach(scope: str, *, size: int | str | None = None, owner_pid: int | None =
         deadline = time.monotonic() + _OPEN_TIMEOUT
         while True:
             link = f"{name}.{owner_pid or 0}.{me}"
+            opened: Optional[TensoCache]
             try:
-                cache = _open(name, link)
+                opened = _open(name, link)
             except FileNotFoundError:
-                cache, link = _create(name, me, owner_pid, size)
-            if cache is not None:
-                _attached[scope] = (cache, link)
-                return cache
+                opened, link = _create(name, me, owner_pid, size)
+            if opened is not None:
+                _attached[scope] = (opened, link)
+                return opened
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not attach the node cache {name!r}: it kept changing")
             time.sleep(0.005)

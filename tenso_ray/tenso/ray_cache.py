@@ -32,8 +32,8 @@ The pool is a :mod:`tenso.nodecache` pool (this module is the Ray adapter over t
   removed node, ``ray.shutdown()`` of a local cluster). Processes that have it open keep their mappings until they
   exit; :func:`drop_node_cache` unlinks it at once.
 * Its size is fixed when the first process on the node creates it, driver or worker alike: ``max_memory`` of
-  :func:`node_cache`, else ``TENSO_RAY_NODE_CACHE`` from the process's environment or the job's runtime_env
-  (``runtime_env(node_cache="2GB")``), else 1 GiB, capped at half of the free space of ``/dev/shm``. All of it is
+  :func:`node_cache`, else ``TENSO_RAY_NODE_CACHE`` from the job's runtime_env (``runtime_env(node_cache="2GB")``)
+  or the process's environment, else 1 GiB, capped at half of the free space of ``/dev/shm``. All of it is
   reserved at creation, and every process that opens the pool maps all of it.
 * Results are read-only: numpy arrays have ``writeable=False``; torch tensors (``device="torch"``) share the pool's
   memory, so writing to one changes the cached object for every reader on the node. Pass ``copy=True`` for
@@ -111,16 +111,13 @@ def _scope(node: Any) -> str:
 
 
 def _size_setting() -> Any:
-    """``TENSO_RAY_NODE_CACHE`` from this process's environment (workers get the runtime_env's), else from the
-    job's runtime_env (the driver's environment does not have it)."""
-    setting = os.environ.get(NODE_CACHE_ENV)
-    if setting:
-        return setting
+    """``TENSO_RAY_NODE_CACHE`` from the job's runtime_env (``runtime_env(node_cache=)``; the driver's environment
+    does not have it, so it is read from the job), else from this process's environment."""
     try:
         env_vars = ray.get_runtime_context().runtime_env.env_vars() or {}
     except Exception:  # no job runtime_env, or an older Ray without it
-        return None
-    return env_vars.get(NODE_CACHE_ENV) or None
+        env_vars = {}
+    return env_vars.get(NODE_CACHE_ENV) or os.environ.get(NODE_CACHE_ENV) or None
 
 
 def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
