@@ -41,7 +41,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import tenso_rs as _rs
-from .gpu import _to_host
+from .frameworks import from_host, map_arrays, to_host
 from .shm import generated_name, unlink_name
 
 __all__ = ["TensoCache"]
@@ -73,47 +73,20 @@ PINS = "pin" in (getattr(_rs._Pool.get, "__text_signature__", None) or "")
 
 
 def _to_numpy(tensor: Any) -> Any:
-    """Host NumPy for torch / JAX / CuPy tensors (bfloat16 through ml_dtypes); anything else passes through."""
-    if isinstance(tensor, (np.ndarray, np.generic, dict)):
-        return tensor
-    module = type(tensor).__module__.split(".", 1)[0]
-    if module in ("torch", "cupy", "jax", "jaxlib"):
-        return _to_host(tensor)
-    return tensor
+    """Host NumPy for torch / JAX / CuPy tensors and dicts of them (see :func:`tenso.frameworks.to_host`)."""
+    if isinstance(tensor, dict):
+        return map_arrays(tensor, to_host, tensors=True)
+    return to_host(tensor)
 
 
-def _to_device(value: Any, device: str) -> Any:
-    """Convert a host value to ``framework[:spec]`` ("torch", "torch:cuda:0", "jax", "jax:1", "cupy:0")."""
-    framework, _, spec = device.partition(":")
-    framework = framework.lower()
+def _to_device(value: Any, device: str, zero_copy: bool = False) -> Any:
+    """A host value (ndarray or dict of them) on ``device`` ("torch", "torch:cuda:0", "jax", "jax:1", "cupy:0").
+
+    ``zero_copy=True`` lets CPU targets share ``value``'s memory (for a copy the caller owns).
+    """
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if framework == "torch":
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError("device='torch' needs PyTorch: pip install 'tenso-ray[torch]'") from e
-        tensor = torch.from_numpy(value)
-        return tensor.to(spec) if spec else tensor
-    if framework == "jax":
-        try:
-            import jax
-            import jax.numpy as jnp
-        except ImportError as e:
-            raise ImportError("device='jax' needs JAX: pip install 'tenso-ray[jax]'") from e
-        if spec:
-            return jax.device_put(jnp.asarray(value), jax.devices()[int(spec)])
-        return jnp.asarray(value)
-    if framework == "cupy":
-        try:
-            import cupy
-        except ImportError as e:
-            raise ImportError("device='cupy' needs CuPy: pip install 'tenso-ray[cupy]' (or cupy-cudaXXx)") from e
-        if spec:
-            with cupy.cuda.Device(int(spec)):
-                return cupy.asarray(value)
-        return cupy.asarray(value)
-    raise ValueError(f"Unsupported device framework: {framework!r}. Supported: 'torch', 'jax', 'cupy'.")
+        return map_arrays(value, lambda array: from_host(array, device, zero_copy))
+    return from_host(value, device, zero_copy)
 
 
 class TensoCache:
@@ -233,7 +206,7 @@ class TensoCache:
         value = self._pool.get(key, True)
         if value is None:
             return None
-        return _to_device(value, device)
+        return _to_device(value, device, zero_copy=True)  # our own copy: converted without a second one
 
     def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
         """:meth:`get` of several keys in one call (None for each missing one)."""

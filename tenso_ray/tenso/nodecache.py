@@ -49,6 +49,7 @@ import numpy as np
 
 from .cache import PINS, TensoCache, parse_size
 from .errors import TensoCacheFullError
+from .frameworks import from_host, map_arrays, to_host
 from .shm import SHM_DIR, process_alive, sweep, unlink_name
 
 __all__ = ["attach", "drop", "lookup", "store", "remove", "deliver", "stats", "default_size", "pool_name"]
@@ -316,8 +317,6 @@ def encodable(value: Any) -> Any:
 
 
 def _encodable_array(value: Any) -> Optional[np.ndarray]:
-    from .frameworks import to_host  # TODO(#10): top-level once tenso.frameworks is merged
-
     array = to_host(value)
     return array if isinstance(array, np.ndarray) and not array.dtype.hasobject else None
 
@@ -391,8 +390,6 @@ def deliver(value: Any, device: Optional[str] = None, copy: bool = False) -> Any
     """Pool views as the caller asked: NumPy views (``copy=True``: writeable copies), or ``device`` ("torch",
     "torch:cuda:0", "jax", "cupy:0") through :func:`tenso.frameworks.from_host` (CPU torch shares the pool's
     memory unless ``copy``). Dicts come back as plain ``dict``."""
-    from .frameworks import from_host, map_arrays  # TODO(#10): top-level once tenso.frameworks is merged
-
     if device is None:
         return map_arrays(value, np.array) if copy else value
     return map_arrays(value, lambda a: from_host(a, device, zero_copy=not copy))
