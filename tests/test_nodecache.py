@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from tenso import nodecache
-from tenso.cache import PINS
 
 SHM = "/dev/shm"
 CTX = mp.get_context("spawn")
@@ -72,10 +71,13 @@ def test_same_scope_same_pool_in_every_process(scope):
     assert _entries(scope) == sorted([cache.name, f"{cache.name}.{os.getpid()}.{os.getpid()}"])
 
 
-def test_scope_names_are_checked():
+def test_scope_names_and_owners_are_checked():
     for bad in ["", "a/b", "a.b", "x" * 121, "sp ace"]:
         with pytest.raises(ValueError, match="scope"):
             nodecache.attach(bad)
+    with pytest.raises(ValueError, match="owner_pid"):
+        nodecache.attach("t-never-created", owner_pid=999_999_999)
+    assert _entries("t-never-created") == []
 
 
 def test_drop_removes_the_pool_and_every_link(scope):
@@ -200,7 +202,6 @@ def test_entries_dicts_manifest_and_delivery(scope):
     assert nodecache.remove(cache, "k") and cache.stats["entries"] == 0
 
 
-@pytest.mark.skipif(not PINS, reason="the native pool of this build has no pins (tenso-shm pin table)")
 def test_a_long_job_keeps_hitting_and_never_invalidates_a_live_view(scope):
     cache = nodecache.attach(scope, size="4MB")
     room = cache.stats["data_region_size"]
@@ -228,12 +229,12 @@ def test_a_long_job_keeps_hitting_and_never_invalidates_a_live_view(scope):
     assert s["used_bytes"] <= s["data_region_size"] and s["used_bytes"] + s["free_bytes"] == s["data_region_size"]
     for k, view in kept.items():  # the pinned ones are all still there, intact
         np.testing.assert_array_equal(nodecache.lookup(cache, f"obj{k}"), view)
+    del view
     kept.clear()
     gc.collect()
     assert cache.stats["pinned"] == 0
 
 
-@pytest.mark.skipif(not PINS, reason="the native pool of this build has no pins (tenso-shm pin table)")
 def test_pins_of_a_dead_process_are_freed(scope):
     cache = nodecache.attach(scope, size="2MB")
     nodecache.store(cache, "held", np.ones(64 << 10))
@@ -248,3 +249,29 @@ def test_pins_of_a_dead_process_are_freed(scope):
     big = np.ones(cache.stats["data_region_size"] // 8 - 1024)
     assert nodecache.store(cache, "big", big) is not None
     assert nodecache.lookup(cache, "held") is None
+
+
+def test_processes_racing_to_create_get_one_pool(scope, tmp_path):
+    code = (
+        "import os, sys, time; from tenso import nodecache\n"
+        "c = nodecache.attach(sys.argv[1], size='16MB')\n"
+        "c.put(f'p{os.getpid()}', __import__('numpy').arange(10))\n"
+        "print(os.stat(f'/dev/shm/{c.name}').st_ino, flush=True)\n"
+        "open(os.path.join(sys.argv[2], str(os.getpid())), 'w').close()\n"
+        "deadline = time.monotonic() + 60\n"
+        "while len(os.listdir(sys.argv[2])) < 4 and time.monotonic() < deadline:  # all attached at once\n"
+        "    time.sleep(0.01)\n"
+        "print(len(c.keys()), flush=True)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, scope, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    inodes = {o[0].split()[0] for o in outs}
+    assert len(inodes) == 1  # every process got the same pool
+    assert all(int(o[0].split()[1]) == 4 for o in outs)  # each saw every process's entry
+    assert _entries(scope) == []  # the last user out removed it

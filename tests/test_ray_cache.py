@@ -10,7 +10,6 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import tenso.ray  # noqa: E402
-from tenso.cache import PINS  # noqa: E402
 from tenso.ray_cache import NODE_CACHE_ENV  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -155,7 +154,6 @@ def test_full_pool_never_evicts_views_in_use(cache):
     assert stats["used_bytes"] + stats["free_bytes"] == stats["data_region_size"]
 
 
-@pytest.mark.skipif(not PINS, reason="the native pool of this build has no pins (tenso-shm pin table)")
 def test_a_long_job_reads_ten_times_the_pool_and_keeps_hitting(cache):
     from tenso import ray_cache
 

@@ -68,9 +68,6 @@ def parse_size(size: Any) -> int:
 
 _parse_size = parse_size  # the name other modules of the package used before parse_size was public
 
-#: Whether this build's pool can pin zero-copy results (``get(..., pin=True)``; see :meth:`TensoCache.get`).
-PINS = "pin" in (getattr(_rs._Pool.get, "__text_signature__", None) or "")
-
 
 def _to_numpy(tensor: Any) -> Any:
     """Host NumPy for torch / JAX / CuPy tensors and dicts of them (see :func:`tenso.frameworks.to_host`)."""
@@ -195,14 +192,12 @@ class TensoCache:
         converts the value with that framework (implies a copy); ImportError names
         the extra to install when the framework is missing.
 
-        ``pin=True`` (zero-copy reads only, where :data:`PINS`): the entry is pinned
-        until the last view of the result is garbage-collected (or its process dies),
-        and eviction passes it over. Without pin support it is a plain read.
+        ``pin=True`` (zero-copy reads): the entry is pinned until the last view of the
+        result is garbage-collected (or its process dies), and eviction passes it over;
+        if the pool's pin table is full, the result is a private copy instead.
         """
         if device is None:
-            if pin and not copy and PINS:
-                return self._pool.get(key, False, pin=True)  # type: ignore[call-arg,unused-ignore]
-            return self._pool.get(key, copy)
+            return self._pool.get(key, copy, pin)
         value = self._pool.get(key, True)
         if value is None:
             return None
@@ -210,9 +205,7 @@ class TensoCache:
 
     def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
         """:meth:`get` of several keys in one call (None for each missing one)."""
-        if pin and not copy and PINS:
-            return self._pool.get_many(list(keys), False, pin=True)  # type: ignore[call-arg,unused-ignore]
-        return self._pool.get_many(list(keys), copy)
+        return self._pool.get_many(list(keys), copy, pin)
 
     def delete(self, key: str) -> bool:
         """Delete an entry; True if the key was there."""

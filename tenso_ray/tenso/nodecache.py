@@ -26,10 +26,10 @@ Naming and lifetime (all in ``/dev/shm``)::
 
 Entries (:func:`lookup`, :func:`store`, :func:`remove`): an array, or a dict of arrays stored as one entry per array
 (``<key>/0``, ``<key>/1``, ...) plus a manifest written last under the key itself. Reads are zero-copy views that
-**pin** their entries (where the native pool supports pins, :data:`tenso.cache.PINS`): a put that needs room
-evicts the least recently used entries that no live view pins, so a long job keeps hitting instead of filling the
-pool, and a view handed out is never overwritten. A process that dies holding pins frees them. Without pin
-support, puts never evict (a value that does not fit is served by the caller's fallback). :func:`stats` adds the
+**pin** their entries until the views are garbage-collected: a put that needs room evicts the least recently used
+entries that no live view pins, so a long job keeps hitting instead of filling the pool, and a view handed out is
+never overwritten. A process that dies holding pins frees them. The pool's size is the bound: only when pinned
+entries fill it does :func:`store` give up (a *fallback*: the caller serves its own value). :func:`stats` adds the
 counters hits, misses and fallbacks (this process) to the pool's own (evictions, pinned, usage).
 """
 
@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .cache import PINS, TensoCache, parse_size
+from .cache import TensoCache, parse_size
 from .errors import TensoCacheFullError
 from .frameworks import from_host, map_arrays, to_host
 from .shm import SHM_DIR, process_alive, sweep, unlink_name
@@ -104,9 +104,12 @@ def attach(scope: str, *, size: int | str | None = None, owner_pid: int | None =
 
     ``owner_pid``: the pool is removed when that process exits (default: the creating process; ``0``: no owner, the
     pool lives while any process that attached it lives). Calling it again in one process returns the same handle
-    while the pool exists. Raises ``PermissionError`` if another user's pool holds the name.
+    while the pool exists. Raises ``PermissionError`` if another user's pool holds the name, ``ValueError`` for a
+    bad scope or an owner that is not running.
     """
     name = pool_name(scope)
+    if owner_pid and not process_alive(owner_pid):
+        raise ValueError(f"owner_pid {owner_pid} is not a running process on this host")
     with _lock:
         _at_exit()
         held = _attached.get(scope)
@@ -175,7 +178,11 @@ def _create(name: str, me: int, owner_pid: Optional[int], size: Any) -> tuple[Op
     _spawn_watcher(name)
     try:
         cache = TensoCache(name=name, create=False)
-    except FileNotFoundError:
+    except FileNotFoundError:  # swept or dropped at once (its owner is dead, say): start again
+        unlink_name(link)
+        return None, link
+    if _inode(name) != _inode(link):
+        cache.close()
         unlink_name(link)
         return None, link
     return cache, link
@@ -355,17 +362,16 @@ def store(cache: TensoCache, key: str, value: Any) -> Any:
     hit = _find(cache, key)  # another process may have stored it meanwhile
     if hit is not None:
         return hit
-    evict = PINS  # without pins a view in use could be evicted: never evict then
     try:
         if isinstance(value, dict):
             for i, array in enumerate(value.values()):
                 part = f"{key}/{i}"
                 if cache.info(part) is None:  # a part left by an earlier, partly evicted copy is the same bytes
-                    cache.put(part, array, evict=evict)
+                    cache.put(part, array)
             names = np.frombuffer(json.dumps(list(value)).encode(), np.uint8)
-            cache.put(key, {"keys": names}, evict=evict)
+            cache.put(key, {"keys": names})
         else:
-            cache.put(key, value, evict=evict)
+            cache.put(key, value)
     except TensoCacheFullError:
         _count(cache, "fallbacks")
         return None
@@ -376,8 +382,8 @@ def store(cache: TensoCache, key: str, value: Any) -> Any:
 
 
 def remove(cache: TensoCache, key: str) -> bool:
-    """Delete ``key`` (and a dict's parts); True if it was there. Views still pinned keep their bytes until they
-    are dropped only where pins are supported; elsewhere call it once no process reads the value."""
+    """Delete ``key`` (and a dict's parts); True if it was there. Views still in use keep their bytes (their pins
+    hold the blocks) until they are dropped."""
     manifest = cache.get(key, copy=True)
     found = cache.delete(key)
     if isinstance(manifest, dict):
@@ -399,8 +405,6 @@ def stats(cache: TensoCache) -> dict[str, Any]:
     """The pool's stats (pool-wide: entries, usage, evictions, pinned, ...) with this process's ``hits``,
     ``misses`` and ``hit_rate`` (one per :func:`lookup`) and ``fallbacks`` (values :func:`store` could not place)."""
     out: dict[str, Any] = dict(cache.stats)
-    out.setdefault("evictions", 0)
-    out.setdefault("pinned", 0)
     counters = _counters.get(cache.name, {"hits": 0, "misses": 0, "fallbacks": 0})
     out.update(counters)
     lookups = counters["hits"] + counters["misses"]

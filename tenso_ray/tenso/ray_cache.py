@@ -25,7 +25,7 @@ The pool is a :mod:`tenso.nodecache` pool (this module is the Ray adapter over t
   ``cached_get`` hands out pins its entries until it is garbage-collected, or its process dies), so a job that
   reads many more objects than the pool holds keeps hitting, and a view handed out is never overwritten. Only
   when pinned entries fill the pool does a value come from ``ray.get`` uncached (a *fallback*). Counters:
-  :func:`cache_stats`. (Where the native pool has no pins, puts never evict instead.)
+  :func:`cache_stats`.
 * One pool per job and node (``/dev/shm/tenso_node_ray-<job id>-<hash of the raylet's socket>``). It is removed
   when the job ends, whichever process created it, on every node: when the last of the job's processes on the
   node that used it exits (the driver at exit; workers when Ray ends them), or when the node's raylet dies (a
