@@ -66,7 +66,11 @@ def test_unnamed_segments_of_a_killed_creator_are_swept():
 
 def test_a_creator_killed_while_creating_leaves_nothing_after_the_sweep():
     # The segment exists (shm_open) but is still 0 bytes when the creator dies.
-    body = "name = f'tenso_cache_{os.getpid()}_0123456789ab'; open(f'/dev/shm/{name}', 'wb').close(); names.append(name)"
+    body = (
+        "name = f'tenso_cache_{os.getpid()}_0123456789ab'\n"
+        "open(f'/dev/shm/{name}', 'wb').close()\n"
+        "names.append(name)\n"
+    )
     pid, names = _child(body, kill=True)
     assert _of(pid) == names
     sweep()

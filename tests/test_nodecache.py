@@ -265,7 +265,10 @@ def test_processes_racing_to_create_get_one_pool(scope, tmp_path):
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, scope, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, scope, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(4)
     ]

@@ -1,6 +1,6 @@
 """TensoCache: a tensor cache in one shared-memory pool, shared by every process that opens it by name.
 
-Memory layout (one segment; see ``rust/tenso-shm/src/pool.rs`` for offsets)::
+Memory layout (one segment; see ``rust/tenso-shm/src/pool/mod.rs`` for offsets)::
 
     ┌──────────────────────────────────────────────┐
     │ POOL HEADER (4096 bytes)                     │
@@ -30,8 +30,13 @@ Guarantees across processes:
   a ``put`` of the same key whose packet needs the same block size (the same
   size, rounded up to 64 bytes) overwrites it in place, and after a ``delete``,
   eviction or expiry the block is reused by a later ``put``. Until then the old
-  bytes stay. Use ``copy=True`` for a value that must survive later writes.
+  bytes stay. Use ``copy=True`` for a value that must survive later writes, or
+  ``pin=True``: a pinned view's entry is never evicted, and its block is not reused
+  after a ``delete``, while the view lives (or until its process dies).
 * The views keep the mapping alive: they remain valid memory after ``close()``.
+
+Lifetime: a pool created without a name is removed when its creator exits; a named
+one lives until :meth:`TensoCache.unlink` (the rule is in :mod:`tenso.shm`).
 """
 
 from __future__ import annotations
