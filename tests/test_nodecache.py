@@ -278,3 +278,36 @@ def test_processes_racing_to_create_get_one_pool(scope, tmp_path):
     assert len(inodes) == 1  # every process got the same pool
     assert all(int(o[0].split()[1]) == 4 for o in outs)  # each saw every process's entry
     assert _entries(scope) == []  # the last user out removed it
+
+
+def test_an_attach_waits_for_a_live_creator_instead_of_creating_a_second_pool(scope, tmp_path):
+    ready = tmp_path / "creating"
+    code = (
+        "import sys, time; from tenso import nodecache\n"
+        "real = nodecache.TensoCache\n"
+        "def slow(*args, **kwargs):\n"
+        "    made = real(*args, **kwargs)\n"
+        "    if kwargs.get('create'):\n"
+        "        open(sys.argv[2], 'w').close()\n"
+        "        time.sleep(2.0)  # reserving and pre-faulting a large pool takes a while\n"
+        "    return made\n"
+        "nodecache.TensoCache = slow\n"
+        "c = nodecache.attach(sys.argv[1], size='3MB')\n"
+        "while len(c.keys()) == 0:  # until the other process has put its entry\n"
+        "    time.sleep(0.01)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, scope, str(ready)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists()
+        cache = nodecache.attach(scope, size="5MB")  # waits for the child's publication
+        assert cache.stats["pool_size"] == 3 << 20  # the child's pool, not a second one of our own
+        cache.put("here", np.ones(3))
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()

@@ -59,7 +59,8 @@ DEFAULT_SIZE = 1 << 30
 _SCOPE = re.compile(r"^[A-Za-z0-9_-]{1,120}$")
 _LINK = re.compile(r"^(tenso_node_[A-Za-z0-9_-]{1,120})\.(\d+)\.(\d+)$")
 _WATCH_INTERVAL = 0.5
-_OPEN_TIMEOUT = 10.0
+_CREATOR_WAIT = 60.0  # longest wait for another process's creation before creating a pool of our own
+_MAX_RETRIES = 1000
 
 _lock = threading.RLock()
 # scope -> (pool handle, this process's link name); one handle per scope per process.
@@ -122,20 +123,40 @@ def attach(scope: str, *, size: int | str | None = None, owner_pid: int | None =
         sweep()
         _sweep_pools()
         me = os.getpid()
-        deadline = time.monotonic() + _OPEN_TIMEOUT
+        wait_until = time.monotonic() + _CREATOR_WAIT
+        retries = 0
         while True:
             link = f"{name}.{owner_pid or 0}.{me}"
             opened: Optional[TensoCache]
             try:
                 opened = _open(name, link)
             except FileNotFoundError:
+                if _creating(name, me) and time.monotonic() < wait_until:
+                    # Another live process is creating it (a large pool takes a while to reserve and pre-fault):
+                    # wait for its publication rather than reserving a second copy of the memory.
+                    time.sleep(0.01)
+                    continue
                 opened, link = _create(name, me, owner_pid, size)
             if opened is not None:
                 _attached[scope] = (opened, link)
                 return opened
-            if time.monotonic() > deadline:
+            retries += 1  # lost a race (published, dropped or replaced meanwhile): look again
+            if retries > _MAX_RETRIES:
                 raise TimeoutError(f"could not attach the node cache {name!r}: it kept changing")
             time.sleep(0.005)
+
+
+def _creating(name: str, me: int) -> bool:
+    """Whether a live process other than this one holds an unpublished link of ``name`` (it is creating it)."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return False
+    for entry in entries:
+        match = _LINK.match(entry)
+        if match and match.group(1) == name and int(match.group(3)) != me and process_alive(int(match.group(3))):
+            return True
+    return False
 
 
 def _open(name: str, link: str) -> Optional[TensoCache]:
