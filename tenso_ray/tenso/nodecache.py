@@ -21,6 +21,8 @@ Naming and lifetime (all in ``/dev/shm``)::
   workers are killed at its end, or a node goes away) a small watcher process that the creator starts (it polls
   twice a second, and exits once the pool is gone) and every later ``attach`` on the host remove the garbage.
 * Processes that still have the pool mapped keep their mapping after it is unlinked; new ones get a new pool.
+* An ``attach`` that finds a live process creating the pool waits for its publication (up to a minute) rather
+  than reserving a second copy of the memory.
 * The size is fixed by the process that creates it: ``size`` if given, else 1 GiB, capped at half of the free
   space of ``/dev/shm`` (:func:`default_size`). All of it is reserved at creation.
 

@@ -228,8 +228,7 @@ def _store(cache: TensoCache, key: str, value: Any, device: Optional[str], copy:
 def uncache(ref: Any) -> bool:
     """Free this node's cached copy of ``ref``; True if there was one.
 
-    Views that tasks still hold keep their bytes where the pool pins them (see the module docs); elsewhere only
-    call it once no task on the node still reads that object.
+    Views that tasks still hold keep their bytes: their pins hold the blocks until the views are dropped.
     """
     cache = node_cache()
     key = _key(ref)
