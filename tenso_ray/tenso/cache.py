@@ -1,6 +1,6 @@
 """TensoCache: a tensor cache in one shared-memory pool, shared by every process that opens it by name.
 
-Memory layout (one segment; see ``rust/tenso-shm/src/pool.rs`` for offsets)::
+Memory layout (one segment; see ``rust/tenso-shm/src/pool/mod.rs`` for offsets)::
 
     ┌──────────────────────────────────────────────┐
     │ POOL HEADER (4096 bytes)                     │
@@ -30,20 +30,24 @@ Guarantees across processes:
   a ``put`` of the same key whose packet needs the same block size (the same
   size, rounded up to 64 bytes) overwrites it in place, and after a ``delete``,
   eviction or expiry the block is reused by a later ``put``. Until then the old
-  bytes stay. Use ``copy=True`` for a value that must survive later writes.
+  bytes stay. Use ``copy=True`` for a value that must survive later writes, or
+  ``pin=True``: a pinned view's entry is never evicted, and its block is not reused
+  after a ``delete``, while the view lives (or until its process dies).
 * The views keep the mapping alive: they remain valid memory after ``close()``.
+
+Lifetime: a pool created without a name is removed when its creator exits; a named
+one lives until :meth:`TensoCache.unlink` (the rule is in :mod:`tenso.shm`).
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from typing import Any, Optional
 
 import numpy as np
 
 from . import tenso_rs as _rs
 from .frameworks import from_host, map_arrays, to_host
+from .shm import generated_name, unlink_name
 
 __all__ = ["TensoCache"]
 
@@ -54,7 +58,7 @@ _SUFFIXES = {
 _QDTYPES = ("qint8", "quint8", "qint4", "quint4")
 
 
-def _parse_size(size: Any) -> int:
+def parse_size(size: Any) -> int:
     """``'256MB'``, ``'1.5GB'``, ``'64K'`` or an int, in bytes (binary multiples, as tenso 0.24.0)."""
     if isinstance(size, bool):
         raise TypeError("max_memory must be a size, not a bool")
@@ -65,6 +69,9 @@ def _parse_size(size: Any) -> int:
         if text.endswith(suffix):
             return int(float(text[: -len(suffix)]) * mult)
     return int(text)
+
+
+_parse_size = parse_size  # the name other modules of the package used before parse_size was public
 
 
 def _to_numpy(tensor: Any) -> Any:
@@ -108,7 +115,11 @@ class TensoCache:
         Pool size (``'256MB'``, ``'1GB'`` or bytes); all of it is reserved and
         pre-faulted at creation. Ignored when ``create=False``.
     name : str, optional
-        Segment name (``[A-Za-z0-9._-]``, up to 200 characters). Generated if None.
+        Segment name (``[A-Za-z0-9._-]``, up to 200 characters). Generated if None,
+        and then the pool is removed when this process exits (at exit, or after a
+        ``SIGKILL`` by the next process that sweeps); a pool you named lives until
+        :meth:`unlink`. See :mod:`tenso.shm` for the rule. A ``TensoCache`` pickles by
+        name: unpickling opens the same pool (``create=False``).
     create : bool
         Create a new pool (``FileExistsError`` if the name exists) or open one
         (``FileNotFoundError`` if it does not).
@@ -130,8 +141,8 @@ class TensoCache:
         self._owns = create
         if create:
             if name is None:
-                name = f"tenso_cache_{os.getpid()}_{secrets.token_hex(6)}"
-            self._pool = _rs._Pool.create(name, _parse_size(max_memory), max_entries, mode)
+                name = generated_name("tenso_cache")
+            self._pool = _rs._Pool.create(name, parse_size(max_memory), max_entries, mode)
         else:
             if name is None:
                 raise ValueError("name is required to open an existing TensoCache (create=False)")
@@ -142,7 +153,15 @@ class TensoCache:
     def name(self) -> str:
         return self._pool.name
 
-    def put(self, key: str, tensor: Any, ttl: Optional[float] = None, quantize: Optional[str] = None) -> int:
+    def put(
+        self,
+        key: str,
+        tensor: Any,
+        ttl: Optional[float] = None,
+        quantize: Optional[str] = None,
+        *,
+        evict: bool = True,
+    ) -> int:
         """Store a tensor; returns the bytes written (the packet size).
 
         ``tensor`` may be an ndarray, a dict of them, a sparse matrix, a
@@ -152,7 +171,8 @@ class TensoCache:
 
         Raises ``ValueError`` if the key exceeds 128 bytes of UTF-8, and
         :class:`tenso.TensoCacheFullError` (a ``MemoryError``) if the pool cannot
-        make room even after evicting every other entry.
+        make room even after evicting every other entry. ``evict=False`` never evicts:
+        it raises ``TensoCacheFullError`` when the free space does not hold the packet.
         """
         self._check_open()
         if len(key.encode("utf-8")) > 128:
@@ -164,9 +184,11 @@ class TensoCache:
             from .quantize import QuantizedTensor
 
             tensor = QuantizedTensor.quantize(np.asarray(tensor, dtype=np.float32), quantize)
-        return self._pool.put(key, tensor, ttl)
+        return self._pool.put(key, tensor, ttl, evict)
 
-    def get(self, key: str, copy: bool = False, device: Optional[str] = None) -> Optional[Any]:
+    def get(
+        self, key: str, copy: bool = False, device: Optional[str] = None, *, pin: bool = False
+    ) -> Optional[Any]:
         """Retrieve a tensor; None if the key is missing or expired.
 
         By default the result is a read-only zero-copy view of the pool (see the
@@ -174,13 +196,21 @@ class TensoCache:
         writeable copy. ``device`` ("torch", "torch:cuda:0", "jax", "cupy:0")
         converts the value with that framework (implies a copy); ImportError names
         the extra to install when the framework is missing.
+
+        ``pin=True`` (zero-copy reads): the entry is pinned until the last view of the
+        result is garbage-collected (or its process dies), and eviction passes it over;
+        if the pool's pin table is full, the result is a private copy instead.
         """
         if device is None:
-            return self._pool.get(key, copy)
+            return self._pool.get(key, copy, pin)
         value = self._pool.get(key, True)
         if value is None:
             return None
         return _to_device(value, device, zero_copy=True)  # our own copy: converted without a second one
+
+    def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
+        """:meth:`get` of several keys in one call (None for each missing one)."""
+        return self._pool.get_many(list(keys), copy, pin)
 
     def delete(self, key: str) -> bool:
         """Delete an entry; True if the key was there."""
@@ -223,6 +253,11 @@ class TensoCache:
             self._pool.unlink()
         except FileNotFoundError:
             pass
+        unlink_name(self.name)  # already gone: only forgets the name's exit-time removal
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # By name (same host): the receiver opens the pool; its handle never unlinks it on close or `with` exit.
+        return (TensoCache, ("256MB", self.name, False))
 
     # Same-host hand-offs of raw memory outside the cache's keys.
     def lease(self, nbytes: int) -> tuple:
