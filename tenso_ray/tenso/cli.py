@@ -2,8 +2,8 @@
 
 ::
 
-    tenso inspect FILE|- [--json]        header, kind, shapes, dtypes, flags, sizes, bundle entries
-    tenso verify FILE|- [FILE ...]       full decode and integrity check; exit 0 if all valid, 1 otherwise
+    tenso inspect [--json] FILE|- ...    header, kind, shapes, dtypes, flags, sizes, bundle entries
+    tenso verify FILE|- ...              full decode and integrity check; exit 0 if all valid, 1 otherwise
     tenso convert IN OUT [--protocol 3|4] [--check-integrity] [--compress]
 
 ``convert`` picks each side's format from its extension: ``.npy`` (one array),
