@@ -249,7 +249,7 @@ def crash_reason(signal_name: str, who: str) -> str:
     """One line for a process that died by a signal, e.g. "SIGILL in tenso 0.19.4 (CPU lacks avx512f, avx512bw)".
 
     For SIGILL the known SIMD features that this CPU lacks are named, since an illegal instruction in a prebuilt
-    wheel almost always means it was compiled for a newer CPU than this one.
+    wheel almost always means it was compiled for a newer CPU than this one (none are named if it has them all).
     """
     reason = f"{signal_name} in {who}"
     if signal_name == "SIGILL":
@@ -257,6 +257,4 @@ def crash_reason(signal_name: str, who: str) -> str:
         missing = [f for f in SIMD_FEATURES if flags and f not in flags]
         if missing:
             reason += f" (CPU lacks {', '.join(missing)})"
-        elif flags:
-            reason += " (CPU has " + ", ".join(f for f in SIMD_FEATURES if f in flags) + ")"
     return reason

@@ -2,8 +2,8 @@
 
 ::
 
-    tenso inspect FILE|- [--json]        header, kind, shapes, dtypes, flags, sizes, bundle entries
-    tenso verify FILE|- [FILE ...]       full decode and integrity check; exit 0 if all valid, 1 otherwise
+    tenso inspect [--json] FILE|- ...    header, kind, shapes, dtypes, flags, sizes, bundle entries
+    tenso verify FILE|- ...              full decode and integrity check; exit 0 if all valid, 1 otherwise
     tenso convert IN OUT [--protocol 3|4] [--check-integrity] [--compress]
 
 ``convert`` picks each side's format from its extension: ``.npy`` (one array),
@@ -19,12 +19,14 @@ Exit status: 0 on success, 1 for input that is invalid or cannot be converted
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
 import struct
 import sys
 import warnings
+import zipfile
 from collections.abc import Sequence
 from typing import Any, NoReturn, Optional
 
@@ -86,20 +88,20 @@ def _format_of(path: str) -> str:
 
 
 def _import_safetensors() -> Any:
+    # Through importlib, so the type check of the package does not depend on the optional package being installed.
     try:
-        import safetensors
-        import safetensors.numpy
+        importlib.import_module("safetensors.numpy")
     except ImportError as exc:
         raise CliError(
             "reading or writing .safetensors needs the 'safetensors' package: pip install safetensors"
         ) from exc
-    return safetensors
+    return importlib.import_module("safetensors")
 
 
 def _numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         try:
-            import ml_dtypes
+            ml_dtypes = importlib.import_module("ml_dtypes")
         except ImportError as exc:
             raise CliError("bfloat16 needs the 'ml_dtypes' package: pip install 'tenso-ray[bfloat16]'") from exc
         return np.dtype(ml_dtypes.bfloat16)
@@ -195,11 +197,23 @@ def _write_output(value: Any, path: str, args: argparse.Namespace) -> None:
         return
     arrays = _flat_arrays(value, fmt)
     if fmt == ".npz":
-        save = np.savez_compressed if args.compress else np.savez
-        with open(path, "wb") as f:
-            save(f, allow_pickle=False, **arrays)
+        # The archive np.savez writes (one NAME.npy member per entry), built here because np.savez takes the names
+        # as keyword arguments, so an entry called "file" or "allow_pickle" would collide with its parameters.
+        compression = zipfile.ZIP_DEFLATED if args.compress else zipfile.ZIP_STORED
+        with zipfile.ZipFile(path, "w", compression=compression, allowZip64=True) as archive:
+            for key, arr in arrays.items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, arr, allow_pickle=False)
         return
-    blob = _import_safetensors().numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    if "__metadata__" in arrays:
+        # safetensors would write it into the header's metadata slot, giving a file no reader accepts.
+        raise CliError("entry '__metadata__' is a name .safetensors reserves for its header")
+    st = _import_safetensors()
+    try:
+        # np.asarray(order="C"), not np.ascontiguousarray: the latter turns a 0-d array into a 1-d one.
+        blob = st.numpy.save({k: np.asarray(v, order="C") for k, v in arrays.items()})
+    except st.SafetensorError as exc:
+        raise CliError(f".safetensors cannot hold this bundle: {_one_line(exc)}") from exc
     with open(path, "wb") as f:
         f.write(blob)
 
