@@ -468,8 +468,9 @@ mod tests {
     #[test]
     fn specialized_matches_portable_on_many_shapes() {
         // Transposes, column steps and reversed rows of every size around the tile edges.
+        // Miri checks memory safety, and this module is safe code over slices: a few small shapes suffice there.
         let dims: &[usize] = if cfg!(miri) {
-            &[1, 2, 33]
+            &[1, 2, 5]
         } else {
             &[1, 2, 31, 32, 33, 65]
         };
@@ -528,12 +529,19 @@ mod tests {
 
     #[test]
     fn layouts() {
-        for size in [1usize, 2, 4, 8, 16, 3] {
+        let sizes: &[usize] = if cfg!(miri) {
+            &[1, 8, 3]
+        } else {
+            &[1, 2, 4, 8, 16, 3]
+        };
+        for &size in sizes {
             let s = size as isize;
             check(&[5, 7], &[7 * s, s], size); // contiguous
             check(&[5, 7], &[s, 5 * s], size); // transposed
-            check(&[70, 45], &[s, 70 * s], size); // transposed, several tiles
-            check(&[100, 37], &[s, 100 * s], size); // transposed: bands of whole tiles, and a ragged one
+            if !cfg!(miri) {
+                check(&[70, 45], &[s, 70 * s], size); // transposed, several tiles
+                check(&[100, 37], &[s, 100 * s], size); // transposed: bands of whole tiles, and a ragged one
+            }
             check(&[2, 24, 16], &[384 * s, s, 24 * s], size); // batched transposes, split by batch
             check(&[50, 9], &[-18 * s, 2 * s], size); // every other column of reversed rows, in bands
             check(&[6, 4], &[8 * s, 2 * s], size); // every other column

@@ -69,6 +69,11 @@ mod tests {
     }
 
     fn round_trip(frame: &[u8], want: &[u8]) {
+        if cfg!(miri) {
+            // The frame decoder fills a buffer of the frame's 4 MiB block size: minutes under Miri. Decoding is
+            // tenso-format's (safe) code, tested natively.
+            return;
+        }
         let mut back = vec![0u8; want.len()];
         decompress_frame_into(frame, &mut back).expect("a valid frame");
         assert!(back == want, "round trip of {} bytes", want.len());
@@ -76,22 +81,24 @@ mod tests {
 
     #[test]
     fn blocks_are_independent_of_threads() {
-        let data = body(if cfg!(miri) { 2500 } else { 300_000 });
+        // Under Miri (which checks lz4_flex's unsafe compressor and the threads here) a few hundred bytes.
+        let data = body(if cfg!(miri) { 400 } else { 300_000 });
         let block = data.len() / 7; // 8 blocks, the last one short
         let one = compress_blocks_of(&data, block, 1);
-        for threads in [2, 3, 16] {
+        let threads: &[usize] = if cfg!(miri) { &[3] } else { &[2, 3, 16] };
+        for &threads in threads {
             assert_eq!(compress_blocks_of(&data, block, threads), one);
         }
         round_trip(&one, &data);
         // Random bytes do not shrink: stored blocks.
-        let noise = crate::test_bytes(3000, 5);
-        round_trip(&compress_blocks_of(&noise, 1000, 2), &noise);
+        let noise = crate::test_bytes(300, 5);
+        round_trip(&compress_blocks_of(&noise, 100, 2), &noise);
         round_trip(&compress_blocks_of(&[], 1000, 2), &[]);
     }
 
     #[test]
     fn small_bodies_use_the_frame_encoder() {
-        let data = body(if cfg!(miri) { 1000 } else { 100_000 });
+        let data = body(if cfg!(miri) { 200 } else { 100_000 });
         let frame = compress_frame_on(&data, 8);
         assert_eq!(frame, tenso_format::lz4::compress_frame(&data));
         round_trip(&frame, &data);

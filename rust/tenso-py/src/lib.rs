@@ -1,8 +1,8 @@
 //! `tenso.tenso_rs`: the native engine of the `tenso` Python package.
 //!
 //! This crate is the only place that touches Python. It extracts arguments, borrows buffers, releases the GIL around
-//! O(n) work and converts results; the protocol itself lives in `tenso-format`. See `docs/ARCHITECTURE.md` for the
-//! functions it exports.
+//! O(n) work and converts results; the protocol itself lives in `tenso-format`, the compute kernels (strided gather,
+//! SIMD XXH3, parallel LZ4) in `tenso-kernels`. See `docs/ARCHITECTURE.md` for the functions it exports.
 
 mod buffers;
 mod codec;
