@@ -36,6 +36,8 @@ __all__ = [
     "_lz4_compress",
     "_lz4_decompress",
     "_quantize",
+    "_pack_int4",
+    "_unpack_int4",
     "_dequantize",
     "FLAG_ALIGNED",
     "FLAG_INTEGRITY",
