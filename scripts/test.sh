@@ -41,3 +41,6 @@ step "pytest (installed wheel)"
 cd "$ROOT/tests"
 TENSO_RAY_REQUIRE_INSTALLED=1 "$ROOT/.venv/bin/python" -m pytest -q \
     -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -p no:cacheprovider "$ROOT/tests" "$@"
+
+step "scripts/upstream-tests.sh (upstream tenso 0.24.0 / 0.19.4 test suites against the installed wheel)"
+bash "$ROOT/scripts/upstream-tests.sh"

@@ -24,8 +24,12 @@ fetch() {  # fetch VERSION: leaves the sdist's tests/ in $CACHE/tenso-VERSION/te
     local tmp
     tmp="$(mktemp -d "$CACHE/.download.XXXXXX")"
     # --no-build-isolation: pip reads the sdist's metadata with the maturin of .venv instead of building one.
-    PATH="$ROOT/.venv/bin:$PATH" "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-        "tenso==$v" -d "$tmp"
+    if ! PATH="$ROOT/.venv/bin:$PATH" "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+        "tenso==$v" -d "$tmp"; then
+        rm -rf "$tmp"
+        echo "upstream-tests: could not download the tenso $v sdist from the package index (network?)" >&2
+        return 1
+    fi
     tar -xzf "$tmp/tenso-$v.tar.gz" -C "$tmp" "tenso-$v/tests"
     rm -rf "$dir"
     mv "$tmp/tenso-$v" "$dir"

@@ -114,6 +114,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if stale:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
+            reporter.ensure_newline()
             reporter.write_line("expected-failures.txt entries that match no test (remove them):", red=True)
             for test_id in stale:
                 reporter.write_line(f"  {test_id}", red=True)

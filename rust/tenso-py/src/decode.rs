@@ -8,7 +8,7 @@ use tenso_format::{Body, Dense, Packet, SparseFormat};
 
 use crate::buffers::{alloc_aligned, bytes_mut, data_ptr, descr_for, view_over, Source};
 use crate::encode::{quantized_tensor_type, string_tensor_type, DETACH_BYTES};
-use crate::errors::decode_error;
+use crate::errors::{decode_error, missing_extra};
 
 /// How decoded arrays relate to the source buffer.
 pub(crate) struct Decoder<'s, 'py> {
@@ -222,13 +222,9 @@ fn check_decoded_bool(
 fn scipy_sparse(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
     let module = MODULE.get_or_try_init(py, || -> PyResult<_> {
-        py.import("scipy.sparse").map(Bound::unbind).map_err(|e| {
-            let err = pyo3::exceptions::PyImportError::new_err(
-                "decoding sparse matrices needs scipy: pip install 'tenso-ray[sparse]'",
-            );
-            err.set_cause(py, Some(e));
-            err
-        })
+        py.import("scipy.sparse")
+            .map(Bound::unbind)
+            .map_err(|e| missing_extra(py, e, "decoding sparse matrices needs scipy", "sparse"))
     })?;
     Ok(module.bind(py).clone())
 }
