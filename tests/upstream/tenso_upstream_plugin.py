@@ -52,7 +52,23 @@ def _load(version: str) -> dict[str, Entry]:
 _ENTRIES: dict[str, Entry] = {}
 
 
+# upstream's test_cache.py imports four private names of its pure-Python pool at module level. We give the module
+# those names here, in the harness and not in the package, so that its ~60 tests of the public TensoCache API run;
+# the few tests that then poke upstream's pool internals through them are listed one by one in expected-failures.txt.
+# _MAX_KEY_LEN is a real limit of ours too (128 bytes of UTF-8); the layout offsets have no counterpart in our pool.
+_CACHE_PRIVATE_NAMES = {"_MAX_KEY_LEN": 128, "_H_LOCK": None, "_H_LOCK_TIME": None, "_STATUS_ACTIVE": None}
+
+
+def _provide_cache_private_names() -> None:
+    import tenso.cache
+
+    for name, value in _CACHE_PRIVATE_NAMES.items():
+        if not hasattr(tenso.cache, name):
+            setattr(tenso.cache, name, value)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _provide_cache_private_names()
     version = os.environ.get("TENSO_UPSTREAM_VERSION", "")
     if version not in ("0.24.0", "0.19.4"):
         raise pytest.UsageError("set TENSO_UPSTREAM_VERSION to 0.24.0 or 0.19.4 (scripts/upstream-tests.sh does)")
