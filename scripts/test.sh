@@ -50,3 +50,6 @@ cd "$ROOT/tests"
 TENSO_FORCE_PORTABLE=1 TENSO_RAY_REQUIRE_INSTALLED=1 "$ROOT/.venv/bin/python" -m pytest -q \
     -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -p no:cacheprovider \
     "$ROOT/tests/test_api.py" "$ROOT/tests/test_golden.py" "$ROOT/tests/test_portable.py"
+
+step "scripts/upstream-tests.sh (upstream tenso 0.24.0 / 0.19.4 test suites against the installed wheel)"
+bash "$ROOT/scripts/upstream-tests.sh"

@@ -107,3 +107,18 @@ PROTOCOL_VERSION: Final[int] = _rs.PROTOCOL_VERSION  #: Version written by defau
 HEADER_SIZE_V3: Final[int] = _rs.HEADER_SIZE_V3  #: Size of a v3 header in bytes.
 HEADER_SIZE_V4: Final[int] = _rs.HEADER_SIZE_V4  #: Size of a v4 header in bytes.
 DEFAULT_ALIGNMENT: Final[int] = _rs.DEFAULT_ALIGNMENT  #: Default body alignment in bytes.
+
+# Upstream's private names for the same constants (tenso 0.19.4 / 0.24.0 ``tenso.config``), kept so that code and
+# tests written against upstream import unchanged. Not part of the public API.
+_MAGIC: Final[bytes] = MAGIC
+_VERSION: Final[int] = PROTOCOL_VERSION
+_HEADER_BASE_V3: Final[int] = HEADER_SIZE_V3
+_HEADER_BASE_V4: Final[int] = HEADER_SIZE_V4
+_ALIGNMENT: Final[int] = DEFAULT_ALIGNMENT
+_QDTYPE_NAMES: Final[dict[int, str]] = {
+    QDTYPE_QINT8: "qint8",
+    QDTYPE_QUINT8: "quint8",
+    QDTYPE_QINT4: "qint4",
+    QDTYPE_QUINT4: "quint4",
+}
+_QDTYPE_FROM_NAME: Final[dict[str, int]] = {name: code for code, name in _QDTYPE_NAMES.items()}

@@ -25,17 +25,14 @@ from .config import (
     QUANT_PER_CHANNEL,
     QUANT_PER_GROUP,
     QUANT_PER_TENSOR,
+    _QDTYPE_FROM_NAME,
+    _QDTYPE_NAMES,
 )
 
 __all__ = ["QuantizedTensor"]
 
-_QDTYPE_BY_NAME: dict[str, int] = {
-    "qint8": QDTYPE_QINT8,
-    "quint8": QDTYPE_QUINT8,
-    "qint4": QDTYPE_QINT4,
-    "quint4": QDTYPE_QUINT4,
-}
-_QDTYPE_NAME: dict[int, str] = {code: name for name, code in _QDTYPE_BY_NAME.items()}
+_QDTYPE_BY_NAME = _QDTYPE_FROM_NAME
+_QDTYPE_NAME = _QDTYPE_NAMES
 
 _SCHEME_BY_NAME: dict[str, int] = {
     "per_tensor": QUANT_PER_TENSOR,
@@ -43,6 +40,20 @@ _SCHEME_BY_NAME: dict[str, int] = {
     "per_group": QUANT_PER_GROUP,
 }
 _SCHEME_NAME: dict[int, str] = {code: name for name, code in _SCHEME_BY_NAME.items()}
+
+
+def _pack_int4(values: Any) -> np.ndarray:
+    """Pack 4-bit codes two per byte, even index in the low nibble (upstream's helper, on the native packer).
+
+    Only the low nibble of each value counts, so signed codes may be given as int8 or their uint8 view.
+    """
+    codes = np.ascontiguousarray(values).reshape(-1).astype(np.uint8, casting="unsafe", copy=False)
+    return _rs._pack_int4(codes)
+
+
+def _unpack_int4(packed: Any, num_elements: int, signed: bool) -> np.ndarray:
+    """Unpack ``num_elements`` 4-bit codes: int8 (sign-extended) if ``signed``, else uint8 (upstream's helper)."""
+    return _rs._unpack_int4(np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1), int(num_elements), bool(signed))
 
 
 def _rebuild(*args: Any) -> "QuantizedTensor":

@@ -186,7 +186,7 @@ class StringTensor:
         """
         obj = _rs._loads(data, copy=False)
         if not isinstance(obj, cls):
-            raise ValueError(f"the packet holds a {type(obj).__name__}, not a StringTensor")
+            raise ValueError(f"Not a StringTensor packet: it holds a {type(obj).__name__}")
         return obj
 
     def __eq__(self, other: object) -> bool:
@@ -343,7 +343,7 @@ class RaggedArray:
         bundle = data if isinstance(data, dict) else _rs._loads(data, copy=False)
         if not isinstance(bundle, dict) or not all(k in bundle for k in (_OFFSETS_KEY, _FLAT_KEY, _COUNT_KEY)):
             raise ValueError(
-                f"not a RaggedArray packet: expected a bundle with {_OFFSETS_KEY}, {_FLAT_KEY} and {_COUNT_KEY}"
+                f"Not a RaggedArray packet: expected a bundle with {_OFFSETS_KEY}, {_FLAT_KEY} and {_COUNT_KEY}"
             )
         offsets = np.asarray(bundle[_OFFSETS_KEY])
         flat = np.asarray(bundle[_FLAT_KEY])

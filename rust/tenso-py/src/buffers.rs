@@ -133,11 +133,12 @@ fn bfloat16(py: Python<'_>) -> PyResult<Bound<'_, PyArrayDescr>> {
     static BF16: PyOnceLock<Py<PyArrayDescr>> = PyOnceLock::new();
     let descr = BF16.get_or_try_init(py, || -> PyResult<_> {
         let module = py.import("ml_dtypes").map_err(|e| {
-            let err = pyo3::exceptions::PyImportError::new_err(
-                "bfloat16 arrays need the ml_dtypes package: pip install 'tenso-ray[bfloat16]'",
-            );
-            err.set_cause(py, Some(e));
-            err
+            crate::errors::missing_extra(
+                py,
+                e,
+                "bfloat16 arrays need the ml_dtypes package",
+                "bfloat16",
+            )
         })?;
         let numpy = py.import("numpy")?;
         let descr = numpy

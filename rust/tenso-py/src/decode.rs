@@ -8,7 +8,10 @@ use tenso_format::{Body, Dense, Packet, SparseFormat};
 
 use crate::buffers::{alloc_aligned, bytes_mut, data_ptr, descr_for, view_over, Source};
 use crate::encode::{quantized_tensor_type, string_tensor_type, DETACH_BYTES};
-use crate::errors::decode_error;
+use crate::errors::{decode_error, missing_extra};
+
+/// The largest alignment a decoded copy honours (one page).
+const MAX_COPY_ALIGN: usize = 4096;
 
 /// How decoded arrays relate to the source buffer.
 pub(crate) struct Decoder<'s, 'py> {
@@ -80,7 +83,7 @@ impl<'s, 'py> Decoder<'s, 'py> {
                 let descr = descr_for(py, tenso_format::DType::UInt8)?;
                 let shape = [q.codes.len() as u64];
                 let data = if self.copy {
-                    self.copied(py, q.codes, descr, &shape, true)?
+                    self.copied(py, q.codes, descr, &shape, true, 64)?
                 } else {
                     self.view(q.codes, descr, &shape)?
                 };
@@ -122,7 +125,14 @@ impl<'s, 'py> Decoder<'s, 'py> {
                 let misaligned =
                     !(bytes.as_ptr() as usize).is_multiple_of(descr.alignment().max(1));
                 if copy || misaligned {
-                    return self.copied(py, bytes, descr, &dense.shape, copy || self.writeable);
+                    return self.copied(
+                        py,
+                        bytes,
+                        descr,
+                        &dense.shape,
+                        copy || self.writeable,
+                        dense.alignment,
+                    );
                 }
                 self.view(bytes, descr, &dense.shape)
             }
@@ -165,7 +175,9 @@ impl<'s, 'py> Decoder<'s, 'py> {
         unsafe { view_over(out.as_any(), descr, shape, ptr, writeable) }
     }
 
-    /// A fresh 64-byte-aligned copy of `bytes` as an array of `descr`/`shape`.
+    /// A fresh copy of `bytes` as an array of `descr`/`shape`, aligned like the packet's body: to `align` bytes,
+    /// at least 64 and at most [`MAX_COPY_ALIGN`] (a packet may claim alignments up to 2^63; past a page they buy
+    /// nothing and would only cost slack memory).
     fn copied(
         &self,
         py: Python<'py>,
@@ -173,16 +185,26 @@ impl<'s, 'py> Decoder<'s, 'py> {
         descr: Bound<'py, numpy::PyArrayDescr>,
         shape: &[u64],
         writeable: bool,
+        align: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let out = self.fresh(py, bytes.len())?;
-        // SAFETY: a fresh exclusively-owned buffer of bytes.len() bytes.
-        let dst = unsafe { bytes_mut(&out, bytes.len()) };
+        let align = align.clamp(64, MAX_COPY_ALIGN);
+        // `fresh` memory is 64-byte aligned; a larger alignment (a power of two) is reached within `slack` bytes.
+        let slack = align - 64;
+        let out = self.fresh(py, bytes.len() + slack)?;
+        let base = data_ptr(&out);
+        let pad = base.align_offset(align);
+        debug_assert!(pad <= slack);
+        // SAFETY: a fresh exclusively-owned buffer of bytes.len() + slack bytes; pad <= slack because `base` is 64-byte
+        // aligned and `align` is a power of two, so pad is a multiple of 64 below `align`.
+        let dst = unsafe { &mut bytes_mut(&out, bytes.len() + slack)[pad..pad + bytes.len()] };
         if bytes.len() >= DETACH_BYTES {
             py.detach(|| dst.copy_from_slice(bytes));
         } else {
             dst.copy_from_slice(bytes);
         }
-        self.over_fresh(out, descr, shape, writeable)
+        // SAFETY: `out` holds product(shape) * itemsize bytes from `pad` on (bytes.len() was checked against the shape
+        // by tenso-format), owns them exclusively and becomes the base.
+        unsafe { view_over(out.as_any(), descr, shape, base.add(pad), writeable) }
     }
 
     /// A zero-copy array of `descr`/`shape` over `bytes`, a sub-slice of the source.
@@ -222,13 +244,9 @@ fn check_decoded_bool(
 fn scipy_sparse(py: Python<'_>) -> PyResult<Bound<'_, PyModule>> {
     static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
     let module = MODULE.get_or_try_init(py, || -> PyResult<_> {
-        py.import("scipy.sparse").map(Bound::unbind).map_err(|e| {
-            let err = pyo3::exceptions::PyImportError::new_err(
-                "decoding sparse matrices needs scipy: pip install 'tenso-ray[sparse]'",
-            );
-            err.set_cause(py, Some(e));
-            err
-        })
+        py.import("scipy.sparse")
+            .map(Bound::unbind)
+            .map_err(|e| missing_extra(py, e, "decoding sparse matrices needs scipy", "sparse"))
     })?;
     Ok(module.bind(py).clone())
 }

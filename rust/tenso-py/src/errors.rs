@@ -17,11 +17,12 @@
 //! ShmError::Full                TensoCacheFullError  (a MemoryError)
 //! ShmError::BadPool             TensoFormatError     "Invalid TensoCache magic: ..." / "Invalid TensoCache layout: ..."
 //! ShmError::{BadName, TooSmall, KeyTooLong, BadLease} and others: ValueError (a bad argument, not bad bytes)
+//! a missing optional module       ImportError naming the extra that installs it, the import error as __cause__
 //! ```
 
 use std::io;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyImportError, PyValueError};
 use pyo3::{import_exception, PyErr, Python};
 use tenso_format::FormatError;
 use tenso_shm::ShmError;
@@ -94,6 +95,14 @@ pub(crate) fn shm_error(err: ShmError) -> PyErr {
         }
         _ => PyValueError::new_err(err.to_string()),
     }
+}
+
+/// An optional dependency failed to import: an `ImportError` that says what needs it and which extra installs it
+/// (`pip install 'tenso-ray[extra]'`), with the original error as `__cause__`.
+pub(crate) fn missing_extra(py: Python<'_>, cause: PyErr, what: &str, extra: &str) -> PyErr {
+    let err = PyImportError::new_err(format!("{what}: pip install 'tenso-ray[{extra}]'"));
+    err.set_cause(py, Some(cause));
+    err
 }
 
 #[cfg(test)]

@@ -10,7 +10,46 @@ use crate::errors::encode_error;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(_pack_int4, m)?)?;
+    m.add_function(wrap_pyfunction!(_unpack_int4, m)?)?;
     Ok(())
+}
+
+/// Packs 4-bit codes (the low nibble of each byte) two per byte, even index in the low nibble (FORMAT.md §9.5).
+#[pyfunction]
+fn _pack_int4<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArray1<'py, u8>,
+) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    let nibbles: Vec<i8> = codes.as_slice()?.iter().map(|&c| c as i8).collect();
+    Ok(PyArray1::from_vec(
+        py,
+        tenso_format::quant::pack_nibbles(&nibbles),
+    ))
+}
+
+/// Unpacks `n` 4-bit codes: int8 (sign-extended) when `signed`, else uint8. Missing bytes read as zero nibbles.
+#[pyfunction]
+fn _unpack_int4<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray1<'py, u8>,
+    n: usize,
+    signed: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let bytes = packed.as_slice()?;
+    if n > bytes.len().saturating_mul(2) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{n} 4-bit codes need {} packed bytes, got {}",
+            n.div_ceil(2),
+            bytes.len()
+        )));
+    }
+    let codes = tenso_format::quant::unpack_nibbles(bytes, n, signed);
+    Ok(if signed {
+        PyArray1::from_vec(py, codes).into_any()
+    } else {
+        PyArray1::from_vec(py, codes.into_iter().map(|c| c as u8).collect::<Vec<u8>>()).into_any()
+    })
 }
 
 /// Quantize an array: returns (packed uint8 codes, float32 scales, float32 zero points).
