@@ -105,6 +105,8 @@ __all__ = [
     "install",
     "uninstall",
     "is_registered",
+    "counts",
+    "pool_name",
     "scope_for",
     "TensoWorkerPlugin",
     "dask_setup",
@@ -156,7 +158,7 @@ class _State:
         self.scope = scope
         self.cache = cache
         self.pool_name: str = cache.name
-        self.token = secrets.token_hex(16)
+        self.token = _process_token()
         self.min_bytes = int(min_bytes)
         self.claim_timeout = float(claim_timeout)
         self.options = options
@@ -233,34 +235,37 @@ class _State:
         # else: the recipient claimed it meanwhile; it sees our word and frees the lease itself.
 
     def start_reaper(self) -> None:
-        if self.reaper is not None and self.reaper.is_alive():
-            return
-        self.reaper = threading.Thread(target=_reap, args=(weakref.ref(self),), name="tenso-dask-reaper", daemon=True)
+        with self.lock:
+            if self.reaper is not None:
+                return
+            self.reaper = threading.Thread(target=self._reap, name="tenso-dask-reaper", daemon=True)
         self.reaper.start()
 
-
-def _reap(ref: "weakref.ref[_State]") -> None:
-    # Frees unclaimed leases of a process that stopped sending (the sweep otherwise runs on each send).
-    while True:
-        st = ref()
-        if st is None:
-            return
-        interval = min(1.0, st.claim_timeout / 4)
-        with st.lock:
-            idle = not st.pending
-        if idle:
-            st.reaper = None
-            return
-        del st
-        time.sleep(interval)
-        st = ref()
-        if st is None:
-            return
-        st.sweep(force=True)
-        del st
+    def _reap(self) -> None:
+        # Frees unclaimed leases of a process that stopped sending (otherwise the sweep runs on each send); exits
+        # once nothing is in flight.
+        while True:
+            time.sleep(min(1.0, self.claim_timeout / 4))
+            self.sweep(force=True)
+            with self.lock:
+                if not self.pending:
+                    self.reaper = None
+                    return
 
 
 _state: Optional[_State] = None
+_token: Optional[tuple[int, str]] = None  # (pid, token): one per process, kept across register/unregister
+#: Transfers by this process since it started: leases sent and received, arrays sent as Dask's frames.
+_counts = {"leases_sent": 0, "leases_received": 0, "frames_sent": 0}
+
+
+def _process_token() -> str:
+    # Stable for the life of the process, so that connections opened under an earlier registration keep working
+    # after unregister()/register(); a forked child gets its own.
+    global _token
+    if _token is None or _token[0] != os.getpid():
+        _token = (os.getpid(), secrets.token_hex(16))
+    return _token[1]
 _register_lock = threading.RLock()
 _saved: dict[tuple[str, type], Any] = {}  # (dispatcher name, type) -> what our registration replaced
 _saved_lazy: dict[tuple[str, str], Any] = {}  # (dispatcher name, toplevel module) -> the lazy hook we wrapped
@@ -330,6 +335,7 @@ def _lease_send(st: _State, nbytes: int, fill: Callable[[np.ndarray], None]) -> 
         raise
     with st.lock:
         st.pending[nonce] = _Pending(handle, ctrl, now)
+        _counts["leases_sent"] += 1
     st.start_reaper()
     return {"pool": st.pool_name, "peer": st.token, "h": list(handle), "nonce": nonce, "n": nbytes}
 
@@ -369,6 +375,8 @@ def _lease_receive(lease: dict[str, Any]) -> np.ndarray:
     # Every view derived from ``raw`` keeps ``raw`` itself alive (NumPy stops collapsing bases at the array whose
     # base is not an ndarray), so the lease is released only after the last of them.
     weakref.finalize(raw, _release_quietly, st.cache, handle)
+    with st.lock:
+        _counts["leases_received"] += 1
     return raw[_CTRL : _CTRL + nbytes]
 
 
@@ -458,6 +466,8 @@ def _serialize_ndarray(x: np.ndarray, context: Optional[dict[str, Any]] = None) 
         lease = _send_ndarray(st, x)
         if lease is not None:
             return {"tenso": lease}, []
+    if context:
+        _counts["frames_sent"] += 1
     return _default_dumps(np.ndarray, x, context)
 
 
@@ -491,6 +501,8 @@ def _serialize_tensor(t: Any, context: Optional[dict[str, Any]] = None) -> tuple
         lease = _send_ndarray(st, host)
         if lease is not None:
             return {"tenso-torch": {"rg": bool(t.requires_grad), "lease": lease}}, []
+    if context:
+        _counts["frames_sent"] += 1
     sub, frames = _default_dumps(np.ndarray, host, None)
     return {"tenso-torch": {"rg": bool(t.requires_grad), "sub": sub}}, frames
 
@@ -601,9 +613,10 @@ class _LazyTorch:
 
     def __call__(self) -> None:
         if self.original is not None:
-            self.original()
+            self.original()  # imports distributed.protocol.torch, which registers both of Dask's torch functions
         if _state is not None:
-            _register_torch(self.kind)
+            _register_torch("ser")
+            _register_torch("de")
 
 
 def _install_dispatch() -> None:
@@ -755,20 +768,22 @@ def unregister() -> None:
             st.cache.delete(_PEER_PREFIX + st.token)
         except (RuntimeError, TensoError, OSError):
             pass
-        # Leases still in flight are reclaimed by the reaper thread (it holds the state weakly, we keep it alive
-        # through the thread's own reference until it finishes); arrays received keep the pool open.
+        # Leases still in flight stay with the reaper thread until claimed or timed out; arrays received keep the
+        # pool handle alive through their finalizers.
         st.closed = True
         if st.pending:
-            _retired.append(st)
             st.start_reaper()
-
-
-_retired: list[_State] = []  # unregistered states with leases still in flight (swept by their reaper)
 
 
 def is_registered() -> bool:
     """Whether this process currently serializes with tenso."""
     return _state is not None
+
+
+def counts() -> dict[str, int]:
+    """This process's transfers so far: ``leases_sent``, ``leases_received`` and ``frames_sent`` (arrays and
+    tensors that went as Dask's frames over a comm)."""
+    return dict(_counts)
 
 
 def pool_name() -> Optional[str]:
