@@ -178,6 +178,19 @@ class _State:
         except (MemoryError, TensoError, OSError):
             pass
 
+    def sweep_registry(self) -> None:
+        # Entries of processes that died without unregistering (SIGKILL, nanny restarts) would otherwise stay.
+        try:
+            keys = self.cache.keys()
+        except (RuntimeError, TensoError, OSError):
+            return
+        for key in keys:
+            if not key.startswith(_PEER_PREFIX):
+                continue
+            entry = self.cache._pool.get(key, True)
+            if entry is not None and getattr(entry, "size", 0) == 1 and not _alive(int(entry[0])):
+                self.cache.delete(key)
+
     def self_check(self, now: float) -> None:
         # A lease may evict our registry entry when the pool is full: put it back (at most once a second).
         if now < self.next_self_check:
@@ -528,42 +541,59 @@ def _deserialize_tensor(header: dict[str, Any], frames: list[Any]) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # tenso's own types: one tenso packet
 # ---------------------------------------------------------------------------------------------------------------
+def _packet_kind(x: Any) -> str:
+    from .ragged import RaggedArray, StringTensor
+
+    if isinstance(x, StringTensor):
+        return "strings"
+    if isinstance(x, RaggedArray):
+        return "ragged"
+    return "tenso"
+
+
+def _to_packet(kind: str, x: Any) -> Any:
+    from .core import dumps
+
+    return x.dumps() if kind in ("strings", "ragged") else dumps(x)
+
+
+def _from_packet(kind: str, data: Any) -> Any:
+    from .core import loads
+    from .ragged import RaggedArray, StringTensor
+
+    if kind == "strings":
+        return StringTensor.loads(data)
+    if kind == "ragged":
+        return RaggedArray.loads(data)
+    return loads(data)
+
+
 def _serialize_packet(x: Any, context: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list[Any]]:
-    from .core import _parts, dumps
-
+    kind = _packet_kind(x)
+    packet = memoryview(_to_packet(kind, x)).cast("B")
     st = _state
-    if st is not None and _peer_ok(st, context):
-        parts = _parts(x, False, False, 4)
-        total = sum(len(p) for p in parts)
-        if total >= st.min_bytes:
+    if st is not None and packet.nbytes >= st.min_bytes and _peer_ok(st, context):
 
-            def fill(body: np.ndarray) -> None:
-                at = 0
-                for part in parts:
-                    n = len(part)
-                    body[at : at + n] = np.frombuffer(part, dtype=np.uint8)
-                    at += n
+        def fill(body: np.ndarray) -> None:
+            body[:] = np.frombuffer(packet, dtype=np.uint8)
 
-            lease = _lease_send(st, total, fill)
-            if lease is not None:
-                return {"tenso-packet": {"lease": lease}}, []
-    return {"tenso-packet": {}}, [dumps(x)]
+        lease = _lease_send(st, packet.nbytes, fill)
+        if lease is not None:
+            return {"tenso-packet": {"kind": kind, "lease": lease}}, []
+    if context:
+        _counts["frames_sent"] += 1
+    return {"tenso-packet": {"kind": kind}}, [packet]
 
 
 def _deserialize_packet(header: dict[str, Any], frames: list[Any]) -> Any:
-    from .core import loads
-
     info = header.get("tenso-packet")
-    if info is None:
+    if not isinstance(info, dict):
         raise TensoError("tenso.dask: malformed header for a tenso packet")
+    kind = str(info.get("kind"))
     if "lease" in info:
-        return loads(_receive_ndarray_bytes(info["lease"]))
+        return _from_packet(kind, _lease_receive(info["lease"]))
     (frame,) = frames
-    return loads(frame)
-
-
-def _receive_ndarray_bytes(lease: dict[str, Any]) -> np.ndarray:
-    return _lease_receive(lease)
+    return _from_packet(kind, frame)
 
 
 def _tenso_types() -> list[type]:
@@ -736,6 +766,7 @@ def register(
     with _register_lock:
         st = _state
         if st is not None and st.scope == scope:
+            st.publish()
             st.min_bytes = int(min_bytes)
             st.claim_timeout = float(claim_timeout)
             st.options = options
@@ -748,6 +779,7 @@ def register(
 
         cache = attach(scope, size=pool_size, owner_pid=owner_pid)
         st = _State(scope, cache, min_bytes, claim_timeout, options)
+        st.sweep_registry()
         st.publish()
         _install_dispatch()
         _state = st
