@@ -237,12 +237,12 @@ class _State:
     def _reclaim(self, p: _Pending) -> None:
         # First make sure the block is still this lease (same stamp): adopting succeeds only then. Only after that
         # may we write into the control block, which would otherwise be someone else's memory.
-        try:
-            self.cache.adopt(p.handle)
-        except (TensoError, ValueError, OSError, RuntimeError):
+        if not _still_leased(self.cache, p.handle):
             return  # already freed (released by the recipient, or reaped with a dead holder)
         p.ctrl[_S_WORD] = 1
-        _fence(self.cache)
+        # The pool lock's atomic read-modify-write orders our store before the load of the recipient's word.
+        if not _still_leased(self.cache, p.handle):
+            return
         if p.ctrl[_R_WORD] == 0:
             _release_quietly(self.cache, p.handle)
         # else: the recipient claimed it meanwhile; it sees our word and frees the lease itself.
@@ -297,10 +297,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fence(cache: Any) -> None:
-    # Any call that takes the pool lock performs an atomic read-modify-write: a full barrier between the store of
-    # our control word before it and the load of the other side's word after it.
-    cache._pool.stats
+def _still_leased(cache: Any, handle: tuple[int, ...]) -> bool:
+    # Adopting takes the pool lock (an atomic read-modify-write: a full barrier) and succeeds only while the lease
+    # with this stamp exists.
+    try:
+        cache.adopt(handle)
+    except (TensoError, ValueError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def _release_quietly(cache: Any, handle: tuple[int, ...]) -> None:
@@ -378,10 +382,8 @@ def _lease_receive(lease: dict[str, Any]) -> np.ndarray:
         raise TensoError("tenso.dask: lease nonce mismatch")
     ctrl = raw[:_CTRL].view(np.uint64)
     ctrl[_R_WORD] = 1
-    try:
-        st.cache.adopt(handle)  # the pool lock as a barrier, and proof that the lease is still there
-    except (ValueError, OSError) as exc:
-        raise TensoError("tenso.dask: the lease was freed before delivery (claim timeout exceeded?)") from exc
+    if not _still_leased(st.cache, handle):  # the barrier between our store and the load of the sender's word
+        raise TensoError("tenso.dask: the lease was freed before delivery (claim timeout exceeded?)")
     if ctrl[_S_WORD] != 0:
         _release_quietly(st.cache, handle)
         raise TensoError("tenso.dask: the lease was reclaimed by its sender before delivery (claim timeout)")
