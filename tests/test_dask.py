@@ -402,7 +402,9 @@ def test_dev_shm_back_to_start_after_sigkill():
             out = c.submit(_ident, fut, workers=[b], pure=False)
             np.testing.assert_array_equal(c.gather(out, direct=True), x)
             assert any(scope in n for n in _shm_names())
-            os.kill(c.run(os.getpid, workers=[b])[b], signal.SIGKILL)
+            pid = c.run(os.getpid, workers=[b])[b]
+            os.kill(pid, signal.SIGKILL)
+            _wait_restarted(c, pid)
             td.uninstall(c)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(scope in n for n in _shm_names()):

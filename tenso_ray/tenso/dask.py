@@ -890,6 +890,8 @@ def uninstall(client: Any) -> None:
         client.unregister_worker_plugin(PLUGIN_NAME)
     except ValueError:
         pass  # not installed
+    except OSError:
+        pass  # a worker went away meanwhile (CommClosedError); the ones left have unregistered
     st = _state
     unregister()
     if st is not None and st.scope == scope_for(client.scheduler.address):
