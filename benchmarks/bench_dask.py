@@ -150,7 +150,12 @@ def main() -> None:
                 order = ["default", mode] if (r + i) % 2 == 0 else [mode, "default"]
                 for m in order:
                     set_mode(client, m, scope, b)
-                    samples.setdefault((p, op, mode, m), []).append(one(client, op, data[p], a, b))
+                    try:
+                        dt = one(client, op, data[p], a, b)
+                    except Exception as exc:  # an overloaded machine can lose a worker's reply: retry once
+                        print(f"retrying {p} {op} {m}: {exc!r}", file=sys.stderr, flush=True)
+                        dt = one(client, op, data[p], a, b)
+                    samples.setdefault((p, op, mode, m), []).append(dt)
             print(f"rep {r + 1}/{reps} done", file=sys.stderr, flush=True)
         counts_after = client.run(td.counts)
         set_mode(client, "default", scope, b)

@@ -420,11 +420,17 @@ def _previous(kind: str, cls: type) -> Any:
     return fn
 
 
+_wants_context: dict[Any, bool] = {}
+
+
 def _default_dumps(cls: type, x: Any, context: Optional[dict[str, Any]]) -> tuple[dict[str, Any], list[Any]]:
     fn = _previous("ser", cls)
     if fn is None:
         raise NotImplementedError(cls.__name__)  # Dask moves on to pickle
-    if has_keyword(fn, "context"):
+    wants = _wants_context.get(fn)
+    if wants is None:
+        wants = _wants_context[fn] = bool(has_keyword(fn, "context"))  # inspect.signature: slow, ask once
+    if wants:
         return fn(x, context=context)  # type: ignore[no-any-return]
     return fn(x)  # type: ignore[no-any-return]
 
