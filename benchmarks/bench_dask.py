@@ -94,19 +94,20 @@ def set_mode(client, mode: str, scope: str, b: str) -> None:
 
 
 def one(client, op: str, x, a: str, b: str) -> float:
+    # Scattered as a one-element list: a dict given to scatter() would be taken as {key: value}.
     if op == "scatter_gather":
         t = time.perf_counter()
-        fut = client.scatter(x, workers=[a], direct=True, hash=False)
+        fut = client.scatter([x], workers=[a], direct=True, hash=False)[0]
         client.gather(fut, direct=True)
         dt = time.perf_counter() - t
     elif op == "task_in":
-        fut = client.scatter(x, workers=[a], direct=True, hash=False)
+        fut = client.scatter([x], workers=[a], direct=True, hash=False)[0]
         t = time.perf_counter()
         client.submit(consume, fut, workers=[b], pure=False).result()
         dt = time.perf_counter() - t
     elif op == "via_scheduler":
         t = time.perf_counter()
-        fut = client.scatter(x, workers=[a], direct=False, hash=False)
+        fut = client.scatter([x], workers=[a], direct=False, hash=False)[0]
         client.gather(fut, direct=False)
         dt = time.perf_counter() - t
     else:

@@ -85,7 +85,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 
@@ -431,8 +431,8 @@ def _default_dumps(cls: type, x: Any, context: Optional[dict[str, Any]]) -> tupl
     if wants is None:
         wants = _wants_context[fn] = bool(has_keyword(fn, "context"))  # inspect.signature: slow, ask once
     if wants:
-        return fn(x, context=context)  # type: ignore[no-any-return]
-    return fn(x)  # type: ignore[no-any-return]
+        return fn(x, context=context)
+    return fn(x)
 
 
 def _default_loads(cls: type, header: dict[str, Any], frames: list[Any]) -> Any:
@@ -443,7 +443,7 @@ def _default_loads(cls: type, header: dict[str, Any], frames: list[Any]) -> Any:
 
 
 def _send_ndarray(st: _State, x: np.ndarray) -> Optional[dict[str, Any]]:
-    order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+    order: Literal["C", "F"] = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
     dtype = x.dtype
     shape = x.shape
 
@@ -495,7 +495,7 @@ def _serialize_ndarray(x: np.ndarray, context: Optional[dict[str, Any]] = None) 
 def _deserialize_ndarray(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
     lease = header.get("tenso")
     if lease is None:
-        return _default_loads(np.ndarray, header, frames)  # type: ignore[no-any-return]
+        return _default_loads(np.ndarray, header, frames)
     return _receive_ndarray(lease)
 
 
