@@ -9,8 +9,9 @@ client's wall time per operation.
 Modes:
   default   Dask as installed (nothing registered)
   tenso     tenso.dask registered in the client and both workers (same-host hand-off through the node pool)
-  other     tenso.dask registered, but worker B pretends to be on another host (a pool of its own): every transfer
-            with B goes as Dask's frames, through tenso.dask's fallback; compared with default
+  other     tenso.dask registered, but worker B pretends to be on another host (a pool of its own); the data lives on
+            B, so every hop (client <-> B, B -> A) goes as Dask's frames through tenso.dask's fallback; compared
+            with default in the same roles
 
 Operations (worker A holds the input, B computes):
   scatter_gather  client.scatter(x, workers=[A], direct=True) then client.gather(future, direct=True)
@@ -151,11 +152,14 @@ def main() -> None:
                 order = ["default", mode] if (r + i) % 2 == 0 else [mode, "default"]
                 for m in order:
                     set_mode(client, m, scope, b)
+                    # "other": the data lives on B, the worker that pretends to be on another host, so every
+                    # hop of the cell crosses "hosts" (client <-> B, B -> A); default runs the same roles.
+                    src, dst = (b, a) if mode == "other" else (a, b)
                     try:
-                        dt = one(client, op, data[p], a, b)
+                        dt = one(client, op, data[p], src, dst)
                     except Exception as exc:  # an overloaded machine can lose a worker's reply: retry once
                         print(f"retrying {p} {op} {m}: {exc!r}", file=sys.stderr, flush=True)
-                        dt = one(client, op, data[p], a, b)
+                        dt = one(client, op, data[p], src, dst)
                     samples.setdefault((p, op, mode, m), []).append(dt)
             print(f"rep {r + 1}/{reps} done", file=sys.stderr, flush=True)
         counts_after = client.run(td.counts)
