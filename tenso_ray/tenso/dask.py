@@ -227,22 +227,22 @@ class _State:
             if p.ctrl[_R_WORD] != 0:
                 self._forget(nonce)
             elif now - p.since >= self.claim_timeout:
-                self._reclaim(p)
+                self._reclaim(nonce, p)
                 self._forget(nonce)
 
     def _forget(self, nonce: bytes) -> None:
         with self.lock:
             self.pending.pop(nonce, None)
 
-    def _reclaim(self, p: _Pending) -> None:
-        # First make sure the block is still this lease (same stamp): adopting succeeds only then. Only after that
-        # may we write into the control block, which would otherwise be someone else's memory.
-        if not _still_leased(self.cache, p.handle):
-            return  # already freed (released by the recipient, or reaped with a dead holder)
+    def _reclaim(self, nonce: bytes, p: _Pending) -> None:
+        # Write into the control block only while it is still this lease's: the nonce would differ (but for 2**-128)
+        # once the block was freed and reused. The sender never adopts its own lease, so the recipient stays the
+        # owner of a lease it claimed (and the pool frees it if the recipient dies).
+        raw = p.ctrl.view(np.uint8)
+        if raw[:16].tobytes() != nonce:
+            return  # already freed (released by the recipient, or reaped with a dead holder) and reused
         p.ctrl[_S_WORD] = 1
-        # The pool lock's atomic read-modify-write orders our store before the load of the recipient's word.
-        if not _still_leased(self.cache, p.handle):
-            return
+        _barrier(self.cache)
         if p.ctrl[_R_WORD] == 0:
             _release_quietly(self.cache, p.handle)
         # else: the recipient claimed it meanwhile; it sees our word and frees the lease itself.
@@ -298,13 +298,21 @@ def _alive(pid: int) -> bool:
 
 
 def _still_leased(cache: Any, handle: tuple[int, ...]) -> bool:
-    # Adopting takes the pool lock (an atomic read-modify-write: a full barrier) and succeeds only while the lease
-    # with this stamp exists.
+    # The recipient's barrier: adopting again takes the pool lock (an atomic read-modify-write: a full barrier),
+    # keeps this process the owner, and succeeds only while the lease with this stamp exists.
     try:
         cache.adopt(handle)
     except (TensoError, ValueError, OSError, RuntimeError):
         return False
     return True
+
+
+def _barrier(cache: Any) -> None:
+    # The sender's barrier: deleting a key that never exists takes the pool lock and changes nothing.
+    try:
+        cache.delete(_PEER_PREFIX + "barrier")
+    except (TensoError, ValueError, OSError, RuntimeError):
+        pass
 
 
 def _release_quietly(cache: Any, handle: tuple[int, ...]) -> None:
