@@ -1,0 +1,232 @@
+"""tenso.dask against Dask's default serialization, side by side on one LocalCluster(processes=True, n_workers=2,
+threads_per_worker=1).
+
+Method: one cluster, one client. Every repetition runs every cell once per mode, alternating which mode goes first;
+a mode is switched in every process (the client and both workers) with tenso.dask.register() / unregister() before
+each batch, so both modes share the same processes, connections and warm caches. Medians over repetitions of the
+client's wall time per operation.
+
+Modes:
+  default   Dask as installed (nothing registered)
+  tenso     tenso.dask registered in the client and both workers (same-host hand-off through the node pool)
+  other     tenso.dask registered, but worker B pretends to be on another host (a pool of its own); the data lives on
+            B, so every hop (client <-> B, B -> A) goes as Dask's frames through tenso.dask's fallback; compared
+            with default in the same roles
+
+Operations (worker A holds the input, B computes):
+  scatter_gather  client.scatter(x, workers=[A], direct=True) then client.gather(future, direct=True)
+  task_in         x is scattered to A (not timed), then a task on B that takes it as an argument (returns a scalar)
+  via_scheduler   client.scatter(x, workers=[A]) then client.gather(future), both through the scheduler
+
+    .venv/bin/python benchmarks/bench_dask.py [--reps 7] [--quick]
+
+JSON (and a PNG of the ratios when matplotlib is importable) go to benchmarks/results/dask-latest.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+MIB = 1 << 20
+PAYLOADS = ["f32_64MiB", "torch_64MiB", "bf16_64MiB", "noncontig_64MiB", "f32_1KiB", "f32_1MiB", "dict_200x4KiB"]
+OPS = ["scatter_gather", "task_in", "via_scheduler"]
+TARGETS = {"large": 3.0, "small": 0.95, "other": 0.95}
+
+
+def make(name: str):
+    import numpy as np
+
+    if name == "f32_64MiB":
+        return np.ones(16 * MIB, np.float32)
+    if name == "torch_64MiB":
+        import torch
+
+        return torch.ones(16 * MIB, dtype=torch.float32)
+    if name == "bf16_64MiB":
+        import ml_dtypes
+
+        return np.ones(32 * MIB, ml_dtypes.bfloat16)
+    if name == "noncontig_64MiB":
+        return np.ones((4096, 8192), np.float32)[:, ::2]  # a strided 64 MiB view of a 128 MiB array
+    if name == "f32_1KiB":
+        return np.ones(256, np.float32)
+    if name == "f32_1MiB":
+        return np.ones(256 * 1024, np.float32)
+    if name == "dict_200x4KiB":
+        return {f"t{i}": np.full(1024, i, np.float32) for i in range(200)}
+    raise ValueError(name)
+
+
+def consume(x) -> int:
+    if isinstance(x, dict):
+        return len(x)
+    return int(x.shape[0])
+
+
+def set_mode(client, mode: str, scope: str, b: str) -> None:
+    import tenso.dask as td
+
+    def on(host=None):
+        import tenso.dask as t
+
+        t.register(scope, host=host)
+
+    def off():
+        import tenso.dask as t
+
+        t.unregister()
+
+    if mode == "default":
+        td.unregister()
+        client.run(off)
+    else:
+        td.register(scope)
+        client.run(on)
+        if mode == "other":
+            client.run(on, host="elsewhere", workers=[b])
+
+
+def one(client, op: str, x, a: str, b: str) -> float:
+    # Scattered as a one-element list: a dict given to scatter() would be taken as {key: value}.
+    if op == "scatter_gather":
+        t = time.perf_counter()
+        fut = client.scatter([x], workers=[a], direct=True, hash=False)[0]
+        client.gather(fut, direct=True)
+        dt = time.perf_counter() - t
+    elif op == "task_in":
+        fut = client.scatter([x], workers=[a], direct=True, hash=False)[0]
+        t = time.perf_counter()
+        client.submit(consume, fut, workers=[b], pure=False).result()
+        dt = time.perf_counter() - t
+    elif op == "via_scheduler":
+        t = time.perf_counter()
+        fut = client.scatter([x], workers=[a], direct=False, hash=False)[0]
+        client.gather(fut, direct=False)
+        dt = time.perf_counter() - t
+    else:
+        raise ValueError(op)
+    del fut
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="5 repetitions, fewer cells for the 'other host' mode")
+    args = ap.parse_args()
+    reps = 5 if args.quick else args.reps
+
+    import dask
+    import distributed
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    import tenso.dask as td
+
+    cells = [(p, op, "tenso") for p in PAYLOADS for op in OPS]
+    other_payloads = ["f32_64MiB", "f32_1MiB"] if args.quick else PAYLOADS
+    cells += [(p, op, "other") for p in other_payloads for op in ("scatter_gather", "task_in")]
+    samples: dict[tuple[str, str, str, str], list[float]] = {}
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
+    ) as cluster, Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        scope = td.scope_for(client.scheduler.address)
+        # Warm up with tenso on first, so the connections it needs carry its handshake.
+        set_mode(client, "tenso", scope, b)
+        data = {p: make(p) for p in PAYLOADS}
+        for p in PAYLOADS:
+            for op in OPS:
+                one(client, op, data[p], a, b)
+        counts_before = client.run(td.counts)
+        for r in range(reps):
+            for i, (p, op, mode) in enumerate(cells):
+                order = ["default", mode] if (r + i) % 2 == 0 else [mode, "default"]
+                for m in order:
+                    set_mode(client, m, scope, b)
+                    # "other": the data lives on B, the worker that pretends to be on another host, so every
+                    # hop of the cell crosses "hosts" (client <-> B, B -> A); default runs the same roles.
+                    src, dst = (b, a) if mode == "other" else (a, b)
+                    try:
+                        dt = one(client, op, data[p], src, dst)
+                    except Exception as exc:  # an overloaded machine can lose a worker's reply: retry once
+                        print(f"retrying {p} {op} {m}: {exc!r}", file=sys.stderr, flush=True)
+                        dt = one(client, op, data[p], src, dst)
+                    samples.setdefault((p, op, mode, m), []).append(dt)
+            print(f"rep {r + 1}/{reps} done", file=sys.stderr, flush=True)
+        counts_after = client.run(td.counts)
+        set_mode(client, "default", scope, b)
+
+    rows = []
+    for p, op, mode in cells:
+        base = statistics.median(samples[(p, op, mode, "default")])
+        new = statistics.median(samples[(p, op, mode, mode)])
+        large = p.endswith("64MiB")
+        target = TARGETS["other"] if mode == "other" else TARGETS["large" if large else "small"]
+        if op == "via_scheduler" and large:
+            target = TARGETS["large"]
+        rows.append(
+            {
+                "payload": p,
+                "op": op,
+                "mode": mode,
+                "default_ms": round(base * 1e3, 3),
+                "tenso_ms": round(new * 1e3, 3),
+                "ratio": round(base / new, 3),
+                "target": target,
+                "met": base / new >= target,
+            }
+        )
+    payload = {
+        "bench": "bench_dask",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reps": reps,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "versions": {"dask": dask.__version__, "distributed": distributed.__version__, "numpy": np.__version__},
+        "worker_counts_during_timing": {
+            w: {k: counts_after[w][k] - counts_before[w][k] for k in counts_after[w]} for w in counts_after
+        },
+        "rows": rows,
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "dask-latest.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"{'payload':<16} {'op':<15} {'mode':<6} {'default':>10} {'tenso':>10} {'ratio':>7}  target")
+    for row in rows:
+        print(
+            f"{row['payload']:<16} {row['op']:<15} {row['mode']:<6} {row['default_ms']:>8.2f}ms "
+            f"{row['tenso_ms']:>8.2f}ms {row['ratio']:>6.2f}x  >={row['target']} {'ok' if row['met'] else 'MISS'}"
+        )
+    print(f"wrote {path}")
+    chart(rows)
+
+
+def chart(rows: list) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [f"{r['payload']} {r['op']}{' (other host)' if r['mode'] == 'other' else ''}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1))
+    ax.barh(labels, [r["ratio"] for r in rows], color=["tab:green" if r["met"] else "tab:red" for r in rows])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("speed-up over Dask's default (default time / tenso time)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "dask-latest.png"), dpi=90)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""tenso.dask on a real LocalCluster(processes=True, n_workers=2, threads_per_worker=1), started by a module fixture.
+
+Every round trip goes client -> worker A (scatter, direct) -> worker B (a task input fetched from A) -> client
+(gather, direct), so each of the three same-host hand-offs runs; the per-process counters of tenso.dask say which
+path each message took.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+pytest.importorskip("dask.array")
+
+import dask.array as da  # noqa: E402
+from distributed import Client, LocalCluster  # noqa: E402
+from distributed.comm.core import Comm  # noqa: E402
+from distributed.protocol import deserialize, serialize  # noqa: E402
+from distributed.protocol.serialize import dask_deserialize, dask_serialize  # noqa: E402
+
+import tenso.dask as td  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
+pytestmark = [
+    pytest.mark.dask,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Port .* is already in use:UserWarning"),
+    # distributed leaves an unconnected socket to the garbage collector when a cluster closes after a worker was
+    # SIGKILLed (not ours: tenso.dask opens no sockets).
+    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
+]
+
+POOL = "256MB"
+
+
+def _ident(x):
+    return x
+
+
+def _counts(dask_worker=None):
+    import tenso.dask
+
+    return tenso.dask.counts()
+
+
+def _shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit="2GiB"
+    ) as lc:
+        yield lc
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster) as c:
+        td.install(c, pool_size=POOL)
+        try:
+            yield c
+        finally:
+            td.uninstall(c)
+
+
+def _workers(client):
+    return sorted(client.scheduler_info()["workers"])
+
+
+def _leases(client):
+    """Leases sent by every process of the cluster (the client included)."""
+    per = client.run(_counts)
+    total = td.counts()["leases_sent"] + sum(c["leases_sent"] for c in per.values())
+    frames = td.counts()["frames_sent"] + sum(c["frames_sent"] for c in per.values())
+    return total, frames
+
+
+def _round_trip(client, x):
+    a, b = _workers(client)
+    fut = client.scatter(x, workers=[a], direct=True)
+    out = client.submit(_ident, fut, workers=[b], pure=False)
+    y = client.gather(out, direct=True)
+    del fut, out
+    return y
+
+
+def _equal(x, y) -> None:
+    if torch is not None and isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor)
+        assert y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape)
+        assert torch.equal(x.detach(), y.detach())
+        assert y.requires_grad == x.requires_grad
+        return
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and list(y) == list(x)
+        for k in x:
+            _equal(x[k], y[k])
+        return
+    if isinstance(x, np.ndarray):
+        assert isinstance(y, np.ndarray)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert x.tobytes() == y.tobytes()
+        assert y.flags.writeable == x.flags.writeable
+        return
+    from tenso import QuantizedTensor, RaggedArray, StringTensor
+
+    assert type(y) is type(x)
+    if isinstance(x, QuantizedTensor):
+        np.testing.assert_array_equal(x.dequantize(), y.dequantize())
+    elif isinstance(x, StringTensor):
+        assert x.to_list() == y.to_list()
+    elif isinstance(x, RaggedArray):
+        assert [r.tolist() for r in x] == [r.tolist() for r in y]
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    big = rng.random((512, 1024), dtype=np.float32)  # 2 MiB
+    cases = {
+        "float32": (big, True),
+        "fortran": (np.asfortranarray(rng.random((300, 500))), True),
+        "strided": (rng.random((600, 800))[::2, 1::3], True),
+        "negative-strides": (rng.random((400, 400))[::-1], True),
+        "int8-small": (np.arange(100, dtype=np.int8), False),
+        "zero-d": (np.array(3.5), False),
+        "empty": (np.empty((0, 4), np.float32), False),
+        "structured": (np.zeros(20000, dtype=[("a", "<i4"), ("b", "<f8")]), True),
+        "datetime": (np.arange(20000).astype("datetime64[ns]"), True),
+        "complex": (rng.random(20000) + 1j * rng.random(20000), True),
+        "readonly": (np.frombuffer(rng.random(20000).tobytes()), True),
+        "dict": ({"w": big, "b": np.arange(10.0), "k": rng.random((256, 256))}, True),
+    }
+    if ml_dtypes is not None:
+        cases["bfloat16"] = (big.astype(ml_dtypes.bfloat16), True)
+        cases["float8"] = (big.astype(ml_dtypes.float8_e4m3fn), True)
+    if torch is not None:
+        t = torch.from_numpy(big.copy())
+        cases["torch"] = (t, True)
+        cases["torch-bfloat16"] = (t.to(torch.bfloat16), True)
+        cases["torch-strided"] = (t[:, ::2], True)
+        cases["torch-grad"] = (t.clone().requires_grad_(True), True)
+        cases["torch-int64-small"] = (torch.arange(10), False)
+    from tenso import QuantizedTensor, RaggedArray, StringTensor
+
+    cases["quantized"] = (QuantizedTensor.quantize(big, "qint8"), True)
+    cases["strings"] = (StringTensor([f"row {i} " * 50 for i in range(2000)]), True)
+    cases["ragged"] = (RaggedArray([np.arange(i * 40, dtype=np.float32) for i in range(60)]), True)
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip(client, name):
+    x, uses_pool = CASES[name]
+    before, frames_before = _leases(client)
+    y = _round_trip(client, x)
+    _equal(x, y)
+    after, frames_after = _leases(client)
+    if uses_pool:
+        assert after >= before + 3  # client -> A, A -> B, B -> client all went through the pool
+    else:
+        assert after == before
+
+
+def test_registered_everywhere(client):
+    assert td.is_registered()
+    assert all(client.run(td.is_registered).values())
+    names = set(client.run(td.pool_name).values())
+    assert names == {td.pool_name()}
+
+
+def test_writeable_result_owns_its_lease(client):
+    x = np.arange(1 << 18, dtype=np.float64)
+    y = _round_trip(client, x)
+    y[0] = -1.0  # writeable, and nobody else's memory
+    assert y[0] == -1.0 and x[0] == 0.0
+    used = td._state.cache.stats["used_bytes"]
+    del y
+    gc.collect()
+    assert td._state.cache.stats["used_bytes"] < used  # released when the last view went away
+
+
+def test_matmul_on_and_off(client):
+    x = da.random.RandomState(42).random_sample((2000, 2000), chunks=(500, 500))
+    before, _ = _leases(client)
+    on = (x @ x.T).sum().compute()
+    moved, _ = _leases(client)
+    assert moved > before  # chunks moved between the workers through the pool
+    td.uninstall(client)
+    try:
+        assert not any(client.run(td.is_registered).values())
+        off = (x @ x.T).sum().compute()
+        assert _leases(client)[0] == moved  # nothing went through the pool while off
+    finally:
+        td.install(client, pool_size=POOL)
+    assert on == off
+
+
+def test_uninstall_restores_exactly(client):
+    def tables():
+        import numpy
+        from distributed.comm.core import Comm
+        from distributed.protocol.serialize import dask_deserialize, dask_serialize
+
+        dask_serialize.dispatch(numpy.ndarray)
+        return (
+            dask_serialize.dispatch(numpy.ndarray).__module__,
+            dask_deserialize.dispatch(numpy.ndarray).__module__,
+            Comm.handshake_info.__module__,
+        )
+
+    assert set(client.run(tables).values()) == {("tenso.dask", "tenso.dask", "tenso.dask")}
+    snapshot = (dict(dask_serialize._lookup), dict(dask_deserialize._lookup))
+    td.uninstall(client)
+    try:
+        default = ("distributed.protocol.numpy", "distributed.protocol.numpy", "distributed.comm.core")
+        assert set(client.run(tables).values()) == {default}
+        assert tables() == default
+        restored = (dict(dask_serialize._lookup), dict(dask_deserialize._lookup))
+        for table, before in zip(restored, snapshot):
+            for cls, fn in table.items():
+                assert fn.__module__ != "tenso.dask", cls
+            assert set(table) <= set(before)  # nothing added
+        assert Comm.__dict__["handshake_info"].__module__ == "distributed.comm.core"
+    finally:
+        td.install(client, pool_size=POOL)
+    assert tables()[0] == "tenso.dask"
+
+
+def test_spilled_data_round_trips(client):
+    a, b = _workers(client)
+    x = np.random.default_rng(1).random((512, 512))
+    fut = client.scatter(x, workers=[a], direct=True)
+
+    def spill(key, dask_worker=None):
+        data = dask_worker.data
+        while key in data.fast:
+            data.evict()
+        return key in data.slow
+
+    assert client.run(spill, fut.key, workers=[a])[a]
+    out = client.submit(_ident, fut, workers=[b], pure=False)
+    np.testing.assert_array_equal(client.gather(out, direct=True), x)
+    np.testing.assert_array_equal(client.gather(fut, direct=True), x)
+
+
+def test_restarted_worker(client):
+    a, b = _workers(client)
+    pid = client.run(os.getpid, workers=[a])[a]
+    client.restart_workers([a])
+    a2, b2 = _workers(client)
+    new = client.run(os.getpid)
+    assert pid not in new.values()
+    assert all(client.run(td.is_registered).values())
+    before, _ = _leases(client)
+    x = np.random.default_rng(2).random((256, 1024))
+    _equal(x, _round_trip(client, x))
+    assert _leases(client)[0] >= before + 3
+
+
+def test_other_host_uses_frames(client):
+    a, b = _workers(client)
+    td.uninstall(client)
+    td.install(client, pool_size=POOL, hosts={b: "elsewhere"})
+    try:
+        assert client.run(td.pool_name, workers=[b])[b] != td.pool_name()
+        before, frames_before = _leases(client)
+        x = np.random.default_rng(3).random((256, 1024))
+        _equal(x, _round_trip(client, x))
+        after, frames_after = _leases(client)
+        assert after == before + 1  # only client -> A used the pool; A -> B and B -> client went as frames
+        assert frames_after >= frames_before + 2
+    finally:
+        td.uninstall(client)
+        td.install(client, pool_size=POOL)
+
+
+def test_sigkilled_worker_frees_its_leases(client):
+    a, b = _workers(client)
+    cache = td._state.cache
+    gc.collect()
+    baseline = cache.stats["used_bytes"]
+
+    def hold(dask_worker=None):
+        import numpy as np
+
+        import tenso.dask as t
+
+        st = t._state
+        ctx = {"recipient": {t.HANDSHAKE_KEY: {"pool": st.pool_name, "peer": st.token}}}
+        # Leases sent and never delivered (held by this process), and leases received and still in use.
+        sent = [serialize(np.ones(1 << 17), context=ctx) for _ in range(4)]
+        kept = [deserialize(*serialize(np.ones(1 << 17), context=ctx)) for _ in range(4)]
+        dask_worker._tenso_test_hold = (sent, kept)
+        return st.cache.stats["used_bytes"]
+
+    assert client.run(hold, workers=[a])[a] >= baseline + 8 * (1 << 20)
+    pid = client.run(os.getpid, workers=[a])[a]
+    os.kill(pid, signal.SIGKILL)
+    _wait_restarted(client, pid)
+    # The pool frees a dead holder's leases at its next allocation.
+    handle, _ = cache.lease(64)
+    cache.release(handle)
+    assert cache.stats["used_bytes"] <= baseline
+    x = np.random.default_rng(4).random((256, 1024))
+    _equal(x, _round_trip(client, x))
+
+
+def _wait_restarted(client, pid: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            pids = client.run(os.getpid)
+        except (OSError, distributed.comm.core.CommClosedError):
+            continue  # a broadcast that reached the dying worker
+        if len(pids) == 2 and pid not in pids.values():
+            return
+    raise AssertionError("the nanny did not restart the killed worker")
+
+
+def test_drops_and_late_claims_free_every_lease():
+    """10,000 hand-offs in one process with random drops: every lease is freed, every delivered value is right."""
+    td.register("tenso-dask-test-drops", pool_size="64MB", claim_timeout=0.2)
+    try:
+        st = td._state
+        ctx = {"recipient": {td.HANDSHAKE_KEY: {"pool": st.pool_name, "peer": st.token}}}
+        gc.collect()
+        baseline = st.cache.stats["used_bytes"]
+        rng = np.random.default_rng(5)
+        late = []
+        wrong = leased = 0
+        for i in range(10_000):
+            x = np.full(1 << 14, i, dtype=np.int32)  # 64 KiB
+            header, frames = serialize(x, context=ctx)
+            if frames:  # the pool was full of unclaimed leases: Dask's frames, as designed
+                wrong += int(not (deserialize(header, frames) == i).all())
+                continue
+            leased += 1
+            roll = rng.random()
+            if roll < 0.2:
+                continue  # dropped before delivery
+            if roll < 0.22:
+                late.append(header)  # delivered after the sender reclaimed it
+                continue
+            wrong += int(not (deserialize(header, frames) == i).all())  # the array dies here: lease released
+        assert wrong == 0
+        assert leased > 5000
+        time.sleep(0.5)
+        st.sweep(force=True)
+        for header in late:
+            with pytest.raises(td.TensoError):
+                deserialize(header, [])
+        gc.collect()
+        assert not st.pending
+        assert st.cache.stats["used_bytes"] == baseline
+    finally:
+        td.unregister()
+        from tenso.nodecache import drop
+
+        drop("tenso-dask-test-drops")
+
+
+def test_no_context_uses_dask_frames():
+    td.register("tenso-dask-test-ctx", pool_size="16MB")
+    try:
+        header, frames = serialize(np.ones(1 << 18))
+        assert frames and "tenso" not in header["sub-header"]
+    finally:
+        td.unregister()
+        from tenso.nodecache import drop
+
+        drop("tenso-dask-test-ctx")
+    assert Comm.__dict__["handshake_info"].__module__ == "distributed.comm.core"
+
+
+def test_dev_shm_back_to_start_after_sigkill():
+    """A cluster of its own: transfers, a SIGKILLed worker, then close: none of its /dev/shm names is left."""
+    start = _shm_names()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+        with Client(lc) as c:
+            scope = td.scope_for(c.scheduler.address)
+            td.install(c, pool_size="64MB")
+            a, b = sorted(c.scheduler_info()["workers"])
+            x = np.random.default_rng(6).random((256, 512))
+            fut = c.scatter(x, workers=[a], direct=True)
+            out = c.submit(_ident, fut, workers=[b], pure=False)
+            np.testing.assert_array_equal(c.gather(out, direct=True), x)
+            assert any(scope in n for n in _shm_names())
+            pid = c.run(os.getpid, workers=[b])[b]
+            os.kill(pid, signal.SIGKILL)
+            _wait_restarted(c, pid)
+            td.uninstall(c)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(scope in n for n in _shm_names()):
+        time.sleep(0.25)
+    assert not any(scope in n for n in _shm_names() - start), sorted(_shm_names() - start)
