@@ -88,6 +88,8 @@ def _arrays():
         "bfloat16": base.astype(ml_dtypes.bfloat16),
         "bfloat16_strided": base.astype(ml_dtypes.bfloat16)[::2],
         "float8": base.astype(ml_dtypes.float8_e4m3fn),
+        # NumPy gives float8_e5m2 the builtin kind 'f', yet it is a user-defined type: it must travel as bytes too.
+        "float8_e5m2": base.astype(ml_dtypes.float8_e5m2),
         "big_endian": base.astype(">f4"),
         "complex128": (base + 1j).astype(np.complex128),
         "bool": base > 10,
@@ -359,12 +361,13 @@ def test_object_reconstructed_from_lineage():
         lambda: torch.arange(24, dtype=torch.float32).reshape(4, 6),
         lambda: torch.arange(24, dtype=torch.float32).reshape(4, 6).T,
         lambda: torch.arange(24, dtype=torch.float32).to(torch.bfloat16),
+        lambda: torch.arange(24, dtype=torch.float32).to(torch.float8_e5m2).reshape(4, 6).T,
         lambda: torch.arange(24, dtype=torch.int8),
         lambda: torch.tensor(3.5),
         lambda: torch.zeros(0, 4),
         lambda: torch.ones(3, requires_grad=True),
     ],
-    ids=["float32", "transposed", "bfloat16", "int8", "zero_d", "empty", "requires_grad"],
+    ids=["float32", "transposed", "bfloat16", "float8_e5m2_transposed", "int8", "zero_d", "empty", "requires_grad"],
 )
 def test_torch_round_trips(registered, make):
     t = make()

@@ -10,6 +10,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import tenso.ray  # noqa: E402
+from tenso.cache import PINS  # noqa: E402
 from tenso.ray_cache import NODE_CACHE_ENV  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -154,6 +155,35 @@ def test_full_pool_never_evicts_views_in_use(cache):
     assert stats["used_bytes"] + stats["free_bytes"] == stats["data_region_size"]
 
 
+@pytest.mark.skipif(not PINS, reason="the native pool of this build has no pins (tenso-shm pin table)")
+def test_a_long_job_reads_ten_times_the_pool_and_keeps_hitting(cache):
+    from tenso import ray_cache
+
+    before = ray_cache.cache_stats()
+    room = cache.stats["data_region_size"]
+    item = 1 << 20
+    held = {}  # views still in use: never invalidated by the evictions around them
+    n = 0
+    while n * item < 10 * room:
+        value = np.full(item // 8, float(n))
+        ref = ray.put(value)
+        got = tenso.ray.cached_get(ref)  # miss: stored (evicting unpinned entries)
+        assert float(got[0]) == float(n)
+        assert float(tenso.ray.cached_get(ref)[-1]) == float(n)  # hit
+        if n % 25 == 0:
+            held[n] = got
+        del got, ref
+        for k, view in held.items():
+            assert float(view[0]) == float(k) and float(view[-1]) == float(k)
+        n += 1
+    after = ray_cache.cache_stats()
+    assert after["fallbacks"] == before["fallbacks"]  # unpinned space was always there: never fell back
+    assert after["hits"] - before["hits"] == n and after["misses"] - before["misses"] == n
+    assert after["evictions"] > before["evictions"]
+    assert after["used_bytes"] <= after["data_region_size"]
+    assert after["used_bytes"] + after["free_bytes"] == after["data_region_size"]
+
+
 @needs_torch
 def test_torch_tensors_and_state_dicts(cache):
     t = torch.arange(100_000, dtype=torch.float32)
@@ -176,7 +206,7 @@ def test_torch_tensors_and_state_dicts(cache):
 
 
 def test_pools_of_dead_sessions_are_swept(cluster):
-    stale = "/dev/shm/tenso_ray_999999999_0123456789abcdef"  # pid above pid_max: never alive
+    stale = "/dev/shm/tenso_ray_999999999_0123456789abcdef"  # tenso-ray 0.x's naming; pid above pid_max: never alive
     with open(stale, "wb") as f:
         f.write(b"left by a session whose raylet died")
     current = f"/dev/shm/{tenso.ray.node_cache().name}"
@@ -192,11 +222,12 @@ def test_pools_of_dead_sessions_are_swept(cluster):
             os.unlink(stale)
 
 
-def test_the_pool_belongs_to_the_raylet(cluster):
+def test_one_pool_per_job_and_node(cluster):
     cache = tenso.ray.node_cache()
     assert cache is tenso.ray.node_cache()  # one handle per process
     name = cache.name
-    assert name.startswith("tenso_ray_") and os.path.exists(f"/dev/shm/{name}")
+    job = ray.get_runtime_context().get_job_id()
+    assert name.startswith(f"tenso_node_ray-{job}-") and os.path.exists(f"/dev/shm/{name}")
     assert oct(os.stat(f"/dev/shm/{name}").st_mode & 0o777) == "0o600"
 
     @ray.remote
@@ -216,7 +247,7 @@ def test_a_pool_owned_by_another_user_falls_back_to_ray_get(cluster, monkeypatch
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "tenso_ray_x")
 
-    monkeypatch.setattr(rc, "TensoCache", denied)
+    monkeypatch.setattr(rc.nodecache, "attach", denied)
     monkeypatch.setattr(rc, "_cache", None)
     monkeypatch.setattr(rc, "_cache_node", None)
     monkeypatch.setattr(rc, "_denied_node", None)
@@ -228,3 +259,126 @@ def test_a_pool_owned_by_another_user_falls_back_to_ray_get(cluster, monkeypatch
     # Decided once per connection: no second warning, no second attempt.
     np.testing.assert_array_equal(tenso.ray.cached_get(ray.put(a)), a)
     assert tenso.ray.node_cache() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pool lifetime on a two-node cluster (one machine): scripts in their own interpreter, each with its own cluster.
+# ---------------------------------------------------------------------------------------------------------------
+_JOB = r"""
+import json, os, sys
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+import tenso.ray
+
+ray.init(address=sys.argv[1], runtime_env=tenso.ray.runtime_env(node_cache="8MB"), logging_level="ERROR",
+         log_to_driver=False)
+first = sys.argv[2] == "driver-first"
+if first:  # the driver creates its node's pool: the runtime_env's size applies to it as well
+    assert tenso.ray.node_cache().stats["pool_size"] == 8 << 20
+
+@ray.remote(num_cpus=0.1)
+def read(refs):
+    import tenso.ray as tr
+    v = tr.cached_get(refs[0])
+    c = tr.node_cache()
+    return c.name, c.stats["pool_size"], float(v.sum()), tr.cached_get(refs[0]).flags.writeable
+
+ref = ray.put(np.arange(1 << 17, dtype=np.float64))
+nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+out = ray.get([read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote([ref])
+               for n in nodes])
+print(json.dumps({"job": ray.get_runtime_context().get_job_id(), "reads": out}), flush=True)
+"""
+
+_CLUSTER = r"""
+import json, os, subprocess, sys, time
+import numpy as np
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+def entries(names):  # these pools and the links of the processes using them
+    return sorted(e for e in os.listdir("/dev/shm") if e.split(".")[0] in names)
+
+def pools(names):
+    return [e for e in entries(names) if "." not in e]
+
+def wait_until(cond, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return cond()
+
+result = {}
+cluster = Cluster()
+cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+worker = cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+cluster.wait_for_nodes()
+try:
+    # Job 1, its own driver process: tasks create the pools (worker-first on both nodes); then the job ends.
+    job = subprocess.run([sys.executable, "-c", sys.argv[1], cluster.address, "workers-first"],
+                         capture_output=True, text=True, timeout=240)
+    assert job.returncode == 0, job.stderr[-3000:]
+    first = json.loads(job.stdout.strip().splitlines()[-1])
+    result["job1_reads"] = first["reads"]
+    job1 = {read[0] for read in first["reads"]}
+    result["job1_left"] = entries(job1) if not wait_until(lambda: not entries(job1)) else []
+
+    # Job 2, driver in this process and first on its node.
+    job = subprocess.run([sys.executable, "-c", sys.argv[1], cluster.address, "driver-first"],
+                         capture_output=True, text=True, timeout=240)
+    assert job.returncode == 0, job.stderr[-3000:]
+    result["job2_reads"] = json.loads(job.stdout.strip().splitlines()[-1])["reads"]
+
+    # Job 3 keeps running while a node goes away.
+    import tenso.ray
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+
+    @ray.remote(num_cpus=0.1)
+    def read(refs):
+        import tenso.ray as tr
+        tr.cached_get(refs[0])
+        return tr.node_cache().name
+
+    ref = ray.put(np.ones(1 << 17))
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    names = ray.get([read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote([ref])
+                     for n in sorted(nodes)])
+    result["job3_names"] = names
+    job3 = set(names)
+    result["job3_before"] = pools(job3)
+    worker_id = worker.node_id
+    worker_pool = names[sorted(nodes).index(worker_id)]
+    cluster.remove_node(worker)
+    result["removed_gone"] = wait_until(lambda: not entries({worker_pool}))
+    result["job3_after_remove"] = pools(job3)
+    ray.shutdown()
+finally:
+    cluster.shutdown()
+job3 = set(result.get("job3_names", ()))
+result["job3_after_shutdown"] = entries(job3) if not wait_until(lambda: not entries(job3)) else []
+print(json.dumps(result), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_each_reads_through_its_own_pool_and_nothing_is_left():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _CLUSTER, _JOB], capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    expected = float(np.arange(1 << 17, dtype=np.float64).sum())
+    for job in ("job1_reads", "job2_reads"):
+        names = [read[0] for read in r[job]]
+        assert len(r[job]) == 2 and len(set(names)) == 2, r  # one pool per node
+        assert all(read[1] == 8 << 20 for read in r[job]), r  # runtime_env(node_cache=) sized each, whoever came first
+        assert all(read[2] == expected and read[3] is False for read in r[job]), r
+    assert r["job1_left"] == []  # the job ended: its pools went, on both nodes, though workers created them
+    assert len(set(r["job3_names"])) == 2 and sorted(r["job3_names"]) == r["job3_before"]
+    assert r["removed_gone"] and len(r["job3_after_remove"]) == 1  # the removed node's pool went with it
+    assert r["job3_after_shutdown"] == []

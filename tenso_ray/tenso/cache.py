@@ -36,14 +36,13 @@ Guarantees across processes:
 
 from __future__ import annotations
 
-import os
-import secrets
 from typing import Any, Optional
 
 import numpy as np
 
 from . import tenso_rs as _rs
-from .gpu import _to_host
+from .frameworks import from_host, map_arrays, to_host
+from .shm import generated_name, unlink_name
 
 __all__ = ["TensoCache"]
 
@@ -54,7 +53,7 @@ _SUFFIXES = {
 _QDTYPES = ("qint8", "quint8", "qint4", "quint4")
 
 
-def _parse_size(size: Any) -> int:
+def parse_size(size: Any) -> int:
     """``'256MB'``, ``'1.5GB'``, ``'64K'`` or an int, in bytes (binary multiples, as tenso 0.24.0)."""
     if isinstance(size, bool):
         raise TypeError("max_memory must be a size, not a bool")
@@ -67,48 +66,27 @@ def _parse_size(size: Any) -> int:
     return int(text)
 
 
+_parse_size = parse_size  # the name other modules of the package used before parse_size was public
+
+#: Whether this build's pool can pin zero-copy results (``get(..., pin=True)``; see :meth:`TensoCache.get`).
+PINS = "pin" in (getattr(_rs._Pool.get, "__text_signature__", None) or "")
+
+
 def _to_numpy(tensor: Any) -> Any:
-    """Host NumPy for torch / JAX / CuPy tensors (bfloat16 through ml_dtypes); anything else passes through."""
-    if isinstance(tensor, (np.ndarray, np.generic, dict)):
-        return tensor
-    module = type(tensor).__module__.split(".", 1)[0]
-    if module in ("torch", "cupy", "jax", "jaxlib"):
-        return _to_host(tensor)
-    return tensor
+    """Host NumPy for torch / JAX / CuPy tensors and dicts of them (see :func:`tenso.frameworks.to_host`)."""
+    if isinstance(tensor, dict):
+        return map_arrays(tensor, to_host, tensors=True)
+    return to_host(tensor)
 
 
-def _to_device(value: Any, device: str) -> Any:
-    """Convert a host value to ``framework[:spec]`` ("torch", "torch:cuda:0", "jax", "jax:1", "cupy:0")."""
-    framework, _, spec = device.partition(":")
-    framework = framework.lower()
+def _to_device(value: Any, device: str, zero_copy: bool = False) -> Any:
+    """A host value (ndarray or dict of them) on ``device`` ("torch", "torch:cuda:0", "jax", "jax:1", "cupy:0").
+
+    ``zero_copy=True`` lets CPU targets share ``value``'s memory (for a copy the caller owns).
+    """
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if framework == "torch":
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError("device='torch' needs PyTorch: pip install 'tenso-ray[torch]'") from e
-        tensor = torch.from_numpy(value)
-        return tensor.to(spec) if spec else tensor
-    if framework == "jax":
-        try:
-            import jax
-            import jax.numpy as jnp
-        except ImportError as e:
-            raise ImportError("device='jax' needs JAX: pip install 'tenso-ray[jax]'") from e
-        if spec:
-            return jax.device_put(jnp.asarray(value), jax.devices()[int(spec)])
-        return jnp.asarray(value)
-    if framework == "cupy":
-        try:
-            import cupy
-        except ImportError as e:
-            raise ImportError("device='cupy' needs CuPy: pip install 'tenso-ray[cupy]' (or cupy-cudaXXx)") from e
-        if spec:
-            with cupy.cuda.Device(int(spec)):
-                return cupy.asarray(value)
-        return cupy.asarray(value)
-    raise ValueError(f"Unsupported device framework: {framework!r}. Supported: 'torch', 'jax', 'cupy'.")
+        return map_arrays(value, lambda array: from_host(array, device, zero_copy))
+    return from_host(value, device, zero_copy)
 
 
 class TensoCache:
@@ -135,7 +113,11 @@ class TensoCache:
         Pool size (``'256MB'``, ``'1GB'`` or bytes); all of it is reserved and
         pre-faulted at creation. Ignored when ``create=False``.
     name : str, optional
-        Segment name (``[A-Za-z0-9._-]``, up to 200 characters). Generated if None.
+        Segment name (``[A-Za-z0-9._-]``, up to 200 characters). Generated if None,
+        and then the pool is removed when this process exits (at exit, or after a
+        ``SIGKILL`` by the next process that sweeps); a pool you named lives until
+        :meth:`unlink`. See :mod:`tenso.shm` for the rule. A ``TensoCache`` pickles by
+        name: unpickling opens the same pool (``create=False``).
     create : bool
         Create a new pool (``FileExistsError`` if the name exists) or open one
         (``FileNotFoundError`` if it does not).
@@ -157,8 +139,8 @@ class TensoCache:
         self._owns = create
         if create:
             if name is None:
-                name = f"tenso_cache_{os.getpid()}_{secrets.token_hex(6)}"
-            self._pool = _rs._Pool.create(name, _parse_size(max_memory), max_entries, mode)
+                name = generated_name("tenso_cache")
+            self._pool = _rs._Pool.create(name, parse_size(max_memory), max_entries, mode)
         else:
             if name is None:
                 raise ValueError("name is required to open an existing TensoCache (create=False)")
@@ -169,7 +151,15 @@ class TensoCache:
     def name(self) -> str:
         return self._pool.name
 
-    def put(self, key: str, tensor: Any, ttl: Optional[float] = None, quantize: Optional[str] = None) -> int:
+    def put(
+        self,
+        key: str,
+        tensor: Any,
+        ttl: Optional[float] = None,
+        quantize: Optional[str] = None,
+        *,
+        evict: bool = True,
+    ) -> int:
         """Store a tensor; returns the bytes written (the packet size).
 
         ``tensor`` may be an ndarray, a dict of them, a sparse matrix, a
@@ -179,7 +169,8 @@ class TensoCache:
 
         Raises ``ValueError`` if the key exceeds 128 bytes of UTF-8, and
         :class:`tenso.TensoCacheFullError` (a ``MemoryError``) if the pool cannot
-        make room even after evicting every other entry.
+        make room even after evicting every other entry. ``evict=False`` never evicts:
+        it raises ``TensoCacheFullError`` when the free space does not hold the packet.
         """
         self._check_open()
         if len(key.encode("utf-8")) > 128:
@@ -191,9 +182,11 @@ class TensoCache:
             from .quantize import QuantizedTensor
 
             tensor = QuantizedTensor.quantize(np.asarray(tensor, dtype=np.float32), quantize)
-        return self._pool.put(key, tensor, ttl)
+        return self._pool.put(key, tensor, ttl, evict)
 
-    def get(self, key: str, copy: bool = False, device: Optional[str] = None) -> Optional[Any]:
+    def get(
+        self, key: str, copy: bool = False, device: Optional[str] = None, *, pin: bool = False
+    ) -> Optional[Any]:
         """Retrieve a tensor; None if the key is missing or expired.
 
         By default the result is a read-only zero-copy view of the pool (see the
@@ -201,13 +194,25 @@ class TensoCache:
         writeable copy. ``device`` ("torch", "torch:cuda:0", "jax", "cupy:0")
         converts the value with that framework (implies a copy); ImportError names
         the extra to install when the framework is missing.
+
+        ``pin=True`` (zero-copy reads only, where :data:`PINS`): the entry is pinned
+        until the last view of the result is garbage-collected (or its process dies),
+        and eviction passes it over. Without pin support it is a plain read.
         """
         if device is None:
+            if pin and not copy and PINS:
+                return self._pool.get(key, False, pin=True)  # type: ignore[call-arg,unused-ignore]
             return self._pool.get(key, copy)
         value = self._pool.get(key, True)
         if value is None:
             return None
-        return _to_device(value, device)
+        return _to_device(value, device, zero_copy=True)  # our own copy: converted without a second one
+
+    def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
+        """:meth:`get` of several keys in one call (None for each missing one)."""
+        if pin and not copy and PINS:
+            return self._pool.get_many(list(keys), False, pin=True)  # type: ignore[call-arg,unused-ignore]
+        return self._pool.get_many(list(keys), copy)
 
     def delete(self, key: str) -> bool:
         """Delete an entry; True if the key was there."""
@@ -250,6 +255,11 @@ class TensoCache:
             self._pool.unlink()
         except FileNotFoundError:
             pass
+        unlink_name(self.name)  # already gone: only forgets the name's exit-time removal
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # By name (same host): the receiver opens the pool; its handle never unlinks it on close or `with` exit.
+        return (TensoCache, ("256MB", self.name, False))
 
     # Same-host hand-offs of raw memory outside the cache's keys.
     def lease(self, nbytes: int) -> tuple:

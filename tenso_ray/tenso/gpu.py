@@ -1,84 +1,108 @@
-"""Move tenso packets between streams and device tensors (CuPy or PyTorch).
+"""Move tenso packets between streams and CUDA device tensors (CuPy, PyTorch or JAX).
 
-:func:`read_to_device` reads one packet with :func:`tenso.read_stream` (straight
-into an aligned host buffer) and copies its arrays to the device;
-:func:`write_from_device` copies a device tensor to host memory and writes it
-with :func:`tenso.write_stream`. CuPy is preferred when both are installed for
-reading; writing dispatches on the tensor's own type. With PyTorch but no CUDA
-device, :func:`read_to_device` returns CPU tensors, so the same code runs on
-machines without a GPU.
+:func:`read_to_device` reads one packet with :func:`tenso.read_stream` (straight into an aligned host buffer) and
+copies its arrays to a CUDA device; :func:`write_from_device` copies a device tensor to host memory and writes it
+with :func:`tenso.write_stream`. Both convert through :mod:`tenso.frameworks`, so every dtype (bfloat16 and float8
+included) is handled as everywhere else in tenso.
 
-Neither framework is imported until a function needs it. Without either,
-:func:`read_to_device` raises ImportError naming the ``tenso-ray[torch]`` extra.
+These functions need a CUDA GPU. Without one they raise RuntimeError saying what is missing (no NVIDIA driver, no
+device, or a framework built without CUDA) instead of quietly handing back CPU tensors; :func:`available` asks first.
+For CPU tensors use :func:`tenso.frameworks.from_host` / :func:`tenso.frameworks.to_host` with
+:func:`tenso.read_stream` / :func:`tenso.write_stream`.
+
+Importing this module imports no framework and needs no CUDA; each function imports the framework it uses. The
+copies currently go through pageable host memory (pinned staging and DLPack are issue #13).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import ctypes
+import ctypes.util
+import functools
+import importlib.util
+import os
+import sys
+from typing import Any, Optional
 
 import numpy as np
 
 from .core import read_stream, write_stream
+from .frameworks import check_device, from_host, map_arrays, to_host
 
-__all__ = ["read_to_device", "write_from_device"]
+__all__ = ["available", "read_to_device", "write_from_device"]
 
-_MISSING = (
-    "tenso.gpu needs CuPy or PyTorch; install one, e.g. pip install 'tenso-ray[torch]' "
-    "(or a cupy-cuda* wheel)"
-)
+_FRAMEWORKS = ("cupy", "torch", "jax")
 
 
-def _cupy_module() -> Optional[Any]:
+def _driver_library() -> str:
+    if sys.platform == "win32":
+        return "nvcuda.dll"
+    return "libcuda.so.1"
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_problem() -> Optional[str]:
+    """Why no CUDA device can be used here, or None when the driver reports at least one."""
+    if sys.platform == "darwin":
+        return "CUDA does not run on macOS"
+    name = _driver_library()
     try:
-        import cupy
-    except ImportError:
-        return None
-    return cupy
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return f"the NVIDIA driver library ({name}) was not found: no NVIDIA driver is installed"
+    status = lib.cuInit(0)
+    if status != 0:
+        return f"the NVIDIA driver failed to start (cuInit returned CUDA error {status})"
+    count = ctypes.c_int(0)
+    status = lib.cuDeviceGetCount(ctypes.byref(count))
+    if status != 0:
+        return f"the NVIDIA driver could not count devices (CUDA error {status})"
+    if count.value == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        return f"the NVIDIA driver reports no CUDA device{hint}"
+    return None
 
 
-def _torch_module() -> Optional[Any]:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+def available() -> bool:
+    """Whether a CUDA GPU can be used here: the NVIDIA driver loads and reports at least one device.
+
+    Asks the driver directly (``libcuda``), imports no framework, and caches the answer for the process. A framework
+    may still lack CUDA support (a CPU-only PyTorch build): the transfer functions then say so.
+    """
+    return _cuda_problem() is None
 
 
-def _to_device_converter(device_id: int) -> Callable[[np.ndarray], Any]:
-    """Pick the framework and return a function copying a host array to ``device_id``."""
-    cupy = _cupy_module()
-    if cupy is not None:
-        def to_cupy(array: np.ndarray) -> Any:
-            with cupy.cuda.Device(device_id):
-                return cupy.asarray(array)
-        return to_cupy
-    torch = _torch_module()
-    if torch is not None:
-        device = torch.device("cuda", device_id) if torch.cuda.is_available() else torch.device("cpu")
-
-        def to_torch(array: np.ndarray) -> Any:
-            if not array.flags.writeable:
-                # torch.from_numpy warns on read-only memory; it would share it.
-                array = array.copy()
-            tensor = torch.from_numpy(array)
-            return tensor.to(device) if device.type != "cpu" else tensor
-        return to_torch
-    raise ImportError(_MISSING)
+def _require_cuda(what: str) -> None:
+    problem = _cuda_problem()
+    if problem is not None:
+        raise RuntimeError(f"tenso.gpu.{what} needs a CUDA GPU: {problem}")
 
 
-def _map_arrays(obj: Any, convert: Callable[[np.ndarray], Any]) -> Any:
-    if isinstance(obj, np.ndarray):
-        return convert(obj)
-    if isinstance(obj, dict):
-        return {key: _map_arrays(value, convert) for key, value in obj.items()}
-    raise TypeError(
-        "read_to_device supports dense arrays and bundles of them; the packet holds a "
-        f"{type(obj).__name__} (use tenso.read_stream for it)"
+def _pick_framework(framework: Optional[str]) -> str:
+    if framework is not None:
+        name = framework.lower()
+        if name not in _FRAMEWORKS:
+            raise ValueError(f"framework must be one of {_FRAMEWORKS} or None, got {framework!r}")
+        return name
+    for name in _FRAMEWORKS:  # CuPy first: installed only where CUDA is, it is what the caller meant
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise ImportError(
+        "tenso.gpu.read_to_device needs CuPy, PyTorch or JAX; install one, e.g. pip install 'tenso-ray[torch]'"
     )
 
 
-def read_to_device(source: Any, device_id: int = 0) -> Any:
-    """Read one packet from a stream and place its arrays on a device.
+def _device(framework: str, device_id: int) -> str:
+    if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+        raise ValueError(f"device_id must be a CUDA device index (an int >= 0), got {device_id!r}")
+    if framework == "cupy":
+        return f"cupy:{device_id}"
+    return f"{framework}:cuda:{device_id}"
+
+
+def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = None) -> Any:
+    """Read one packet from a stream and place its arrays on a CUDA device.
 
     Parameters
     ----------
@@ -86,59 +110,42 @@ def read_to_device(source: Any, device_id: int = 0) -> Any:
         A file-like or socket-like object, as for :func:`tenso.read_stream`.
     device_id : int, default 0
         Index of the target CUDA device.
+    framework : {"cupy", "torch", "jax"}, optional
+        The tensor type to return; by default the first installed of CuPy, PyTorch, JAX.
 
     Returns
     -------
     Any
-        A ``cupy.ndarray`` (CuPy installed) or a ``torch.Tensor`` (on
-        ``cuda:device_id``, or on the CPU when PyTorch sees no CUDA device);
-        a dict of them for a bundle; None if the stream ended before any byte.
+        A ``cupy.ndarray``, ``torch.Tensor`` (on ``cuda:device_id``) or ``jax.Array``; a dict of them for a
+        bundle; None if the stream ended before any byte.
 
     Raises
     ------
+    RuntimeError
+        If no CUDA device can be used (no driver, no device, or a framework built without CUDA); checked before
+        reading, so the stream is untouched.
     ImportError
-        If neither CuPy nor PyTorch is installed (checked before reading).
+        If the framework is not installed (the message names the extra); checked before reading.
     TypeError
-        If the packet holds a sparse matrix, quantized or string tensor
-        (the packet has then been consumed).
+        If the packet holds a sparse matrix, quantized or string tensor (the packet has then been consumed).
     tenso.TensoFormatError, tenso.TensoIntegrityError
         If the packet is invalid (both are ``ValueError``).
     tenso.TensoTruncatedError
         If the stream ends inside the packet (an ``EOFError``).
     """
-    convert = _to_device_converter(device_id)
+    _require_cuda("read_to_device")
+    device = _device(_pick_framework(framework), device_id)
+    check_device(device)  # the framework and its CUDA support, before the stream is consumed
     obj = read_stream(source)
     if obj is None:
         return None
-    return _map_arrays(obj, convert)
-
-
-def _to_host(tensor: Any) -> Any:
-    """Copy a CuPy or PyTorch tensor (or bundle of them) to host NumPy arrays."""
-    if isinstance(tensor, dict):
-        return {key: _to_host(value) for key, value in tensor.items()}
-    if isinstance(tensor, np.ndarray):
-        return tensor
-    module = type(tensor).__module__ or ""
-    if module.startswith("cupy"):
-        return tensor.get()
-    if module.startswith("torch"):
-        import torch
-
-        host = tensor.detach().resolve_conj().resolve_neg().cpu()
-        if host.dtype == torch.bfloat16:
-            try:
-                import ml_dtypes
-            except ImportError as exc:
-                raise ImportError(
-                    "writing a bfloat16 tensor needs ml_dtypes: pip install 'tenso-ray[bfloat16]'"
-                ) from exc
-            return host.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return host.numpy()
-    if hasattr(tensor, "__array__"):
-        # JAX and other array libraries copy device memory to host on __array__.
-        return np.asarray(tensor)
-    raise TypeError(f"write_from_device does not know how to copy a {type(tensor).__name__} to host memory")
+    if not isinstance(obj, (np.ndarray, dict)):
+        raise TypeError(
+            "read_to_device supports dense arrays and bundles of them; the packet holds a "
+            f"{type(obj).__name__} (use tenso.read_stream for it)"
+        )
+    # The freshly read host buffer is only read by the host-to-device copy: no second host copy.
+    return map_arrays(obj, lambda array: from_host(array, device, zero_copy=True))
 
 
 def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> int:
@@ -147,8 +154,7 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
     Parameters
     ----------
     tensor : Any
-        A ``cupy.ndarray``, a ``torch.Tensor`` (any device), an object with
-        ``__array__`` (e.g. a JAX array), a NumPy array, or a dict of them.
+        A ``cupy.ndarray``, ``torch.Tensor`` or ``jax.Array`` (any device), a NumPy array, or a dict of them.
     dest : Any
         A socket-like (``sendall``) or file-like (``write``) destination.
     check_integrity : bool, default False
@@ -161,9 +167,13 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
 
     Raises
     ------
+    RuntimeError
+        If no CUDA device can be used here (the message says what is missing).
     TypeError
         If the tensor type is not supported.
     ImportError
-        If a bfloat16 torch tensor is written without ``ml_dtypes``.
+        If a bfloat16/float8 torch tensor is written without ``ml_dtypes``.
     """
-    return write_stream(_to_host(tensor), dest, check_integrity=check_integrity)
+    _require_cuda("write_from_device")
+    host = map_arrays(tensor, to_host, tensors=True)
+    return write_stream(host, dest, check_integrity=check_integrity)

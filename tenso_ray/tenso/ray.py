@@ -60,12 +60,11 @@ import json
 import os
 import pickle
 import time
-import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .tenso_rs import _owned_copy
+from .frameworks import from_host, to_host, torch_bytes, torch_from_bytes
 
 try:
     import ray
@@ -131,9 +130,10 @@ def _reduce_ndarray(a: np.ndarray) -> Any:
     if dtype.hasobject:
         # Python objects cannot go out of band; NumPy's reduction contains no ndarray instance, so no recursion.
         return a.__reduce_ex__(5)
-    if dtype.kind not in _BUILTIN_KINDS:
+    if dtype.kind not in _BUILTIN_KINDS or dtype.isbuiltin == 2:
         # ml_dtypes (bfloat16, float8...), datetimes and structured dtypes expose no buffer of their own: send the
-        # bytes and the dtype object.
+        # bytes and the dtype object. (Some ml_dtypes claim a builtin kind -- float8_e5m2 is 'f', complex32 'c' --
+        # but are user-defined types, isbuiltin == 2, whose ``dtype.str`` NumPy cannot parse back.)
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)  # the one gather copy
         return _rebuild_bytes, (_buffer(a.reshape(-1).view(np.uint8)), dtype, a.shape)
@@ -215,20 +215,9 @@ def _rebuild_ndarray(buf: Any, descr: Any, shape: tuple[int, ...], order: str) -
 # torch
 # ---------------------------------------------------------------------------------------------------------------
 def _torch_body(t: Any) -> tuple[Any, str, tuple[int, ...], str]:
-    import torch
-
-    t = t.detach().resolve_conj().resolve_neg()  # both are no-ops unless a lazy conjugate/negation bit is set
     device = str(t.device)
-    if t.device.type != "cpu":
-        t = t.to("cpu")  # staged through host memory (one device-to-host copy)
-    shape = tuple(t.shape)
-    flat = t.contiguous().reshape(-1)  # no copy when already contiguous
-    dtype = str(flat.dtype).removeprefix("torch.")
-    if flat.numel() == 0:
-        body = np.empty(0, np.uint8)
-    else:
-        body = flat.view(torch.uint8).numpy()
-    return _buffer(body), dtype, shape, device
+    body = torch_bytes(t)  # a view of a contiguous CPU tensor; else one gather or device-to-host copy
+    return _buffer(body), str(t.dtype).removeprefix("torch."), tuple(t.shape), device
 
 
 def _reduce_tensor(t: Any) -> Any:
@@ -263,21 +252,9 @@ def _reduce_parameter(p: Any) -> Any:
 
 
 def _tensor_from(buf: Any, dtype: str, shape: tuple[int, ...], device: str, zero_copy: bool) -> Any:
-    import torch
-
-    tdtype = getattr(torch, dtype)
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    if not raw.size:
-        return torch.empty(shape, dtype=tdtype, device=device)
-    if device != "cpu" or zero_copy:
-        with warnings.catch_warnings():
-            # torch warns that the buffer is read-only. Zero-copy mode documents that writes reach the stored object;
-            # for a device tensor the view is only read, by the one host-to-device copy.
-            warnings.simplefilter("ignore", UserWarning)
-            view = torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
-        return view.to(device) if device != "cpu" else view
-    # Safe mode: exactly one copy, into fresh memory the tensor owns (huge pages, several threads, no GIL).
-    return torch.from_numpy(_owned_copy(raw)).view(tdtype).reshape(shape)
+    # Safe mode: exactly one copy, into fresh memory the tensor owns. Zero-copy mode documents that writes reach the
+    # stored object; for a device tensor the view is only read, by the one host-to-device copy.
+    return torch_from_bytes(buf, dtype, shape, device, zero_copy)
 
 
 def _rebuild_tensor(
@@ -301,15 +278,12 @@ def _rebuild_parameter(buf: Any, dtype: str, shape: tuple[int, ...], device: str
 # JAX
 # ---------------------------------------------------------------------------------------------------------------
 def _reduce_jax(x: Any) -> Any:
-    host = np.asarray(x)
-    buf_reduce = _reduce_ndarray(host)
+    buf_reduce = _reduce_ndarray(to_host(x))
     return _rebuild_jax, (buf_reduce[0], buf_reduce[1])
 
 
 def _rebuild_jax(rebuild: Callable[..., np.ndarray], args: tuple[Any, ...]) -> Any:
-    import jax.numpy as jnp
-
-    return jnp.asarray(rebuild(*args))
+    return from_host(rebuild(*args), "jax")
 
 
 # ---------------------------------------------------------------------------------------------------------------

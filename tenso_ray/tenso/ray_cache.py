@@ -19,19 +19,22 @@ When it applies (``benchmarks/bench_ray_cache.py``; figures in ``integrations/ra
   objects under 100 KiB in the owner's memory) and values the codec cannot encode (arbitrary Python objects) are
   returned from ``ray.get`` as they are, uncached.
 
-Lifetime and safety:
+The pool is a :mod:`tenso.nodecache` pool (this module is the Ray adapter over that service). Lifetime and safety:
 
-* Entries are never evicted: a put that does not fit into the free space is skipped (the value comes from
-  ``ray.get`` instead), so a view handed out stays valid for as long as the pool exists. Free an entry with
-  :func:`uncache` once no task still reads it, or the whole pool with :func:`drop_node_cache`.
-* The pool is named after the node's raylet (``tenso_ray_<raylet pid>_<hash of its socket>``). The driver unlinks
-  its own node's pool when it exits; a pool whose raylet has died is unlinked by the next process that creates a
-  node cache on that host. Other processes keep their mappings until they exit, and a worker that had the pool
-  open keeps using it after :func:`drop_node_cache` (meant for the end of a job), while new processes get a new one.
-* Its size is fixed when the first process on the node creates it: ``max_memory`` of :func:`node_cache`, else the
-  ``TENSO_RAY_NODE_CACHE`` environment variable (``runtime_env(node_cache="2GB")`` sets it for workers), else
-  1 GiB, capped at half of the free space of ``/dev/shm``. All of it is reserved at creation, and every process
-  that opens the pool maps all of it.
+* Long jobs: a put that needs room evicts the least recently used entries that no live view pins (every value
+  ``cached_get`` hands out pins its entries until it is garbage-collected, or its process dies), so a job that
+  reads many more objects than the pool holds keeps hitting, and a view handed out is never overwritten. Only
+  when pinned entries fill the pool does a value come from ``ray.get`` uncached (a *fallback*). Counters:
+  :func:`cache_stats`. (Where the native pool has no pins, puts never evict instead.)
+* One pool per job and node (``/dev/shm/tenso_node_ray-<job id>-<hash of the raylet's socket>``). It is removed
+  when the job ends, whichever process created it, on every node: when the last of the job's processes on the
+  node that used it exits (the driver at exit; workers when Ray ends them), or when the node's raylet dies (a
+  removed node, ``ray.shutdown()`` of a local cluster). Processes that have it open keep their mappings until they
+  exit; :func:`drop_node_cache` unlinks it at once.
+* Its size is fixed when the first process on the node creates it, driver or worker alike: ``max_memory`` of
+  :func:`node_cache`, else ``TENSO_RAY_NODE_CACHE`` from the job's runtime_env (``runtime_env(node_cache="2GB")``)
+  or the process's environment, else 1 GiB, capped at half of the free space of ``/dev/shm``. All of it is
+  reserved at creation, and every process that opens the pool maps all of it.
 * Results are read-only: numpy arrays have ``writeable=False``; torch tensors (``device="torch"``) share the pool's
   memory, so writing to one changes the cached object for every reader on the node. Pass ``copy=True`` for
   values you own. Dicts come back as plain ``dict`` (a torch ``state_dict``'s ``OrderedDict`` included).
@@ -40,41 +43,31 @@ Lifetime and safety:
 
 from __future__ import annotations
 
-import atexit
 import hashlib
-import json
 import os
-import re
 import threading
-import time
 import warnings
 from typing import Any, Optional
 
-import numpy as np
-
-from .cache import TensoCache, _parse_size, _to_device, _to_numpy
-from .errors import TensoCacheFullError
+from . import nodecache
+from .cache import TensoCache
 
 try:
     import ray
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("tenso.ray requires Ray; install it with: pip install 'tenso-ray[ray]'") from exc
 
-__all__ = ["cached_get", "node_cache", "uncache", "drop_node_cache", "NODE_CACHE_ENV"]
+__all__ = ["cached_get", "node_cache", "uncache", "drop_node_cache", "cache_stats", "NODE_CACHE_ENV"]
 
 #: Environment variable with the node cache's size (``"2GB"``, bytes), read by the process that creates it.
 NODE_CACHE_ENV = "TENSO_RAY_NODE_CACHE"
-_DEFAULT_SIZE = 1 << 30
 #: Values whose packet is smaller than this stay with ``ray.get`` by default: Ray keeps objects under 100 KiB in
 #: the owner's memory and inlines them into the task, so its get is already cheap there.
 MIN_BYTES = 64 * 1024
-_PREFIX = "tenso_ray_"
-_NAME = re.compile(r"^tenso_ray_(\d+)_[0-9a-f]{16}$")
-_SHM_DIR = "/dev/shm"
 
 _lock = threading.Lock()
 _cache: Optional[TensoCache] = None
-_cache_socket: Optional[str] = None
+_cache_scope: Optional[str] = None
 _cache_node: Any = None  # the ray Node object of the connection _cache belongs to
 _denied_node: Any = None  # a connection whose node pool this process may not open (another user's)
 _skip: set[str] = set()  # keys of objects this process found uncacheable (not encodable, or too small)
@@ -110,169 +103,59 @@ def _raylet_pid(node: Any, socket: str) -> Optional[int]:
     return None
 
 
-def _pool_name(node: Any) -> Optional[tuple[str, str]]:
+def _scope(node: Any) -> str:
+    """This job's scope on this node: the job id and a hash of the raylet's socket (unique per node)."""
     socket = str(node.raylet_socket_name)
-    pid = _raylet_pid(node, socket)
-    if pid is None:
-        return None
     digest = hashlib.sha256(socket.encode()).hexdigest()[:16]
-    return f"{_PREFIX}{pid}_{digest}", socket
+    return f"ray-{ray.get_runtime_context().get_job_id()}-{digest}"
 
 
-def _alive(pid: int) -> bool:
+def _size_setting() -> Any:
+    """``TENSO_RAY_NODE_CACHE`` from the job's runtime_env (``runtime_env(node_cache=)``; the driver's environment
+    does not have it, so it is read from the job), else from this process's environment."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _sweep() -> None:
-    """Unlink node caches whose raylet is gone (left by sessions that ended without their driver's atexit)."""
-    try:
-        names = os.listdir(_SHM_DIR)
-    except OSError:
-        return
-    for entry in names:
-        match = _NAME.match(entry)
-        if match and not _alive(int(match.group(1))):
-            _unlink_name(entry)
-
-
-def _default_size() -> int:
-    setting = os.environ.get(NODE_CACHE_ENV)
-    if setting:
-        return _parse_size(setting)
-    try:
-        st = os.statvfs(_SHM_DIR)
-        free = st.f_bavail * st.f_frsize
-    except OSError:
-        return _DEFAULT_SIZE
-    return max(min(_DEFAULT_SIZE, free // 2), 1 << 20)
-
-
-def _open(name: str, deadline: float) -> TensoCache:
-    # Another process may be creating it right now (its fallocate of the whole pool takes a moment): retry.
-    while True:
-        try:
-            return TensoCache(name=name, create=False)
-        except (FileNotFoundError, PermissionError):
-            raise
-        except (OSError, ValueError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
+        env_vars = ray.get_runtime_context().runtime_env.env_vars() or {}
+    except Exception:  # no job runtime_env, or an older Ray without it
+        env_vars = {}
+    return env_vars.get(NODE_CACHE_ENV) or os.environ.get(NODE_CACHE_ENV) or None
 
 
 def node_cache(max_memory: Any = None) -> Optional[TensoCache]:
     """This node's object-cache pool, opened (or created, sized by ``max_memory``) on first use.
 
-    Returns None where no pool can exist (not Linux, no local raylet as in a Ray Client session, or the raylet's pid
-    cannot be found). ``max_memory`` only matters to the process that creates the pool; the others open it at
-    whatever size it has.
+    Returns None where no pool can exist (not Linux, or no local raylet as in a Ray Client session).
+    ``max_memory`` only matters to the process that creates the pool; the others open it at whatever size it has.
     """
-    global _cache, _cache_socket, _cache_node, _denied_node
+    global _cache, _cache_scope, _cache_node, _denied_node
     node = _node()
     cache = _cache
     if cache is not None and node is _cache_node:  # the fast path: same connection as last time
         return cache
-    if node is None or node is _denied_node or not os.path.isdir(_SHM_DIR):
+    if node is None or node is _denied_node or not os.path.isdir(nodecache.SHM_DIR):
         return None
-    socket = str(node.raylet_socket_name)
+    scope = _scope(node)
     with _lock:
-        if _cache is not None and _cache_socket == socket:
+        if _cache is not None and _cache_scope == scope:
             _cache_node = node
             return _cache
-        named = _pool_name(node)
-        if named is None:
-            return None
-        name, socket = named
-        deadline = time.monotonic() + 10.0
+        size = nodecache.default_size(max_memory if max_memory is not None else _size_setting())
+        raylet = _raylet_pid(node, str(node.raylet_socket_name))
         try:
-            try:
-                cache = _open(name, deadline)
-            except FileNotFoundError:
-                _sweep()
-                size = _parse_size(max_memory) if max_memory is not None else _default_size()
-                try:
-                    cache = TensoCache(size, name=name, create=True)
-                    if ray._private.worker.global_worker.mode == ray._private.worker.SCRIPT_MODE:
-                        atexit.register(_unlink_name, name)
-                except FileExistsError:
-                    cache = _open(name, deadline)
+            # Owner: the raylet (a removed node, or a local cluster shut down, takes its pool along); users: the
+            # job's processes on the node (the job's end takes the pool along).
+            cache = nodecache.attach(scope, size=size, owner_pid=raylet or 0)
         except PermissionError as exc:
             # Another user's job on this host owns the pool (mode 0600): this process reads through Ray.
             warnings.warn(f"tenso.ray node cache unavailable, using ray.get: {exc}", RuntimeWarning, stacklevel=2)
             _denied_node = node
             return None
-        cache._owns = False  # a `with` block or close() in one process must not unlink everyone's pool
-        if _cache is not None:
-            _cache.close()
-        _cache, _cache_socket, _cache_node = cache, socket, node
+        _cache, _cache_scope, _cache_node = cache, scope, node
         _skip.clear()
         return cache
 
 
-def _unlink_name(name: str) -> None:
-    try:
-        os.unlink(os.path.join(_SHM_DIR, name))
-    except OSError:
-        pass
-
-
 def _key(ref: Any) -> str:
     return "ray:" + ref.hex()
-
-
-def _encodable(value: Any) -> Any:
-    """The value as the codec stores it (torch/JAX/CuPy tensors as host NumPy, dicts of them too), or None."""
-    if isinstance(value, dict):
-        if not value or not all(isinstance(k, str) for k in value):
-            return None
-        arrays = {k: _encodable_array(v) for k, v in value.items()}
-        return None if any(a is None for a in arrays.values()) else arrays
-    return _encodable_array(value)
-
-
-def _encodable_array(value: Any) -> Optional[np.ndarray]:
-    array = _to_numpy(value)
-    return array if isinstance(array, np.ndarray) and not array.dtype.hasobject else None
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, dict):
-        return sum(v.nbytes for v in value.values())
-    return int(value.nbytes)
-
-
-def _map(value: Any, fn: Any) -> Any:
-    return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
-
-
-def _torch_view(array: np.ndarray) -> Any:
-    """A torch tensor over ``array``'s memory (bfloat16 and float8 included), as the Ray plug-in builds its own."""
-    import torch
-
-    from .ray import _tensor_from
-
-    if not isinstance(getattr(torch, array.dtype.name, None), torch.dtype):
-        raise TypeError(f"device='torch' cannot hold dtype {array.dtype}; use device=None")
-    # The module docs say that these tensors share the pool's memory: zero-copy, writes included.
-    return _tensor_from(array.reshape(-1).view(np.uint8), array.dtype.name, array.shape, "cpu", True)
-
-
-def _deliver(value: Any, device: Optional[str], copy: bool) -> Any:
-    if device is None:
-        return _map(value, np.array) if copy else value
-    framework, _, spec = device.lower().partition(":")
-    if framework == "torch":
-        tensors = _map(value, _torch_view)  # zero-copy over the pool
-        if spec in ("", "cpu"):
-            return _map(tensors, lambda t: t.clone()) if copy else tensors
-        return _map(tensors, lambda t: t.to(spec))  # the one host-to-device copy
-    return _to_device(value, device)  # JAX and CuPy copy by construction
 
 
 def cached_get(
@@ -298,9 +181,9 @@ def cached_get(
         key = _key(ref)
         if cache is None or key in _skip:
             return ray.get(ref, timeout=timeout)
-        hit = _lookup(cache, key)
+        hit = nodecache.lookup(cache, key)
         if hit is not None:
-            return _deliver(hit, device, copy)
+            return nodecache.deliver(hit, device, copy)
         return _store(cache, key, ray.get(ref, timeout=timeout), device, copy, min_bytes)
     if not isinstance(ref, (list, tuple)):
         raise TypeError(f"cached_get expects a ray.ObjectRef or a list of them, got {type(ref).__name__}")
@@ -315,11 +198,11 @@ def cached_get(
     missing: list[int] = []
     for i, r in enumerate(refs):
         key = _key(r)
-        hit = None if key in _skip else _lookup(cache, key)
+        hit = None if key in _skip else nodecache.lookup(cache, key)
         if hit is None:
             missing.append(i)
         else:
-            results[i] = _deliver(hit, device, copy)
+            results[i] = nodecache.deliver(hit, device, copy)
     if missing:
         # One batched ray.get for every miss, as ray.get(list) would do.
         values = ray.get([refs[i] for i in missing], timeout=timeout)
@@ -328,81 +211,47 @@ def cached_get(
     return results
 
 
-# A dict is stored as one entry per array ("<key>/0", "<key>/1", ...) and, written last, a manifest under the key
-# itself: a bundle {"keys": JSON list of the dict's keys, as uint8}. One tenso bundle holding the arrays would place
-# most of them at unaligned offsets (the format packs keys between entries), and those must be copied on read.
-def _lookup(cache: TensoCache, key: str) -> Any:
-    hit = cache._pool.get(key, False)
-    if not isinstance(hit, dict):
-        return hit
-    names = json.loads(bytes(hit["keys"]))
-    parts = cache._pool.get_many([f"{key}/{i}" for i in range(len(names))], False)
-    if any(p is None for p in parts):  # uncached meanwhile
-        return None
-    return dict(zip(names, parts))
-
-
 def _store(cache: TensoCache, key: str, value: Any, device: Optional[str], copy: bool, min_bytes: int) -> Any:
     """Put a fetched value into the pool and hand out the pool's copy; the value itself where that cannot be."""
     if key in _skip:
         return value
-    stored = _encodable(value)
-    if stored is None or _nbytes(stored) < min_bytes:
+    stored = nodecache.encodable(value)
+    if stored is None or nodecache.nbytes(stored) < min_bytes:
         _skip.add(key)
         return value
-    pool = cache._pool
-    try:
-        if pool.info(key) is None:  # another process may have stored it while we fetched it
-            if isinstance(stored, dict):
-                written = 0
-                try:
-                    for i, array in enumerate(stored.values()):
-                        pool.put(f"{key}/{i}", array, None, False)
-                        written = i + 1
-                    names = np.frombuffer(json.dumps(list(stored)).encode(), np.uint8)
-                    pool.put(key, {"keys": names}, None, False)
-                except BaseException:
-                    for i in range(written):
-                        pool.delete(f"{key}/{i}")
-                    raise
-            else:
-                pool.put(key, stored, None, False)
-    except TensoCacheFullError:
-        return value  # no room without evicting entries that others may be reading: serve it from Ray
-    hit = _lookup(cache, key)
-    if hit is None:  # dropped meanwhile (uncache or drop_node_cache in another process)
+    hit = nodecache.store(cache, key, stored)
+    if hit is None:  # no room (pinned entries fill the pool), or dropped meanwhile: serve it from Ray
         return value
-    return _deliver(hit, device, copy)
+    return nodecache.deliver(hit, device, copy)
 
 
 def uncache(ref: Any) -> bool:
     """Free this node's cached copy of ``ref``; True if there was one.
 
-    Only call it once no task on the node still holds views of that object: their memory is reused by later
-    entries.
+    Views that tasks still hold keep their bytes where the pool pins them (see the module docs); elsewhere only
+    call it once no task on the node still reads that object.
     """
     cache = node_cache()
     key = _key(ref)
     _skip.discard(key)
     if cache is None:
         return False
-    manifest = cache._pool.get(key, True)
-    found = cache.delete(key)
-    if isinstance(manifest, dict):
-        for i in range(len(json.loads(bytes(manifest["keys"])))):
-            cache.delete(f"{key}/{i}")
-    return found
+    return nodecache.remove(cache, key)
+
+
+def cache_stats() -> dict[str, Any]:
+    """This node's pool counters (see :func:`tenso.nodecache.stats`): entries, usage and evictions for the whole
+    pool; hits, misses and fallbacks of this process. Empty where there is no pool."""
+    cache = node_cache()
+    return {} if cache is None else nodecache.stats(cache)
 
 
 def drop_node_cache() -> None:
     """Unlink this node's pool, if there is one (processes that have it open keep their mapping until they exit)."""
-    global _cache, _cache_socket, _cache_node
+    global _cache, _cache_scope, _cache_node
     node = _node()
     with _lock:
-        named = _pool_name(node) if node is not None and os.path.isdir(_SHM_DIR) else None
-        if named is not None:
-            _unlink_name(named[0])
-        if _cache is not None:
-            _cache.close()
-        _cache, _cache_socket, _cache_node = None, None, None
+        if node is not None and os.path.isdir(nodecache.SHM_DIR):
+            nodecache.drop(_scope(node))
+        _cache, _cache_scope, _cache_node = None, None, None
         _skip.clear()

@@ -5,7 +5,23 @@ the writer encodes straight into the segment, readers decode read-only views of 
 
 Unlike :mod:`multiprocessing.shared_memory`, segments are created and mapped by the
 native module (``shm_open`` + ``mmap``): no resource tracker unlinks a segment
-when some attached process exits. A segment lives until :meth:`TensoShm.unlink`.
+when some attached process exits.
+
+Lifetime (the same rule for :class:`TensoShm` and :class:`~tenso.TensoCache`):
+
+* A segment created **with a name you chose** lives until :meth:`TensoShm.unlink`
+  (or ``TensoCache.unlink``): no data is lost because some process exited.
+* A segment created **without a name** (``name=None``) gets a generated one,
+  ``tenso_shm_<creator pid>_<12 hex>`` (``tenso_cache_...`` for caches), and is
+  unlinked when its creator exits: at interpreter exit (``atexit``), or, after a
+  ``SIGKILL``, by the next process on the host that creates an unnamed segment or
+  attaches a node cache (:func:`sweep`), which finds the creator's pid dead. Those
+  name patterns are reserved for this. Processes that still have it mapped keep their
+  mapping; only the name goes.
+
+Both classes pickle by name: unpickling opens the segment again, so a handle can be
+passed to spawned workers, Ray tasks and DataLoader workers on the same host.
+
 Creation reserves the whole size, so a full ``/dev/shm`` raises ``OSError``
 (``ENOSPC``) at creation instead of ``SIGBUS`` on a later write. New segments get
 mode ``0600`` (owner only) unless ``mode`` says otherwise.
@@ -19,11 +35,115 @@ invalidates an array already returned.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import atexit
+import os
+import re
+import secrets
+import threading
+from typing import Any, Callable, Optional
 
 from . import tenso_rs as _rs
 
 __all__ = ["TensoShm"]
+
+#: Where POSIX shared memory lives on Linux.
+SHM_DIR = "/dev/shm"
+# Generated names carry their creator's pid: "<prefix>_<pid>_<hex>". tenso_ray_ is the node cache of tenso-ray
+# 0.x (named after its raylet), kept so that such leftovers are swept as well.
+_GENERATED = re.compile(r"^(?:tenso_shm|tenso_cache)_(\d+)_[0-9a-f]{12}$|^tenso_ray_(\d+)_[0-9a-f]{16}$")
+
+_exit_lock = threading.Lock()
+_unlink_at_exit: set[str] = set()  # generated names this process created and has not unlinked yet
+_exit_pid: Optional[int] = None  # the pid that registered the atexit hook (a forked child must not run it)
+
+
+# tenso-shm's own check (the pool's lock, pending entries, leases and pins use it), where the native module exports
+# it; the fallback below follows it step by step until every build does (TODO(#10): drop the fallback then).
+_native_alive: Optional[Callable[[int], bool]] = getattr(_rs, "_process_alive", None)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and is not a zombie (a process we may not signal counts).
+
+    The one liveness check of the Python package: ``tenso_shm::lock::process_alive``, which the pool uses for its
+    lock, pending entries and leases. Pids from another PID namespace look dead.
+    """
+    if pid <= 0 or pid > 0x7FFFFFFF:
+        return False
+    if _native_alive is not None:
+        return bool(_native_alive(pid))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    end = stat.rfind(b")")
+    # A killed child stays a zombie until its parent reaps it, and kill(2) still finds it.
+    return end < 0 or stat[end + 2 : end + 3] not in (b"Z", b"X")
+
+
+def unlink_name(name: str) -> bool:
+    """Remove ``/dev/shm/<name>``; False if it was not there (or could not be removed)."""
+    with _exit_lock:
+        _unlink_at_exit.discard(name)
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except OSError:
+        return False
+    return True
+
+
+def sweep() -> list[str]:
+    """Unlink generated segments (see the module docs) whose creator is dead; returns the names removed."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _GENERATED.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if not process_alive(pid) and unlink_name(name):
+            removed.append(name)
+    return removed
+
+
+def generated_name(prefix: str) -> str:
+    """A fresh name ``<prefix>_<this pid>_<12 hex>`` that :func:`sweep` removes once this process is dead.
+
+    Registers it for removal at this process's exit, and sweeps the leftovers of dead creators first.
+    """
+    global _exit_pid
+    sweep()
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(6)}"
+    with _exit_lock:
+        if _exit_pid != os.getpid():
+            _exit_pid = os.getpid()
+            _unlink_at_exit.clear()  # a forked child inherits the parent's set: those names are not its own
+            atexit.register(_unlink_generated, _exit_pid)
+        _unlink_at_exit.add(name)
+    return name
+
+
+def _unlink_generated(pid: int) -> None:
+    if os.getpid() != pid:  # an atexit hook inherited through fork()
+        return
+    with _exit_lock:
+        names = list(_unlink_at_exit)
+        _unlink_at_exit.clear()
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
 
 
 class TensoShm:
@@ -44,9 +164,10 @@ class TensoShm:
 
     Parameters
     ----------
-    name : str
+    name : str or None
         Segment name: 1-200 characters of ``[A-Za-z0-9._-]`` (a leading ``/`` is
-        accepted and dropped).
+        accepted and dropped). ``None`` with ``create=True`` generates one, and the
+        segment is then removed when this process exits (see the module docs).
     create : bool
         Create a new segment of ``size`` bytes (``FileExistsError`` if the name
         exists) instead of opening an existing one (``FileNotFoundError`` if not).
@@ -58,18 +179,20 @@ class TensoShm:
 
     __slots__ = ("_seg", "__weakref__")
 
-    def __init__(self, name: str, create: bool = False, size: int = 0, *, mode: int = 0o600) -> None:
+    def __init__(self, name: Optional[str] = None, create: bool = False, size: int = 0, *, mode: int = 0o600) -> None:
         if create:
             if size <= 0:
                 raise ValueError("size must be > 0 when creating a shared memory segment")
-            self._seg = _rs._Shm.create(name, size, mode)
+            self._seg = _rs._Shm.create(_new_name(name), size, mode)
         else:
+            if name is None:
+                raise ValueError("name is required to open an existing TensoShm (create=False)")
             self._seg = _rs._Shm.open(name)
 
     @classmethod
     def create_from(
         cls,
-        name: str,
+        name: Optional[str],
         obj: Any,
         check_integrity: bool = False,
         compress: bool = False,
@@ -80,10 +203,11 @@ class TensoShm:
         """Create a segment sized to fit ``obj``'s packet and encode it there.
 
         The name must be new (``FileExistsError`` otherwise): an existing segment may
-        belong to a live process, so it is never reclaimed behind its back.
+        belong to a live process, so it is never reclaimed behind its back. ``None``
+        generates a name removed at this process's exit (see the module docs).
         """
         self = cls.__new__(cls)
-        self._seg = _rs._Shm.create_from(name, obj, check_integrity, compress, alignment, mode)
+        self._seg = _rs._Shm.create_from(_new_name(name), obj, check_integrity, compress, alignment, mode)
         return self
 
     @property
@@ -122,6 +246,11 @@ class TensoShm:
     def unlink(self) -> None:
         """Remove the segment's name; processes that have it open keep their mapping."""
         self._seg.unlink()
+        unlink_name(self.name)  # already gone: only forgets the name's exit-time removal
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # By name: the receiving process (same host) opens the segment again.
+        return (TensoShm, (self.name,))
 
     def __enter__(self) -> "TensoShm":
         return self
@@ -132,3 +261,7 @@ class TensoShm:
 
     def __repr__(self) -> str:
         return f"TensoShm(name={self.name!r}, size={self.size})"
+
+
+def _new_name(name: Optional[str]) -> str:
+    return generated_name("tenso_shm") if name is None else name

@@ -6,6 +6,7 @@
 //! codec's encode-into path and decoded as views over it.
 
 use std::io;
+use std::ops::{Deref, Range};
 use std::sync::Mutex;
 
 use numpy::PyUntypedArray;
@@ -14,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 use pyo3::Py;
 use tenso_format::EncodeOptions;
-use tenso_shm::pool::{Hit, LeaseHandle, Probe, Room};
+use tenso_shm::pool::{LeaseHandle, Packet, Park, Pinned, Room};
 use tenso_shm::{Pool, Segment, ShmError};
 
 use crate::buffers::{alloc_aligned, bytes_mut, descr_for, view_over, Source};
@@ -59,17 +60,72 @@ enum Mapped {
 }
 
 /// A live mapping of a shared-memory segment: the owner (`base`) of every zero-copy view into it.
+///
+/// This is the one place where the binding turns positions into addresses. `tenso-shm` hands out *ranges* of the
+/// mapping (`Packet::range`, `Reservation::range`, `Lease::range`), never pointers; the methods below check each
+/// range against the mapping's length, add the mapping's base address, and make the NumPy view with an owner that
+/// keeps the mapping mapped (this object, or a [`PyPinnedEntry`] holding it). The mapping is shared with other
+/// processes: what a view shows can change unless the pool's protocol says otherwise (a pinned entry, a lease held
+/// by this process, a segment whose single writer is this process).
 #[pyclass(name = "_Mapping", module = "tenso", frozen, weakref)]
 pub(crate) struct PyMapping {
     mapped: Mapped,
 }
 
 impl PyMapping {
-    fn base(&self) -> *mut u8 {
-        match &self.mapped {
+    /// The address of `range`, after checking that it lies inside the mapping.
+    fn address(&self, range: &Range<usize>) -> PyResult<*mut u8> {
+        if range.start > range.end || range.end > self.len() {
+            return Err(PyRuntimeError::new_err(format!(
+                "range {range:?} outside the shared memory mapping of {} bytes",
+                self.len()
+            )));
+        }
+        let base = match &self.mapped {
             Mapped::Segment(s) => s.as_ptr(),
             Mapped::Pool(p) => p.segment().as_ptr(),
-        }
+        };
+        // SAFETY: range.start <= len, so the result stays inside (or one past the end of) the mapping.
+        Ok(unsafe { base.add(range.start) })
+    }
+
+    /// A uint8 array over `range` of `slf`'s mapping, with `slf` as its base.
+    fn view<'py>(
+        slf: &Bound<'py, PyMapping>,
+        range: Range<usize>,
+        writeable: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ptr = slf.get().address(&range)?;
+        // SAFETY: `range` lies in the mapping (checked by `address`), which the base `slf` keeps mapped. Writeable
+        // views are only asked for over memory this process may write (see the callers).
+        unsafe { bytes_view(slf.as_any(), ptr, range.len(), writeable) }
+    }
+
+    /// A read-only uint8 array over `range` of the mapping held by `owner`, with `owner` as its base: the pin stays
+    /// held for as long as any view of the array lives.
+    fn pinned_view<'py>(
+        owner: &Bound<'py, PyPinnedEntry>,
+        range: Range<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mapping = &owner.get().pinned.owner().0;
+        let ptr = mapping.get().address(&range)?;
+        // SAFETY: `range` lies in the mapping (checked), which `owner` keeps mapped through its `Py<PyMapping>`.
+        unsafe { bytes_view(owner.as_any(), ptr, range.len(), false) }
+    }
+
+    /// `range` of the mapping as a mutable slice.
+    ///
+    /// # Safety
+    /// The caller must be the only writer of `range` while the slice lives (a pool reservation or lease, or the
+    /// single writer of a segment) and must not let the slice outlive its borrow of `self`.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the memory is the shared mapping's, not this object's; exclusivity is the caller's contract"
+    )]
+    unsafe fn bytes_mut(&self, range: Range<usize>) -> PyResult<&mut [u8]> {
+        let ptr = self.address(&range)?;
+        // SAFETY: inside the mapping (checked), which `self` keeps mapped for the borrow; exclusive by contract.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, range.len()) })
     }
 
     fn len(&self) -> usize {
@@ -165,22 +221,22 @@ fn prepare<'py>(
     })
 }
 
-/// Writes a prepared packet at `ptr`.
+/// Writes a prepared packet at the start of `range` of `owner`'s mapping.
 ///
 /// # Safety
-/// `ptr` must point into the mapping owned by `owner`, with `prepared.len` bytes that nobody else writes until this
-/// returns.
+/// `range` must hold at least `prepared.len` bytes that nobody else writes until this returns.
 unsafe fn write_packet(
     py: Python<'_>,
     owner: &Bound<'_, PyMapping>,
     prepared: &Prepared<'_>,
-    ptr: *mut u8,
+    range: Range<usize>,
 ) -> PyResult<()> {
     let len = prepared.len;
+    let range = range.start..range.start + len;
     let item = prepared.collected.item();
     let plan = {
-        // SAFETY: the caller guarantees `len` bytes at `ptr` that only we write for the duration of this call.
-        let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        // SAFETY: the caller guarantees that only we write these bytes for the duration of this call.
+        let buf = unsafe { owner.get().bytes_mut(range.clone())? };
         let opts = &prepared.opts;
         let mut run = || tenso_format::encode_into(&item, opts, buf);
         if len >= DETACH_BYTES {
@@ -191,17 +247,9 @@ unsafe fn write_packet(
         .map_err(encode_error)?
     };
     if !plan.slots.is_empty() {
-        // Gathered bodies (non-contiguous, byte-swapped) are copied by NumPy into their slots of a uint8 view.
-        // SAFETY: as above; the view's base is the mapping, which outlives it.
-        let out = unsafe {
-            view_over(
-                owner.as_any(),
-                descr_for(py, tenso_format::DType::UInt8)?,
-                &[len as u64],
-                ptr,
-                true,
-            )?
-        };
+        // Gathered bodies (non-contiguous, byte-swapped) are copied by NumPy into their slots of a uint8 view
+        // (writeable: we are these bytes' only writer, as above).
+        let out = PyMapping::view(owner, range, true)?;
         let out = out.cast_into::<PyUntypedArray>()?;
         fill_slots(&out, &plan.slots, &prepared.collected)?;
         // SAFETY: the temporary views made by fill_slots are gone; `out` covers exactly our `len` bytes.
@@ -215,12 +263,13 @@ unsafe fn write_packet(
     Ok(())
 }
 
-/// A read-only uint8 array over `len` bytes of `owner` at `ptr`.
+/// A uint8 array over `len` bytes at `ptr`, with `owner` as its base (used by [`PyMapping`] only).
 ///
 /// # Safety
-/// `ptr..ptr + len` must lie inside the mapping of `owner`.
+/// `ptr..ptr + len` must lie inside a mapping that `owner` keeps mapped; with `writeable`, this process must be
+/// allowed to write those bytes.
 unsafe fn bytes_view<'py>(
-    owner: &Bound<'py, PyMapping>,
+    owner: &Bound<'py, PyAny>,
     ptr: *const u8,
     len: usize,
     writeable: bool,
@@ -229,7 +278,7 @@ unsafe fn bytes_view<'py>(
     // SAFETY: forwarded: the range lies in the mapping, which `owner` (the base) keeps mapped.
     unsafe {
         view_over(
-            owner.as_any(),
+            owner,
             descr_for(py, tenso_format::DType::UInt8)?,
             &[len as u64],
             ptr,
@@ -307,7 +356,7 @@ impl PyShm {
         let shm = Self::from_segment(py, seg)?;
         let mapping = shm.handle.get(py)?;
         // SAFETY: the segment is new and `prepared.len` bytes long; its name is not known to anyone else yet.
-        let written = unsafe { write_packet(py, &mapping, &prepared, mapping.get().base()) };
+        let written = unsafe { write_packet(py, &mapping, &prepared, 0..prepared.len) };
         if let Err(e) = written {
             let _ = tenso_shm::unlink(name);
             return Err(e);
@@ -329,10 +378,9 @@ impl PyShm {
     #[getter]
     fn buffer<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
         let mapping = self.handle.get(py)?;
-        let m = mapping.get();
-        // SAFETY: the whole mapping, kept by `mapping` as base. Writeable: this is the segment's raw buffer, whose
-        // writes are coordinated by the application (see the type docs).
-        let array = unsafe { bytes_view(&mapping, m.base(), m.len(), true)? };
+        let len = mapping.get().len();
+        // Writeable: this is the segment's raw buffer, whose writes are coordinated by the application (type docs).
+        let array = PyMapping::view(&mapping, 0..len, true)?;
         PyMemoryView::from(&array)
     }
 
@@ -355,16 +403,15 @@ impl PyShm {
             )));
         }
         // SAFETY: prepared.len <= the mapping's size; this process is the segment's writer (type docs).
-        unsafe { write_packet(py, &mapping, &prepared, mapping.get().base())? };
+        unsafe { write_packet(py, &mapping, &prepared, 0..prepared.len)? };
         Ok(prepared.len)
     }
 
     /// Decodes the packet at offset 0 as read-only zero-copy views whose base keeps the mapping alive.
     fn get<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let mapping = self.handle.get(py)?;
-        let m = mapping.get();
-        // SAFETY: the whole mapping.
-        let bytes = unsafe { bytes_view(&mapping, m.base(), m.len(), false)? };
+        let len = mapping.get().len();
+        let bytes = PyMapping::view(&mapping, 0..len, false)?;
         decode_from(&bytes, false)
     }
 
@@ -379,14 +426,54 @@ impl PyShm {
     }
 }
 
-/// Looks a key up, waiting (for an entry being rewritten in place) only with the GIL released: the writer may be a
-/// thread of this process that needs the GIL to finish (NumPy's gathering copy releases and retakes it).
-fn lookup(py: Python<'_>, pool: &Pool, key: &str) -> PyResult<Option<Hit>> {
-    match pool.probe(key.as_bytes()).map_err(shm_error)? {
-        Probe::Hit(hit) => Ok(Some(hit)),
-        Probe::Miss => Ok(None),
-        Probe::Busy => py.detach(|| pool.lookup(key.as_bytes())).map_err(shm_error),
+/// Waits (for an entry being rewritten in place, or for the pool lock) only with the GIL released: the writer may be
+/// a thread of this process that needs the GIL to finish (NumPy's gathering copy releases and retakes it).
+struct Detach<'py>(Python<'py>);
+
+impl Park for Detach<'_> {
+    fn park<T: Send>(&self, wait: impl FnOnce() -> T + Send) -> T {
+        self.0.detach(wait)
     }
+}
+
+/// A handle on a pool's mapping that derefs to the pool: what a [`Pinned`] owner holds, so that it is `'static`.
+struct MappingRef(Py<PyMapping>);
+
+impl Deref for MappingRef {
+    type Target = Pool;
+
+    fn deref(&self) -> &Pool {
+        self.0.get().pool()
+    }
+}
+
+/// The base of the views of a `get(..., pin=True)`: holds the entry's pin (and the mapping) for as long as any of
+/// those views lives, and gives the pin back when the last one goes.
+#[pyclass(name = "_PinnedEntry", module = "tenso", frozen)]
+pub(crate) struct PyPinnedEntry {
+    pinned: Pinned<MappingRef>,
+}
+
+/// A private, aligned copy of the packet (the large copies run with the GIL released).
+fn copy_packet<'py>(py: Python<'py>, packet: &Packet<'_>) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let len = packet.len();
+    let out = alloc_aligned(py, len)?;
+    // SAFETY: `out` is fresh and exclusively ours, `len` bytes.
+    let dst = unsafe { bytes_mut(&out, len) };
+    if len >= DETACH_BYTES {
+        py.detach(|| packet.copy_to(dst));
+    } else {
+        packet.copy_to(dst);
+    }
+    Ok(out)
+}
+
+/// What a pinned read produced.
+enum Got<'py> {
+    /// Decoded views whose base holds the pin.
+    Views(Bound<'py, PyAny>),
+    /// The pin table was full: a private copy, decoded once it is known to be whole.
+    Copy(Bound<'py, PyUntypedArray>),
 }
 
 /// One `get` of `key` (see `_Pool.get`).
@@ -395,45 +482,45 @@ fn get_value<'py>(
     mapping: &Bound<'py, PyMapping>,
     key: &str,
     copy: bool,
+    pin: bool,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let pool = mapping.get().pool();
-    loop {
-        let Some(hit) = lookup(py, pool, key)? else {
-            pool.record(None);
-            return Ok(None);
-        };
-        let src = pool.data_ptr().wrapping_add(hit.offset as usize);
-        let len = hit.len as usize;
-        let result = if copy {
-            let out = alloc_aligned(py, len)?;
-            // SAFETY: `out` is fresh and exclusively ours, `len` bytes.
-            let dst = unsafe { bytes_mut(&out, len) };
-            // SAFETY: lookup checked that [offset, offset + len) lies in the data region of the mapping, which
-            // `mapping` keeps mapped. A concurrent writer may change these bytes while we copy: then the
-            // validation below fails and we retry (any byte values are valid u8s, and nothing else is derived
-            // from them before validation).
-            let src = unsafe { std::slice::from_raw_parts(src, len) };
-            let mut copy_bytes = || dst.copy_from_slice(src);
-            if len >= DETACH_BYTES {
-                py.detach(copy_bytes)
-            } else {
-                copy_bytes()
-            }
-            if !pool.validate(&hit) {
-                continue;
-            }
-            decode_from(out.as_any(), true)
-        } else {
-            // SAFETY: inside the data region of the mapping (checked by lookup).
-            let bytes = unsafe { bytes_view(mapping, src, len, false)? };
-            decode_from(&bytes, false)
-        };
-        if !pool.validate(&hit) {
-            continue;
-        }
-        pool.record(Some(&hit));
-        return result.map(Some);
+    let park = Detach(py);
+    let key = key.as_bytes();
+    if copy {
+        let got = pool
+            .read(key, &park, |packet| copy_packet(py, packet))
+            .map_err(shm_error)?;
+        return got.map(|out| decode_from(out?.as_any(), true)).transpose();
     }
+    if pin {
+        let got = pool
+            .read_pinned(key, &park, |packet, pin| match pin {
+                Some(pin) => {
+                    let owner = Bound::new(
+                        py,
+                        PyPinnedEntry {
+                            pinned: Pinned::new(MappingRef(mapping.clone().unbind()), pin),
+                        },
+                    )?;
+                    let bytes = PyMapping::pinned_view(&owner, packet.range())?;
+                    decode_from(&bytes, false).map(Got::Views)
+                }
+                None => copy_packet(py, packet).map(Got::Copy),
+            })
+            .map_err(shm_error)?;
+        return match got.transpose()? {
+            None => Ok(None),
+            Some(Got::Views(value)) => Ok(Some(value)),
+            Some(Got::Copy(out)) => decode_from(out.as_any(), false).map(Some),
+        };
+    }
+    pool.read(key, &park, |packet| {
+        let bytes = PyMapping::view(mapping, packet.range(), false)?;
+        decode_from(&bytes, false)
+    })
+    .map_err(shm_error)?
+    .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -545,34 +632,39 @@ impl PyPool {
             .map_err(shm_error)?;
         // SAFETY: the reservation is prepared.len bytes of the pool's data region that no other writer touches until
         // commit; on error it is dropped, which frees it.
-        unsafe { write_packet(py, &mapping, &prepared, reservation.as_mut_ptr())? };
+        unsafe { write_packet(py, &mapping, &prepared, reservation.range())? };
         py.detach(move || reservation.commit()).map_err(shm_error)?;
         Ok(prepared.len)
     }
 
     /// The value of `key`: zero-copy read-only views over pool memory, or (`copy=True`) a whole, writeable copy.
-    #[pyo3(signature = (key, copy=false))]
+    /// With `pin=True` the views pin their entry (it is neither evicted nor changed) until the last of them is
+    /// garbage-collected; if the pool's pin table is full, a private read-only copy is returned instead.
+    #[pyo3(signature = (key, copy=false, pin=false))]
     fn get<'py>(
         &self,
         py: Python<'py>,
         key: &str,
         copy: bool,
+        pin: bool,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let mapping = self.handle.get(py)?;
-        get_value(py, &mapping, key, copy)
+        get_value(py, &mapping, key, copy, pin)
     }
 
-    /// The values of `keys` in one call (None for each missing one): what `get` gives for each.
-    #[pyo3(signature = (keys, copy=false))]
+    /// The values of `keys` in one call (None for each missing one): what `get` gives for each (with `pin=True`,
+    /// each value holds its own pin).
+    #[pyo3(signature = (keys, copy=false, pin=false))]
     fn get_many<'py>(
         &self,
         py: Python<'py>,
         keys: Vec<String>,
         copy: bool,
+        pin: bool,
     ) -> PyResult<Vec<Option<Bound<'py, PyAny>>>> {
         let mapping = self.handle.get(py)?;
         keys.iter()
-            .map(|key| get_value(py, &mapping, key, copy))
+            .map(|key| get_value(py, &mapping, key, copy, pin))
             .collect()
     }
 
@@ -598,23 +690,16 @@ impl PyPool {
     fn info<'py>(&self, py: Python<'py>, key: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
-        let (hit, prefix): (Hit, Vec<u8>) = loop {
-            let Some(hit) = lookup(py, pool, key)? else {
-                return Ok(None);
-            };
-            let n = (hit.len as usize).min(64 * 1024);
-            let mut prefix = vec![0u8; n];
-            // SAFETY: inside the data region (checked by lookup); validated below.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    pool.data_ptr().add(hit.offset as usize),
-                    prefix.as_mut_ptr(),
-                    n,
-                )
-            };
-            if pool.validate(&hit) {
-                break (hit, prefix);
-            }
+        // Metadata only: not counted as a get.
+        let Some((hit, prefix)) = pool
+            .peek(key.as_bytes(), &Detach(py), |packet| {
+                let mut prefix = vec![0u8; packet.len().min(64 * 1024)];
+                packet.copy_to(&mut prefix);
+                (*packet.hit(), prefix)
+            })
+            .map_err(shm_error)?
+        else {
+            return Ok(None);
         };
         let info = tenso_format::packet_info(&prefix).map_err(decode_error)?;
         let dict = PyDict::new(py);
@@ -666,6 +751,8 @@ impl PyPool {
         )?;
         dict.set_item("pending", s.pending)?;
         dict.set_item("recoveries", s.recoveries)?;
+        dict.set_item("pinned", s.pinned)?;
+        dict.set_item("evictions", s.evictions)?;
         Ok(dict)
     }
 
@@ -697,10 +784,10 @@ impl PyPool {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let lease = pool.lease(n).map_err(shm_error)?;
-        let ptr = lease.as_mut_ptr();
+        let range = lease.range();
         let handle = lease.into_handle();
-        // SAFETY: the lease's block lies in the data region; the lease holder is its only writer.
-        let view = unsafe { bytes_view(&mapping, ptr, n as usize, true)? };
+        // Writeable: the lease holder is the block's only writer.
+        let view = PyMapping::view(&mapping, range, true)?;
         Ok((lease_tuple(py, &handle)?, PyMemoryView::from(&view)?))
     }
 
@@ -713,10 +800,10 @@ impl PyPool {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let lease = pool.adopt(lease_handle(handle)).map_err(shm_error)?;
-        let ptr = lease.as_mut_ptr();
-        let h = lease.into_handle();
-        // SAFETY: as in `_lease`.
-        let view = unsafe { bytes_view(&mapping, ptr, h.len as usize, true)? };
+        let range = lease.range();
+        let _ = lease.into_handle();
+        // Writeable: as in `_lease`.
+        let view = PyMapping::view(&mapping, range, true)?;
         PyMemoryView::from(&view)
     }
 

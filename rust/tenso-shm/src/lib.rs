@@ -12,5 +12,8 @@ pub mod pool;
 pub mod segment;
 
 pub use error::ShmError;
-pub use pool::{Hit, Lease, LeaseHandle, Pool, PoolStats, Probe, Reservation, Room};
+pub use pool::{
+    Hit, Lease, LeaseHandle, Packet, Park, Pin, Pinned, Pool, PoolStats, Probe, Reservation, Room,
+    Spin,
+};
 pub use segment::{unlink, validate_name, Segment};

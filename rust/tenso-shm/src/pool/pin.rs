@@ -1,0 +1,216 @@
+//! The pin table: which processes hold zero-copy views of which entries.
+//!
+//! A pin slot records `count` views of entry `slot` at generation `stamp` held by process `pid`. Slots are only
+//! read and written under the lock. Each entry counts the slots that name it at its current stamp (`Entry::pins`),
+//! so eviction and removal test "pinned?" in O(1); pins of dead processes still count until
+//! [`Locked::clear_dead_pins`] runs, which eviction, `stats` and removal of a pinned entry do first.
+
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+
+use super::layout::{READY, RETIRED};
+use super::read::Hit;
+use super::{Locked, Pool};
+use crate::lock::{current_pid, process_alive};
+
+/// A pin held by this process on one entry (see [`Pool::read_pinned`]). Give it back with [`Pool::unpin`]; a pin
+/// that is never given back is cleared once its process has died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a pin keeps its entry in the pool until Pool::unpin"]
+pub struct Pin {
+    index: u32,
+    slot: u32,
+    stamp: u64,
+    pid: u32,
+}
+
+/// The owner of a pin: gives it back when dropped. `P` is whatever keeps the pool mapped (`&Pool` in Rust; the
+/// bindings use a handle on their Python mapping object, so the views' owner is `'static`).
+#[derive(Debug)]
+pub struct Pinned<P: Deref<Target = Pool>> {
+    pool: P,
+    pin: Pin,
+}
+
+impl<P: Deref<Target = Pool>> Pinned<P> {
+    /// Takes ownership of `pin`, a pin on an entry of `pool`.
+    pub fn new(pool: P, pin: Pin) -> Self {
+        Pinned { pool, pin }
+    }
+
+    /// What keeps the pool mapped.
+    pub fn owner(&self) -> &P {
+        &self.pool
+    }
+}
+
+impl<P: Deref<Target = Pool>> Drop for Pinned<P> {
+    fn drop(&mut self) {
+        self.pool.unpin(self.pin);
+    }
+}
+
+/// The answer of [`Locked::pin_entry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pinning {
+    Pinned(Pin),
+    /// The entry changed since the lookup: look again.
+    Changed,
+    /// No pin slot is free.
+    Full,
+}
+
+impl Pool {
+    /// Pins the entry read as `hit` if it is still exactly that entry (same sequence number).
+    pub(super) fn pin(&self, hit: &Hit) -> Pinning {
+        self.lock().pin_entry(hit)
+    }
+
+    /// Gives a pin back. Pins taken by another process (a pin copied across `fork`) are left alone.
+    pub fn unpin(&self, pin: Pin) {
+        if pin.pid != current_pid() {
+            return;
+        }
+        let mut l = self.lock();
+        let n = self.layout.pin_slots as u32;
+        let same = |i: u32| {
+            let p = self.pin_slot(i);
+            p.pid.load(Ordering::Relaxed) == pin.pid
+                && p.slot.load(Ordering::Relaxed) == pin.slot
+                && p.stamp.load(Ordering::Relaxed) == pin.stamp
+        };
+        // The slot it was taken in, unless recovery moved things about.
+        let Some(index) = (pin.index < n && same(pin.index))
+            .then_some(pin.index)
+            .or_else(|| (0..n).find(|&i| same(i)))
+        else {
+            return;
+        };
+        let p = self.pin_slot(index);
+        let count = p.count.load(Ordering::Relaxed);
+        if count > 1 {
+            p.count.store(count - 1, Ordering::Relaxed);
+        } else {
+            l.release_pin_slot(index);
+        }
+    }
+}
+
+impl Locked<'_> {
+    /// Takes a pin for this process on the entry read as `hit`.
+    pub(super) fn pin_entry(&mut self, hit: &Hit) -> Pinning {
+        let e = self.pool.entry(hit.slot);
+        if e.state.load(Ordering::Relaxed) != READY || e.seq.load(Ordering::Relaxed) != hit.seq {
+            return Pinning::Changed;
+        }
+        let (pid, stamp) = (current_pid(), e.stamp.load(Ordering::Relaxed));
+        for attempt in 0..2 {
+            let mut free = None;
+            for i in 0..self.pool.layout.pin_slots as u32 {
+                let p = self.pool.pin_slot(i);
+                let p_pid = p.pid.load(Ordering::Relaxed);
+                if p_pid == 0 {
+                    free = free.or(Some(i));
+                } else if p_pid == pid
+                    && p.slot.load(Ordering::Relaxed) == hit.slot
+                    && p.stamp.load(Ordering::Relaxed) == stamp
+                {
+                    p.count.fetch_add(1, Ordering::Relaxed);
+                    return Pinning::Pinned(Pin {
+                        index: i,
+                        slot: hit.slot,
+                        stamp,
+                        pid,
+                    });
+                }
+            }
+            if let Some(i) = free {
+                let p = self.pool.pin_slot(i);
+                p.slot.store(hit.slot, Ordering::Relaxed);
+                p.stamp.store(stamp, Ordering::Relaxed);
+                p.count.store(1, Ordering::Relaxed);
+                p.pid.store(pid, Ordering::Relaxed);
+                e.pins.fetch_add(1, Ordering::Relaxed);
+                self.h().pins_used.fetch_add(1, Ordering::Relaxed);
+                return Pinning::Pinned(Pin {
+                    index: i,
+                    slot: hit.slot,
+                    stamp,
+                    pid,
+                });
+            }
+            if attempt == 0 {
+                // Full: make room by dropping dead processes' pins, once.
+                self.clear_dead_pins();
+            }
+        }
+        Pinning::Full
+    }
+
+    /// Empties a pin slot; frees its entry if that was a retired entry's last pin.
+    pub(super) fn release_pin_slot(&mut self, index: u32) {
+        let p = self.pool.pin_slot(index);
+        let (slot, stamp) = (
+            p.slot.load(Ordering::Relaxed),
+            p.stamp.load(Ordering::Relaxed),
+        );
+        p.pid.store(0, Ordering::Relaxed);
+        p.count.store(0, Ordering::Relaxed);
+        p.slot.store(0, Ordering::Relaxed);
+        p.stamp.store(0, Ordering::Relaxed);
+        let h = self.h();
+        h.pins_used.store(
+            h.pins_used.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+        if u64::from(slot) >= self.pool.layout.max_entries {
+            return;
+        }
+        let e = self.pool.entry(slot);
+        let state = e.state.load(Ordering::Relaxed);
+        if !matches!(state, READY | RETIRED) || e.stamp.load(Ordering::Relaxed) != stamp {
+            return; // a stale pin: the entry it named is gone
+        }
+        let pins = e.pins.load(Ordering::Relaxed).saturating_sub(1);
+        e.pins.store(pins, Ordering::Relaxed);
+        if pins == 0 && state == RETIRED {
+            self.free_entry(slot);
+        }
+    }
+
+    /// Clears the pins of processes that no longer exist (the same liveness check as the lock's).
+    pub(super) fn clear_dead_pins(&mut self) {
+        if self.h().pins_used.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut alive: Vec<(u32, bool)> = Vec::new();
+        for i in 0..self.pool.layout.pin_slots as u32 {
+            let pid = self.pool.pin_slot(i).pid.load(Ordering::Relaxed);
+            if pid == 0 {
+                continue;
+            }
+            let live = match alive.iter().find(|(p, _)| *p == pid) {
+                Some(&(_, live)) => live,
+                None => {
+                    let live = process_alive(pid);
+                    alive.push((pid, live));
+                    live
+                }
+            };
+            if !live {
+                self.release_pin_slot(i);
+            }
+        }
+    }
+
+    /// Entries pinned by live processes (clears dead pins first).
+    pub(super) fn pinned_entries(&mut self) -> u64 {
+        self.clear_dead_pins();
+        if self.h().pins_used.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        (0..self.pool.layout.max_entries as u32)
+            .filter(|&s| self.pool.entry(s).pins.load(Ordering::Relaxed) > 0)
+            .count() as u64
+    }
+}

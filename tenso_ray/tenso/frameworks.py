@@ -1,0 +1,483 @@
+"""Host arrays to and from framework tensors: the one place that knows torch, JAX, CuPy and ml_dtypes.
+
+Every adapter (the cache, ``tenso.gpu``, the Ray, Dask and DataLoader plug-ins) converts through these functions, so
+that a dtype or a device is handled once and the same way everywhere:
+
+* :func:`to_host` turns a ``torch.Tensor``, ``jax.Array`` or ``cupy.ndarray`` (any device) into a NumPy array; a CPU
+  torch tensor comes back as a view of its own memory.
+* :func:`from_host` turns a NumPy array into a tensor on a named device (``"torch"``, ``"torch:cuda:0"``, ``"jax"``,
+  ``"cupy:0"``, ...); ``zero_copy=True`` shares the array's memory where the target can.
+* :func:`map_arrays` applies either of them over nested dicts, lists and tuples.
+* :func:`torch_from_bytes` and :func:`torch_bytes` move a torch tensor through a flat byte buffer (the Ray plug-in's
+  wire body) without needing ``ml_dtypes``.
+
+dtypes without a NumPy builtin (``bfloat16``, the ``float8_*`` family, ``complex32``) live in NumPy as ``ml_dtypes``
+arrays. They always cross to and from torch as a reinterpretation of the same bytes (a ``uint8`` view, or an integer
+view of the same width for strided arrays), never through ``torch.from_numpy`` on the ``ml_dtypes`` array (which
+torch refuses) and never through a float conversion.
+
+No framework is imported until a function needs it; a missing one raises ImportError naming the extra to install.
+A CUDA device asked of a framework that has none raises RuntimeError saying what is missing. Device copies go
+through pageable host memory for now; pinned staging and DLPack hand-off (issue #13) plug in here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .tenso_rs import _owned_copy
+
+__all__ = [
+    "to_host",
+    "from_host",
+    "map_arrays",
+    "torch_dtype_of",
+    "numpy_dtype_of",
+    "torch_from_bytes",
+    "torch_bytes",
+    "is_tensor",
+    "torch_cuda_device",
+    "check_device",
+]
+
+# NumPy builtin dtypes that torch also has, under the same name.
+_TORCH_BUILTIN = frozenset(
+    {
+        "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    }
+)
+# ml_dtypes types whose torch dtype has the same name and the same bytes per element. Sub-byte integers and float4
+# are not here: ml_dtypes stores one value per byte, torch packs them (float4_e2m1fn_x2) or has no kernels.
+_TORCH_ML = frozenset(
+    {
+        "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "complex32", "bcomplex32",
+    }
+)
+# An integer type of each width: views through them reinterpret bytes and keep any strides.
+_SAME_WIDTH = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+_EXTRAS = {
+    "torch": "pip install 'tenso-ray[torch]'",
+    "jax": "pip install 'tenso-ray[jax]'",
+    "cupy": "pip install a CuPy wheel for your CUDA version (e.g. cupy-cuda12x)",
+    "ml_dtypes": "pip install 'tenso-ray[bfloat16]'",
+}
+
+_DEVICE = re.compile(r"^(?P<fw>numpy|torch|jax|cupy)(?::(?P<spec>.*))?$")
+_CUDA_SPEC = re.compile(r"^(?:cuda|gpu)(?::(?P<index>\d+))?$")
+
+# torch warns when it shares a non-writable NumPy array (it cannot mark tensors read-only). Sharing is what the
+# caller asked for with zero_copy=True, and read-only inputs are only read on the way to a device.
+_READONLY_WARNING = "The given NumPy array is not writable"
+
+
+def _import(name: str, what: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        top = name.split(".")[0]
+        raise ImportError(f"{what} needs {top}, which is not installed: {_EXTRAS[top]}") from exc
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch") or _import("torch", "converting to or from torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------------------------------------------
+def torch_dtype_of(dtype: Any) -> Any:
+    """The ``torch.dtype`` holding the same values, byte for byte, as NumPy ``dtype`` (ml_dtypes included).
+
+    Raises TypeError for dtypes torch has no equivalent of (strings, objects, structured, datetime, long double,
+    sub-byte integers, non-native byte order).
+    """
+    torch = _torch()
+    dt = np.dtype(dtype)
+    name = dt.name
+    if name in _TORCH_BUILTIN and dt.isnative:
+        return getattr(torch, name)
+    if name in _TORCH_ML and dt.fields is None and dt.isnative:
+        tdtype = getattr(torch, name, None)
+        if isinstance(tdtype, torch.dtype) and tdtype.itemsize == dt.itemsize:
+            return tdtype
+    raise TypeError(f"torch has no dtype for NumPy dtype {dt.str!r} ({name})")
+
+
+def numpy_dtype_of(torch_dtype: Any) -> np.dtype:
+    """The NumPy dtype (an ``ml_dtypes`` one for bfloat16, float8 and complex32) of a ``torch.dtype``.
+
+    Raises TypeError for torch dtypes NumPy cannot hold (quantized, packed sub-byte, bits), and ImportError naming the
+    extra when the dtype needs ``ml_dtypes`` and it is missing.
+    """
+    name = str(torch_dtype).removeprefix("torch.")
+    if name in _TORCH_BUILTIN:
+        return np.dtype(name)
+    if name in _TORCH_ML:
+        ml_dtypes = _import("ml_dtypes", f"torch.{name}")
+        scalar = getattr(ml_dtypes, name, None)
+        if scalar is not None:
+            return np.dtype(scalar)
+    raise TypeError(f"NumPy has no dtype for torch.{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recognising framework tensors without importing the frameworks
+# ---------------------------------------------------------------------------------------------------------------
+def _torch_tensor_type() -> Optional[type]:
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None) if torch is not None else None
+
+
+def _kind(obj: Any) -> Optional[str]:
+    """'torch', 'jax' or 'cupy' for a tensor of that framework; None otherwise (NumPy included).
+
+    A framework that has not been imported cannot have made ``obj``, so only imported ones are looked at.
+    """
+    if isinstance(obj, np.ndarray):
+        return None
+    tensor = _torch_tensor_type()
+    if tensor is not None and isinstance(obj, tensor):
+        return "torch"
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        array = getattr(jax, "Array", None)
+        if array is not None and isinstance(obj, array):
+            return "jax"
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        ndarray = getattr(cupy, "ndarray", None)
+        if ndarray is not None and isinstance(obj, ndarray):
+            return "cupy"
+    return None
+
+
+def is_tensor(obj: Any) -> bool:
+    """Whether ``obj`` is a torch, JAX or CuPy array (what :func:`to_host` converts)."""
+    return _kind(obj) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Framework -> host
+# ---------------------------------------------------------------------------------------------------------------
+def _torch_host(t: Any) -> Any:
+    """A CPU, strided, materialised (no lazy conj/neg bit) torch tensor with the same values as ``t``."""
+    import torch
+
+    if t.layout is not torch.strided:
+        raise TypeError(f"cannot convert a {t.layout} torch tensor; call .to_dense() first")
+    if t.is_quantized:
+        raise TypeError("cannot convert a quantized torch tensor; call .dequantize() or .int_repr() first")
+    device = t.device.type
+    if device == "meta":
+        raise TypeError("a torch tensor on the meta device has no data")
+    t = t.detach().resolve_conj().resolve_neg()  # no-ops unless a lazy conjugate/negation bit is set
+    if device != "cpu":
+        t = t.cpu()  # one device-to-host copy
+    return t
+
+
+def to_host(obj: Any) -> Any:
+    """A NumPy array with the values of a torch / JAX / CuPy tensor on any device; other objects unchanged.
+
+    A CPU torch tensor comes back as a view of its memory (strides kept, no copy), a CPU JAX array as a read-only
+    view where JAX allows; device tensors are copied to host. torch's bfloat16, float8 and complex32 come back as
+    ``ml_dtypes`` arrays over the same bytes (ImportError naming ``tenso-ray[bfloat16]`` if ml_dtypes is missing).
+    Containers are not entered: use :func:`map_arrays` with ``tensors=True`` for those.
+
+    Raises TypeError for tensors without host values (sparse, quantized, meta).
+    """
+    kind = _kind(obj)
+    if kind is None:
+        return obj
+    if kind == "torch":
+        t = _torch_host(obj)
+        dt = numpy_dtype_of(t.dtype)
+        if dt.name in _TORCH_BUILTIN:
+            return t.numpy()
+        # ml_dtypes: reinterpret through an integer tensor of the same width (keeps strides), then name the dtype.
+        import torch
+
+        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
+        return t.view(width).numpy().view(dt)
+    if kind == "cupy":
+        return obj.get()
+    return np.asarray(obj)  # JAX: a copy from a device, a read-only view on the CPU
+
+
+def torch_bytes(t: Any) -> np.ndarray:
+    """The bytes of a torch tensor as a flat ``uint8`` NumPy array, in C order, on the host.
+
+    No copy for a contiguous CPU tensor (the result is a view of its memory); one copy otherwise (a gather, or the
+    device-to-host copy). Needs no ``ml_dtypes``: every torch dtype with a byte layout is accepted. Rebuild with
+    :func:`torch_from_bytes`.
+    """
+    import torch
+
+    t = _torch_host(t)
+    if t.numel() == 0:
+        return np.empty(0, np.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host -> framework
+# ---------------------------------------------------------------------------------------------------------------
+def _cuda_index(spec: str) -> Optional[int]:
+    m = _CUDA_SPEC.match(spec)
+    if m is None:
+        raise ValueError(spec)
+    return None if m.group("index") is None else int(m.group("index"))
+
+
+def _parse_device(device: str) -> tuple[str, str]:
+    m = _DEVICE.match(device.strip().lower()) if isinstance(device, str) else None
+    if m is not None:
+        framework, spec = m.group("fw"), m.group("spec") or ""
+        if framework == "numpy" and spec in ("", "cpu"):
+            return framework, ""
+        if framework == "torch" and (spec in ("", "cpu") or _CUDA_SPEC.match(spec)):
+            return framework, spec
+        if framework == "jax" and (spec in ("", "cpu") or spec.isdigit() or _CUDA_SPEC.match(spec)):
+            return framework, spec
+        if framework == "cupy" and (spec == "" or spec.isdigit()):
+            return framework, spec
+    raise ValueError(
+        f"unknown device {device!r}: use 'numpy', 'torch', 'torch:cpu', 'torch:cuda:N', 'jax', 'jax:N', "
+        "'jax:cpu', 'jax:cuda:N', 'cupy' or 'cupy:N'"
+    )
+
+
+def torch_cuda_device(index: Optional[int] = None, *, what: str = "this call") -> Any:
+    """``torch.device("cuda", index)`` after checking that PyTorch can use it; RuntimeError naming what is missing."""
+    torch = _torch()
+    with warnings.catch_warnings():
+        # Without a driver some builds warn while probing ("CUDA initialization: ..."); we raise our own error.
+        warnings.simplefilter("ignore", UserWarning)
+        ok = torch.cuda.is_available()
+    if not ok:
+        if torch.version.cuda is None:
+            reason = f"PyTorch {torch.__version__} is built without CUDA (install a CUDA build of torch)"
+        else:
+            reason = (
+                f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA device: no NVIDIA GPU or "
+                "driver on this machine, or CUDA_VISIBLE_DEVICES hides them"
+            )
+        raise RuntimeError(f"{what} needs a CUDA GPU: {reason}")
+    if index is None:
+        index = torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise RuntimeError(f"{what} asks for CUDA device {index}, but PyTorch sees {count} device(s)")
+    return torch.device("cuda", index)
+
+
+def _from_numpy(torch: Any, array: np.ndarray) -> Any:
+    """``torch.from_numpy``, silencing its warning about a non-writable array, and only that one."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)  # (catch_warnings costs microseconds: only where needed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
+        return torch.from_numpy(array)
+
+
+def _shareable(array: np.ndarray) -> bool:
+    # torch.from_numpy takes any non-negative strides that are whole elements.
+    item = array.dtype.itemsize
+    return all(s >= 0 and s % item == 0 for s in array.strides)
+
+
+def torch_from_bytes(
+    data: Any, dtype: Any, shape: Sequence[int], device: Any = "cpu", zero_copy: bool = False
+) -> Any:
+    """A torch tensor of ``dtype`` (a ``torch.dtype`` or its name, ``"bfloat16"``) and ``shape`` over C-order bytes.
+
+    ``data`` is any buffer (bytes, memoryview, ``pickle.PickleBuffer``, a ``uint8`` array) holding exactly the
+    tensor's bytes. On the CPU, ``zero_copy=True`` shares them (writes go through, even to a read-only buffer: the
+    caller vouches for that), else the tensor owns one fresh copy. For another ``device`` (any ``torch.device``;
+    CUDA is checked first, RuntimeError saying what is missing) the bytes are read once, by the copy to it.
+    """
+    torch = _torch()
+    tdtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(tdtype, torch.dtype):
+        raise TypeError(f"not a torch dtype: {dtype!r}")
+    target = None  # the CPU; checked on the string first, as torch.device(...).type costs microseconds
+    if not (isinstance(device, str) and device == "cpu"):
+        target = torch.device(device)
+        kind = target.type
+        if kind == "cuda":
+            target = torch_cuda_device(target.index, what=f"device {str(device)!r}")
+        elif kind == "cpu":
+            target = None
+    raw = data if isinstance(data, np.ndarray) and data.dtype == np.uint8 else np.frombuffer(data, dtype=np.uint8)
+    shape = tuple(int(n) for n in shape)
+    expected = math.prod(shape) * tdtype.itemsize
+    if raw.size != expected:
+        raise ValueError(f"{raw.size} bytes cannot hold a {tdtype} tensor of shape {shape} ({expected} bytes)")
+    if raw.size == 0:
+        return torch.empty(shape, dtype=tdtype, device=target)
+    if target is None and not zero_copy:
+        # One copy into fresh memory the tensor owns (huge pages, several threads, GIL released).
+        raw = _owned_copy(raw)
+    view = _from_numpy(torch, raw.reshape(-1)).view(tdtype).reshape(shape)
+    return view if target is None else view.to(target)
+
+
+def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
+    torch = _torch()
+    tdtype = torch_dtype_of(array.dtype)
+    device: Any = "cpu"
+    if spec not in ("", "cpu"):
+        device = torch_cuda_device(_cuda_index(spec), what=f"device 'torch:{spec}'")
+        zero_copy = True  # the host bytes are only read, by the one host-to-device copy
+    if array.flags.c_contiguous:
+        return torch_from_bytes(array.reshape(-1).view(np.uint8), tdtype, array.shape, device, zero_copy)
+    if not zero_copy or not _shareable(array):
+        # One gather into C order, which the tensor then owns.
+        return torch_from_bytes(np.ascontiguousarray(array).reshape(-1).view(np.uint8), tdtype, array.shape,
+                                device, True)
+    # Strided and shared: an integer view of the same width keeps the strides, then torch names the dtype.
+    base = array if array.dtype.name in _TORCH_BUILTIN else array.view(_SAME_WIDTH[array.dtype.itemsize])
+    tensor = _from_numpy(torch, base)
+    if tensor.dtype != tdtype:
+        tensor = tensor.view(tdtype)
+    return tensor if device == "cpu" else tensor.to(device)
+
+
+def _jax_target(spec: str) -> Any:
+    """The JAX device for ``spec`` (None: JAX's default device); RuntimeError if it does not exist."""
+    jax = _import("jax", "device 'jax'")
+    _import("jax.numpy", "device 'jax'")
+    if spec == "":
+        return None
+    if spec == "cpu":
+        return jax.devices("cpu")[0]
+    if spec.isdigit():
+        devices = jax.devices()
+        if int(spec) >= len(devices):
+            raise RuntimeError(f"device 'jax:{spec}' does not exist: JAX sees {devices}")
+        return devices[int(spec)]
+    index = _cuda_index(spec) or 0
+    try:
+        devices = jax.devices("cuda")
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"device 'jax:{spec}' needs a CUDA GPU: JAX {jax.__version__} has no CUDA backend here "
+            "(no GPU or driver, or jaxlib without CUDA: pip install 'jax[cuda12]')"
+        ) from exc
+    if index >= len(devices):
+        raise RuntimeError(f"device 'jax:{spec}' does not exist: JAX sees {len(devices)} CUDA device(s)")
+    return devices[index]
+
+
+def _cupy_index(spec: str) -> int:
+    """The CUDA device index for ``cupy[:spec]``; RuntimeError if CuPy sees no such device."""
+    cupy = _import("cupy", "device 'cupy'")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CuPy raises its own CUDARuntimeError without a driver
+        raise RuntimeError(f"device 'cupy' needs a CUDA GPU: CuPy finds none ({exc})") from exc
+    index = int(spec) if spec else int(cupy.cuda.runtime.getDevice())
+    if index >= count:
+        raise RuntimeError(f"device 'cupy:{index}' does not exist: CuPy sees {count} CUDA device(s)")
+    return index
+
+
+def check_device(device: str) -> None:
+    """Check that :func:`from_host` can reach ``device``, without converting anything.
+
+    Raises what :func:`from_host` would: ValueError (unknown device), ImportError (framework missing, naming the
+    extra) or RuntimeError (no such CUDA device, saying what is missing).
+    """
+    framework, spec = _parse_device(device)
+    if framework == "torch":
+        _torch()
+        if spec not in ("", "cpu"):
+            torch_cuda_device(_cuda_index(spec), what=f"device 'torch:{spec}'")
+    elif framework == "jax":
+        _jax_target(spec)
+    elif framework == "cupy":
+        _cupy_index(spec)
+
+
+def from_host(array: np.ndarray, device: str = "numpy", zero_copy: bool = False) -> Any:
+    """``array`` as a tensor on ``device``.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        Any dtype the target holds, ml_dtypes (bfloat16, float8) included; any strides.
+    device : str, default "numpy"
+        ``"numpy"``, ``"torch"`` (= ``"torch:cpu"``), ``"torch:cuda"``, ``"torch:cuda:N"``, ``"jax"`` (JAX's default
+        device), ``"jax:N"``, ``"jax:cpu"``, ``"jax:cuda:N"``, ``"cupy"`` or ``"cupy:N"``. Case-insensitive.
+    zero_copy : bool, default False
+        Share ``array``'s memory where the target allows (NumPy, CPU torch -- also for read-only arrays and
+        ml_dtypes --, JAX on the CPU where aligned); writes through the result then reach ``array``. Otherwise the
+        result owns a copy. Device targets always copy once.
+
+    Raises
+    ------
+    ValueError
+        Unknown device string.
+    ImportError
+        The framework is not installed (the message names the extra).
+    RuntimeError
+        A CUDA device is asked for and the framework has none (the message says what is missing).
+    TypeError
+        ``array`` is not an ndarray, or its dtype does not exist in the target framework.
+    """
+    framework, spec = _parse_device(device)
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"from_host takes a numpy.ndarray, not {type(array).__name__}")
+    if array.dtype.hasobject:
+        raise TypeError(f"device {device!r} cannot hold an object array")
+    if framework == "numpy":
+        return array if zero_copy else array.copy()
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # frameworks are native-endian; this is a copy
+    if framework == "torch":
+        return _torch_from_host(array, spec, zero_copy)
+    if framework == "jax":
+        jax = _import("jax", "device 'jax'")
+        target = _jax_target(spec)
+        # JAX arrays are immutable, yet on the CPU device_put aliases an aligned NumPy array whatever its may_alias
+        # says: only zero_copy=True may take that path; otherwise jnp.array makes the copy. (JAX without
+        # jax_enable_x64 narrows 64-bit dtypes to 32 bits, as it does for every input.)
+        if zero_copy:
+            return jax.device_put(array, target)
+        copied = jax.numpy.array(array, copy=True)
+        return copied if target is None else jax.device_put(copied, target)
+    cupy = _import("cupy", "device 'cupy'")
+    with cupy.cuda.Device(_cupy_index(spec)):
+        return cupy.asarray(array)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nested structures
+# ---------------------------------------------------------------------------------------------------------------
+def map_arrays(obj: Any, fn: Callable[[Any], Any], *, tensors: bool = False) -> Any:
+    """Apply ``fn`` to every ``numpy.ndarray`` in nested dicts, lists and tuples; other leaves stay as they are.
+
+    Dicts keep their key order and come back as plain ``dict`` (an ``OrderedDict`` such as a torch ``state_dict``
+    included); lists as ``list``; tuples as ``tuple`` (named tuples keep their type). With ``tensors=True``, torch,
+    JAX and CuPy tensors are leaves too (``map_arrays(obj, to_host, tensors=True)`` brings a whole structure home).
+    """
+    if isinstance(obj, np.ndarray) or (tensors and _kind(obj) is not None):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {key: map_arrays(value, fn, tensors=tensors) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [map_arrays(value, fn, tensors=tensors) for value in obj]
+    if isinstance(obj, tuple):
+        items = [map_arrays(value, fn, tensors=tensors) for value in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
