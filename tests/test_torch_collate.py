@@ -301,8 +301,7 @@ def test_autograd_and_subclass_leaves_keep_torch_path() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Real DataLoaders
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ctx", ["fork", "spawn"])
-@pytest.mark.parametrize("mode", ["collate", "pool"])
+@pytest.mark.parametrize(("ctx", "mode"), [("fork", "collate"), ("fork", "pool"), ("spawn", "pool")])
 def test_loader_matches_default_collate(ctx: str, mode: str, pooled: Any) -> None:
     ds = NestedDataset(24)
     want = expected_batches(ds, 4)

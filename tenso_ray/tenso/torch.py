@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils import collate as _tcollate
 
-from .cache import TensoCache, _parse_size
+from .cache import TensoCache, parse_size
 from .errors import TensoCacheFullError
 
 __all__ = ["collate", "Collate", "PackedBatch"]
@@ -280,24 +280,11 @@ def _release(pool: TensoCache, handle: tuple[int, ...]) -> None:
         pass
 
 
-_pools: dict[str, TensoCache] = {}
-_pools_pid = os.getpid()
-_pools_lock = threading.Lock()
-
-
 def _pool(scope: str, size: int, owner_pid: int) -> TensoCache:
-    """This process's handle on the pool `scope` (attached once per process; a forked child attaches again)."""
-    global _pools_pid
-    with _pools_lock:
-        if _pools_pid != os.getpid():
-            _pools.clear()
-            _pools_pid = os.getpid()
-        pool = _pools.get(scope)
-        if pool is None:
-            from .nodecache import attach
+    """This process's handle on the pool ``scope`` (the node pool service keeps one per process and scope)."""
+    from .nodecache import attach
 
-            pool = _pools[scope] = attach(scope, size=size, owner_pid=owner_pid)
-        return pool
+    return attach(scope, size=size, owner_pid=owner_pid)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,7 +377,7 @@ class Collate:
     """
 
     def __init__(self, pool: Any = "256MB", *, wait: float = 1.0, inband_bytes: Optional[int] = None) -> None:
-        self.size = _parse_size(pool)
+        self.size = parse_size(pool)
         self.wait = float(wait)
         self.inband_bytes = INBAND_BYTES if inband_bytes is None else int(inband_bytes)
         self.owner_pid = os.getpid()
@@ -438,8 +425,6 @@ class Collate:
         """
         from .nodecache import drop
 
-        with _pools_lock:
-            _pools.pop(self.scope, None)
         drop(self.scope)
 
     def __getstate__(self) -> dict[str, Any]:
