@@ -99,7 +99,11 @@ def _view(storage: Any, offset: int, dtype: Any, shape: tuple[int, ...]) -> Any:
     """A tensor of `dtype` and `shape` over `storage` at byte `offset` (a multiple of 64)."""
     t = torch.empty(0, dtype=dtype)
     if not shape or all(shape):
-        t.set_(storage, offset // dtype.itemsize, shape)
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= d
+        t.set_(storage, offset // dtype.itemsize, shape, strides[::-1])
     else:
         t.resize_(shape)  # zero-size: nothing to share
     return t
