@@ -71,19 +71,32 @@ class ImageDataset(Dataset):
 
 
 class _Timed(ForkingPickler):
-    """The result queue's unpickler, timed: the main process's receive cost per batch."""
+    """The result queue's unpickler, timed: the main process's receive cost per batch is the time reading the
+    message from the pipe (once it is ready) plus unpickling it."""
 
     current: list[float] | None = None
     nbytes: list[int] | None = None
+    read_s = 0.0
 
     @classmethod
     def loads(cls, data: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         t = time.perf_counter()
         out = ForkingPickler.loads(data, *args, **kwargs)
         if cls.current is not None and cls.nbytes is not None:
-            cls.current.append(time.perf_counter() - t)
+            cls.current.append(time.perf_counter() - t + cls.read_s)
             cls.nbytes.append(len(data))
+        cls.read_s = 0.0
         return out
+
+
+def _timed_read(recv_bytes: Any) -> Any:
+    def read(*args: Any) -> Any:
+        t = time.perf_counter()
+        data = recv_bytes(*args)
+        _Timed.read_s = time.perf_counter() - t
+        return data
+
+    return read
 
 
 def make_loader(ds: Dataset, fn: Any, strategy: str) -> Any:
@@ -93,6 +106,8 @@ def make_loader(ds: Dataset, fn: Any, strategy: str) -> Any:
     for _ in loader:  # warm: workers start (fork) with this strategy and keep it
         pass
     tmp.set_sharing_strategy("file_descriptor")
+    queue = loader._iterator._worker_result_queue
+    queue._recv_bytes = _timed_read(queue._recv_bytes)
     return loader
 
 

@@ -447,16 +447,18 @@ def test_killed_worker_leaves_dev_shm_as_it_was(mode: str, pooled: Any) -> None:
                         multiprocessing_context="fork")
     got = []
     it = iter(loader)
+    # torch's SIGCHLD handler raises the worker's death from wherever the main thread is when the signal lands,
+    # possibly after the loop already failed on it; without it the loop finds the dead worker itself.
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         # The loader reports the dead worker. A result in flight may fail first, as with default_collate: its
         # descriptor cannot be fetched from the dead worker (ConnectionError), or its message was cut (EOFError).
         with pytest.raises((RuntimeError, ConnectionError, EOFError)) as info:
             for b in it:
                 got.append(b)
-    finally:
-        # Unregister the workers from torch's SIGCHLD handler now: it would raise again, anywhere, at the next
-        # child exit while this iterator lives (the traceback keeps it).
         it._shutdown_workers()  # type: ignore[attr-defined]
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
     assert not isinstance(info.value, RuntimeError) or "killed by signal" in str(info.value) or (
         "exited unexpectedly" in str(info.value))
     assert got  # batches before the crash arrived

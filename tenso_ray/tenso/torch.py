@@ -58,7 +58,7 @@ _ALIGN = 64
 # Batches smaller than this go through the worker's result pipe (a pickle) rather than a shared segment: below
 # it, creating, passing and mapping a segment costs more than copying the bytes twice. Measured with
 # benchmarks/bench_torch.py --crossover on this machine kind (2 workers): see integrations/torch/README.md.
-INBAND_BYTES = 256 * 1024
+INBAND_BYTES = 512 * 1024
 _SPARSE = (torch.sparse_coo, torch.sparse_csr, torch.sparse_bsr, torch.sparse_csc, torch.sparse_bsc)
 
 
