@@ -272,7 +272,9 @@ def _adopt(scope: str, size: int, owner_pid: int, handle: tuple[int, ...]) -> An
     mem = pool.adopt(handle)
     holder = np.frombuffer(mem, dtype=np.uint8)
     # torch.from_numpy keeps `holder` referenced by the storage until the storage is freed; the finalizer then
-    # returns the block. `holder` is referenced nowhere else.
+    # returns the block. `holder` is referenced nowhere else. (Not frameworks.from_host: the release hangs on
+    # exactly this reference, which its conversion does not promise. Samples go through torch.as_tensor, as in
+    # default_collate, so the dtypes accepted are default_collate's.)
     weakref.finalize(holder, _release, pool, handle)
     return torch.from_numpy(holder).untyped_storage()
 
@@ -371,8 +373,9 @@ class Collate:
     pool : str or int
         Pool size (``"256MB"``, bytes). The pool belongs to the process that makes this object (scope
         ``torch-<pid>``, shared by every ``Collate`` of that process: the first size wins) and is removed when
-        that process exits. Its size bounds what the batches in flight take in ``/dev/shm``, whatever
-        ``prefetch_factor`` and ``num_workers`` are.
+        that process exits. It is made on first use (by whichever worker leases first), so an object that a
+        spawned worker makes again while importing the main module costs nothing. Its size bounds what the
+        batches in flight take in ``/dev/shm``, whatever ``prefetch_factor`` and ``num_workers`` are.
     wait : float
         Seconds a worker waits for room in a full pool (batches the program holds keep their memory) before
         it sends the batch through the result pipe instead. A batch larger than the pool goes that way at once.
@@ -386,12 +389,10 @@ class Collate:
         self.inband_bytes = INBAND_BYTES if inband_bytes is None else int(inband_bytes)
         self.owner_pid = os.getpid()
         self.scope = f"torch-{self.owner_pid}"
-        self.fallbacks = 0  # batches this process sent in band because the pool was full (worker-side count)
-        _pool(self.scope, self.size, self.owner_pid)  # created now, before any worker starts
 
     @property
     def pool(self) -> TensoCache:
-        """This process's handle on the pool."""
+        """This process's handle on the pool (made if it does not exist yet)."""
         return _pool(self.scope, self.size, self.owner_pid)
 
     def __call__(self, batch: Any) -> Any:
@@ -412,7 +413,6 @@ class Collate:
             except TensoCacheFullError:
                 # Room comes back as the main process frees batches; a batch that can never fit goes in band.
                 if time.monotonic() >= deadline or total > self.size:
-                    self.fallbacks += 1
                     return _in_band(total)
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
@@ -430,14 +430,6 @@ class Collate:
         from .nodecache import drop
 
         drop(self.scope)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("size", "wait", "inband_bytes", "owner_pid", "scope")} | {
-            "fallbacks": 0
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"Collate(pool={self.size}, wait={self.wait}, scope={self.scope!r})"
