@@ -22,7 +22,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 import tenso.torch as tt  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [
+    pytest.mark.torch,
+    # Python >= 3.12 warns when a process with threads forks (the fork-context loaders and the fork test do).
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
 
 Point = collections.namedtuple("Point", ["x", "y"])
 
@@ -470,3 +474,26 @@ def test_killed_worker_leaves_dev_shm_as_it_was(mode: str, pooled: Any) -> None:
         fn.close()
     # Other processes on the host may make segments meanwhile: look at names of this process and its workers.
     assert {e for e in shm_entries() - before if str(os.getpid()) in e or e.startswith("torch_")} == set()
+
+
+def test_forked_child_never_frees_the_parents_lease(module_pool: Any) -> None:
+    """A child forked while the parent holds a pooled batch frees its own copy without touching the lease."""
+    packed = tt.PackedBatch(*tt._pack([np.arange(64, dtype=np.float32)] * 4, module_pool._lease))
+    batch = pickle.loads(ForkingPickler.dumps(packed))  # adopted: this process's lease until `batch` is freed
+    del packed
+    used = module_pool.pool.stats["used_bytes"]
+    assert used > 0
+    pid = os.fork()
+    if pid == 0:  # the child drops the batch (its finalizer runs here) and exits without cleanup
+        try:
+            del batch
+            gc.collect()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert module_pool.pool.stats["used_bytes"] == used  # still leased
+    want = torch.arange(64, dtype=torch.float32).expand(4, 64)
+    assert torch.equal(batch, want)
+    del batch
+    gc.collect()
+    assert module_pool.pool.stats["used_bytes"] == 0

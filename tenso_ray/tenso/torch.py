@@ -275,11 +275,15 @@ def _adopt(scope: str, size: int, owner_pid: int, handle: tuple[int, ...]) -> An
     # returns the block. `holder` is referenced nowhere else. (Not frameworks.from_host: the release hangs on
     # exactly this reference, which its conversion does not promise. Samples go through torch.as_tensor, as in
     # default_collate, so the dtypes accepted are default_collate's.)
-    weakref.finalize(holder, _release, pool, handle)
+    weakref.finalize(holder, _release, pool, handle, os.getpid())
     return torch.from_numpy(holder).untyped_storage()
 
 
-def _release(pool: TensoCache, handle: tuple[int, ...]) -> None:
+def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = None) -> None:
+    if pid is not None and os.getpid() != pid:
+        # A forked child freeing its copy of the batch (objects that only another thread of the parent held are
+        # freed in the child): the lease is still the parent's, and its batch may be in use there.
+        return
     try:
         pool.release(handle)
     except Exception:  # noqa: BLE001 - the pool may be gone at interpreter exit; the block dies with it
