@@ -378,7 +378,9 @@ def test_bounded_pool_long_epoch_and_kept_batch(pooled: Any, monkeypatch: pytest
     ds = FieldsDataset(320, fields=4, width=2048)
     want = expected_batches(ds, 8)
     collate_fn = pooled(1 << 20, wait=0.05, inband_bytes=0)
+    collate_fn.close()  # the scope is per process: drop a pool an earlier test made, so this one has 1 MiB
     pool = collate_fn.pool
+    assert pool.stats["pool_size"] == 1 << 20
     region = pool.stats["data_region_size"]
     counter = CountRebuilds(monkeypatch)
     # How batches arrive (forked workers pickle these module-level stand-ins by reference).
