@@ -543,7 +543,7 @@ def _device_label(kind: int, index: int) -> str:
     return f"{_DL_DEVICE_NAMES.get(kind, f'DLPack device type {kind}')}:{index}"
 
 
-def _capsule_dtype(capsule: Any) -> ctypes.Array:  # type: ignore[type-arg]
+def _capsule_dtype(capsule: Any) -> Any:
     """The 2 bytes ``(code, bits)`` of the DLDataType inside an unconsumed DLPack capsule, as a writable ctypes view.
 
     The capsule name is checked before any cast; a consumed (``used_*``) or foreign capsule raises BufferError.
