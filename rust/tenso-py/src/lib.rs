@@ -10,6 +10,7 @@ mod decode;
 mod encode;
 mod errors;
 mod gather;
+mod gpu;
 mod parts;
 mod quant;
 mod shm;
@@ -26,6 +27,7 @@ fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     parts::register(m)?;
     shm::register(m)?;
+    gpu::register(m)?;
     constants(m)?;
     Ok(())
 }
