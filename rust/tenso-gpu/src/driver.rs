@@ -125,30 +125,37 @@ impl Device {
         let pool = self.pool();
         let mut bufs = [pool.take()?, pool.take()?];
         let chunk = pool.chunk();
-        let mut offset = 0usize;
-        let mut i = 0usize;
-        while offset < len {
-            let n = chunk.min(len - offset);
-            let slot = i % 2;
-            // SAFETY: the stream belongs to this device; waiting for it means the copy that last read this buffer
-            // has finished, so the buffer may be overwritten.
-            unsafe { result::stream::synchronize(streams[slot]) }
-                .map_err(driver("cuStreamSynchronize"))?;
-            let host = &mut bufs[slot].as_mut_slice()[..n];
-            fill(host)?;
-            // SAFETY: dst + offset .. + n lies inside the caller's range (offset + n <= len); the pinned buffer stays
-            // alive and unmodified until the stream is synchronised (next use of this slot, or below).
-            unsafe { result::memcpy_htod_async(dst + offset as u64, &*host, streams[slot]) }
-                .map_err(driver("cuMemcpyHtoDAsync"))?;
-            offset += n;
-            i += 1;
-        }
+        let mut pump = || -> Result<(), GpuError> {
+            let mut offset = 0usize;
+            let mut i = 0usize;
+            while offset < len {
+                let n = chunk.min(len - offset);
+                let slot = i % 2;
+                // SAFETY: the stream belongs to this device; waiting for it means the copy that last read this
+                // buffer has finished, so the buffer may be overwritten.
+                unsafe { result::stream::synchronize(streams[slot]) }
+                    .map_err(driver("cuStreamSynchronize"))?;
+                let host = &mut bufs[slot].as_mut_slice()[..n];
+                fill(host)?;
+                // SAFETY: dst + offset .. + n lies inside the caller's range (offset + n <= len); the pinned buffer
+                // stays alive and unmodified until its stream is synchronised (next use of this slot, or below).
+                unsafe { result::memcpy_htod_async(dst + offset as u64, &*host, streams[slot]) }
+                    .map_err(driver("cuMemcpyHtoDAsync"))?;
+                offset += n;
+                i += 1;
+            }
+            Ok(())
+        };
+        let pumped = pump();
+        // Always drain both streams, also after an error, before the staging buffers go back to the pool.
+        let mut drained = Ok(());
         for stream in streams {
-            // SAFETY: as above; after this no copy reads the staging buffers, which go back to the pool.
-            unsafe { result::stream::synchronize(stream) }
-                .map_err(driver("cuStreamSynchronize"))?;
+            // SAFETY: the streams belong to this device; synchronising has no precondition beyond that.
+            if let Err(e) = unsafe { result::stream::synchronize(stream) } {
+                drained = Err(driver("cuStreamSynchronize")(e));
+            }
         }
-        Ok(())
+        pumped.and(drained)
     }
 
     /// Copies `len` bytes of device memory at `src` to `sink`, one staging chunk at a time; the copy of chunk k+1
