@@ -35,6 +35,7 @@ __all__ = [
     "_xxh3_64_chunked",
     "_lz4_compress",
     "_lz4_decompress",
+    "_gpu_available",
     "_quantize",
     "_dequantize",
     "FLAG_ALIGNED",
