@@ -100,12 +100,12 @@ def main() -> int:
         host = np.arange(nbytes // 4, dtype=np.float32)
         packet = bytes(tenso.dumps(host))
         paths = {}
-        with tempfile.NamedTemporaryFile(prefix="tenso-bench-", suffix=".tnso", delete=False) as f:
-            f.write(packet)
-            paths["file"] = f.name
+        with tempfile.NamedTemporaryFile(prefix="tenso-bench-", suffix=".tnso", delete=False) as tmp:
+            tmp.write(packet)
+            paths["file"] = tmp.name
         paths["shm"] = os.path.join(shm_dir, f"tenso-bench-gpu-{os.getpid()}.tnso")
-        with open(paths["shm"], "wb") as f:
-            f.write(packet)
+        with open(paths["shm"], "wb") as shm_file:
+            shm_file.write(packet)
         try:
             def opener(source: str) -> Callable[[], Any]:
                 if source == "memory":
@@ -149,8 +149,8 @@ def main() -> int:
                    _median_s(lambda: tenso.gpu.write_from_device(dev, _Discard()), reps, sync))
             for source in ("file", "shm"):
                 def d2h(path: str = paths[source]) -> None:
-                    with open(path, "wb", buffering=0) as f:
-                        tenso.gpu.write_from_device(dev, f)
+                    with open(path, "wb", buffering=0) as dest:
+                        tenso.gpu.write_from_device(dev, dest)
 
                 record("d2h", source, "tenso", nbytes, _median_s(d2h, reps, sync))
             del pinned, dev
@@ -186,8 +186,8 @@ def main() -> int:
     }
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "bench_gpu.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+    with open(path, "w") as out:
+        json.dump(payload, out, indent=1)
     print(f"bench_gpu: wrote {path}")
     return 0
 
