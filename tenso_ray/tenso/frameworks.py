@@ -644,9 +644,11 @@ def host_input(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj
     if isinstance(obj, dict):
-        if not any(not isinstance(v, np.ndarray) and is_dlpack_producer(v) for v in obj.values()):
-            return obj
-        return {key: host_input(value) for key, value in obj.items()}
+        ndarray = np.ndarray
+        for value in obj.values():  # a plain loop: this runs on every dumps of a dict
+            if not isinstance(value, ndarray) and is_dlpack_producer(value):
+                return {key: host_input(value) for key, value in obj.items()}
+        return obj
     if is_dlpack_producer(obj):
         return from_dlpack(obj, copy=None)
     return obj
