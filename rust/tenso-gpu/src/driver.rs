@@ -242,4 +242,48 @@ mod tests {
         assert!(matches!(err, GpuError::NoDriver));
         assert!(err.to_string().contains("libcuda"));
     }
+
+    /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` when cargo is there).
+    #[test]
+    fn round_trip_through_staging_reuses_buffers() {
+        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+            return;
+        }
+        let chunk = 1 << 20;
+        let mut device = Device::open(0, chunk).unwrap();
+        let len = 5 * chunk + 12_345; // several chunks and a ragged tail
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        // SAFETY: a plain device allocation in the current (primary) context, freed below.
+        let dptr = unsafe { result::malloc_sync(len) }.unwrap();
+        for _ in 0..3 {
+            let mut fed = 0usize;
+            // SAFETY: dptr holds len bytes and nothing else uses it.
+            unsafe {
+                device.copy_to_device(dptr, len, |buf| {
+                    buf.copy_from_slice(&data[fed..fed + buf.len()]);
+                    fed += buf.len();
+                    Ok(())
+                })
+            }
+            .unwrap();
+            let mut back = Vec::with_capacity(len);
+            // SAFETY: as above; the H2D copy finished before copy_to_device returned.
+            unsafe {
+                device.copy_from_device(dptr, len, |buf| {
+                    back.extend_from_slice(buf);
+                    Ok(())
+                })
+            }
+            .unwrap();
+            assert_eq!((fed, back.len()), (len, len));
+            assert!(back == data);
+        }
+        assert_eq!(
+            device.pool().allocations(),
+            2,
+            "steady state allocates no pinned memory"
+        );
+        // SAFETY: allocated above, no copy in flight.
+        unsafe { result::free_sync(dptr) }.unwrap();
+    }
 }
