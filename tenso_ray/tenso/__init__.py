@@ -11,6 +11,8 @@ read_stream, write_stream, iter_dumps
     Stream packets over sockets and files without copying array bodies.
 aread_stream, awrite_stream
     The same over asyncio streams.
+from_dlpack
+    A NumPy array over any DLPack producer's host memory (torch, JAX, CuPy, NumPy).
 read_to_device
     Read a packet into CuPy or PyTorch device memory (imported on first use).
 get_packet_info, is_aligned
@@ -27,6 +29,7 @@ from __future__ import annotations
 from .async_core import aread_stream, awrite_stream
 from .cache import TensoCache
 from .core import dump, dumps, iter_dumps, load, loads, read_stream, write_stream
+from .frameworks import from_dlpack
 from .errors import (
     TensoCacheFullError,
     TensoError,
@@ -62,6 +65,7 @@ __all__ = [
     "aread_stream",
     "awrite_stream",
     "read_to_device",
+    "from_dlpack",
     "get_packet_info",
     "is_aligned",
     "QuantizedTensor",

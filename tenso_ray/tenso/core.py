@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Optional, Union
 
 from . import tenso_rs as _rs
 from .errors import TensoTruncatedError
+from .frameworks import host_input as _host_input
 from .ragged import RaggedArray
 
 __all__ = [
@@ -83,7 +84,7 @@ def _parts(
 ) -> list[Union[bytes, memoryview]]:
     return _byte_parts(
         _rs._dump_parts(
-            tensor, strict=strict, check_integrity=check_integrity, protocol=protocol
+            _host_input(tensor), strict=strict, check_integrity=check_integrity, protocol=protocol
         )
     )
 
@@ -109,7 +110,10 @@ def dumps(
     tensor : Any
         A NumPy array (or NumPy scalar), a ``dict`` mapping ``str`` to supported
         objects, a SciPy sparse COO/CSR/CSC matrix, a :class:`tenso.QuantizedTensor`,
-        a :class:`tenso.StringTensor` or a :class:`tenso.RaggedArray`.
+        a :class:`tenso.StringTensor` or a :class:`tenso.RaggedArray`. Any DLPack
+        producer in host memory (a CPU torch tensor, JAX or NumPy array) is
+        serialized as its NumPy view (:func:`tenso.from_dlpack`), bytes for bytes;
+        a device tensor raises BufferError (use :mod:`tenso.gpu`).
     strict : bool, default False
         If True, refuse arrays that are not C-contiguous instead of gathering them.
     check_integrity : bool, default False
@@ -138,7 +142,7 @@ def dumps(
         if the object breaks a format limit (:class:`tenso.TensoFormatError`).
     """
     return _rs._dumps(
-        tensor,
+        _host_input(tensor),  # DLPack producers (torch, JAX, CuPy on the host) as NumPy views
         strict=strict,
         check_integrity=check_integrity,
         compress=compress,

@@ -18,11 +18,26 @@ torch refuses) and never through a float conversion.
 
 No framework is imported until a function needs it; a missing one raises ImportError naming the extra to install.
 A CUDA device asked of a framework that has none raises RuntimeError saying what is missing. Device copies go
-through pageable host memory for now; pinned staging and DLPack hand-off (issue #13) plug in here.
+through pageable host memory for now; pinned staging lives in :mod:`tenso.gpu` (issue #13).
+
+DLPack (framework-agnostic, see :func:`from_dlpack`, :func:`host_input` and :func:`to_dlpack`) goes through
+NumPy's own ``np.from_dlpack`` / ``ndarray.__dlpack__``. What the installed versions do (numpy 2.4, torch 2.15,
+JAX 0.10, checked by tests/test_dlpack.py):
+
+* NumPy >= 2.1 exports a read-only array only through a *versioned* capsule carrying the READ_ONLY flag (the legacy
+  unversioned export raises BufferError), and ``np.from_dlpack`` of a READ_ONLY capsule gives a read-only view.
+* torch ignores the READ_ONLY flag: ``torch.from_dlpack(readonly_view)`` shares the memory as a writable tensor.
+  Hence :func:`from_host` (``"torch"``) hands torch a copy unless the caller passes ``zero_copy=True``.
+* JAX 0.10 asks only for the legacy capsule, which cannot carry READ_ONLY, so NumPy refuses to hand it a read-only
+  view (BufferError); ``from_host(view, "jax")`` hands JAX a copy of it instead.
+* NumPy does not know DLPack's bfloat16 and float8 type codes ("Unsupported dtype in DLTensor"). Those cross as the
+  unsigned integer of the same width with the type code rewritten in the capsule, and are named as ``ml_dtypes``
+  types on the NumPy side: still zero-copy, never a float conversion.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import math
 import re
@@ -45,6 +60,10 @@ __all__ = [
     "is_tensor",
     "torch_cuda_device",
     "check_device",
+    "from_dlpack",
+    "host_input",
+    "is_dlpack_producer",
+    "to_dlpack",
 ]
 
 # NumPy builtin dtypes that torch also has, under the same name.
@@ -479,3 +498,173 @@ def map_arrays(obj: Any, fn: Callable[[Any], Any], *, tensors: bool = False) -> 
         items = [map_arrays(value, fn, tensors=tensors) for value in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DLPack
+# ---------------------------------------------------------------------------------------------------------------
+# DLDeviceType codes whose memory the CPU can read directly.
+_DL_HOST_DEVICES = frozenset({1, 3, 11, 13})  # kDLCPU, kDLCUDAHost, kDLROCMHost, kDLCUDAManaged
+_DL_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm",
+                    13: "cuda_managed", 14: "oneapi", 15: "webgpu"}
+_DL_UINT = 1
+# DLDataTypeCode -> ml_dtypes name, for the byte-per-element codes NumPy's DLPack import does not know.
+_DL_ML_CODES = {
+    4: "bfloat16", 7: "float8_e3m4", 8: "float8_e4m3", 9: "float8_e4m3b11fnuz", 10: "float8_e4m3fn",
+    11: "float8_e4m3fnuz", 12: "float8_e5m2", 13: "float8_e5m2fnuz", 14: "float8_e8m0fnu",
+}
+_DL_ML_NAMES = {name: code for code, name in _DL_ML_CODES.items()}
+# Byte offset of the DLTensor inside the managed struct the capsule points to: DLManagedTensorVersioned starts with
+# version (2 x uint32), manager_ctx, deleter, flags (uint64); the legacy DLManagedTensor starts with the DLTensor.
+_DL_TENSOR_OFFSET = {b"dltensor_versioned": 8 + 2 * ctypes.sizeof(ctypes.c_void_p) + 8, b"dltensor": 0}
+# Inside DLTensor: data (pointer), device (2 x int32), ndim (int32), then DLDataType {uint8 code, uint8 bits, ...}.
+_DL_DTYPE_OFFSET = ctypes.sizeof(ctypes.c_void_p) + 8 + 4
+
+_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_is_valid.restype = ctypes.c_int
+_capsule_is_valid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def is_dlpack_producer(obj: Any) -> bool:
+    """Whether ``obj`` exports DLPack (``__dlpack__`` and ``__dlpack_device__``): torch, JAX, CuPy, NumPy, ..."""
+    cls = type(obj)
+    return hasattr(cls, "__dlpack__") and hasattr(cls, "__dlpack_device__")
+
+
+def _dl_device(obj: Any) -> tuple[int, int]:
+    kind, index = obj.__dlpack_device__()
+    return int(kind), int(index)
+
+
+def _device_label(kind: int, index: int) -> str:
+    return f"{_DL_DEVICE_NAMES.get(kind, f'DLPack device type {kind}')}:{index}"
+
+
+def _capsule_dtype(capsule: Any) -> Any:
+    """The 2 bytes ``(code, bits)`` of the DLDataType inside an unconsumed DLPack capsule, as a writable ctypes view.
+
+    The capsule name is checked before any cast; a consumed (``used_*``) or foreign capsule raises BufferError.
+    """
+    for name, offset in _DL_TENSOR_OFFSET.items():
+        if _capsule_is_valid(capsule, name):
+            base = _capsule_pointer(capsule, name)
+            return (ctypes.c_uint8 * 2).from_address(base + offset + _DL_DTYPE_OFFSET)
+    raise BufferError("not an unconsumed DLPack capsule (expected 'dltensor_versioned' or 'dltensor')")
+
+
+class _Retyped:
+    """A DLPack producer that forwards to ``source`` and rewrites the type code of each capsule it hands out.
+
+    The bytes, shape, strides, device, flags and deleter stay the producer's; only the name of the element type
+    changes (bfloat16 <-> uint16, float8 <-> uint8), so the consumer shares the same memory.
+    """
+
+    __slots__ = ("_source", "_code", "seen")
+
+    def __init__(self, source: Any, code: int) -> None:
+        self._source = source
+        self._code = code
+        self.seen: Optional[tuple[int, int]] = None  # (code, bits) the producer exported
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        capsule = self._source.__dlpack__(**kwargs)
+        dtype = _capsule_dtype(capsule)
+        self.seen = (dtype[0], dtype[1])
+        dtype[0] = self._code
+        return capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return _dl_device(self._source)
+
+
+def _from_dlpack_ml(obj: Any, copy: Optional[bool]) -> np.ndarray:
+    """NumPy's import of a capsule whose type code NumPy does not know (bfloat16, float8), named as ml_dtypes."""
+    retyped = _Retyped(obj, _DL_UINT)
+    raw = np.from_dlpack(retyped, copy=copy)
+    code, bits = retyped.seen or (-1, 0)
+    name = _DL_ML_CODES.get(code)
+    scalar = None if name is None else getattr(_import("ml_dtypes", f"DLPack {name}"), name, None)
+    if scalar is None or bits != 8 * np.dtype(scalar).itemsize:
+        raise TypeError(f"NumPy has no dtype for DLPack type code {code} with {bits} bits")
+    return raw.view(np.dtype(scalar))
+
+
+def from_dlpack(obj: Any, copy: Optional[bool] = None) -> np.ndarray:
+    """A NumPy array over the memory of any DLPack producer (torch, JAX, CuPy, NumPy, ...).
+
+    Host memory (CPU, CUDA pinned or managed) is shared without a copy unless ``copy=True``; a read-only export
+    (READ_ONLY flag, e.g. a JAX array or a read-only NumPy view) comes back read-only. bfloat16 and float8 come back
+    as ``ml_dtypes`` arrays over the same bytes (ImportError naming ``tenso-ray[bfloat16]`` without ml_dtypes).
+
+    Parameters
+    ----------
+    obj : Any
+        An object with ``__dlpack__`` and ``__dlpack_device__``.
+    copy : bool, optional
+        None: share where possible. True: always return a fresh host copy; device memory (CUDA) is then copied to
+        the host by the producer. False: never copy (BufferError if the producer would have to).
+
+    Raises
+    ------
+    TypeError
+        ``obj`` is not a DLPack producer, or its dtype has no NumPy equivalent.
+    BufferError
+        The memory is on a device and ``copy`` is not True (the message points to :mod:`tenso.gpu`).
+    """
+    if not is_dlpack_producer(obj):
+        raise TypeError(f"{type(obj).__name__} is not a DLPack producer (no __dlpack__/__dlpack_device__)")
+    kind, index = _dl_device(obj)
+    if kind not in _DL_HOST_DEVICES:
+        if not copy:
+            raise BufferError(
+                f"the {type(obj).__name__} lives on {_device_label(kind, index)}, not in host memory: pass "
+                "copy=True for a host copy, or use tenso.gpu.write_from_device to serialize it through pinned "
+                "staging"
+            )
+        return np.from_dlpack(obj, device="cpu", copy=True)
+    try:
+        return np.from_dlpack(obj, copy=copy)
+    except (RuntimeError, BufferError) as exc:
+        if "dtype" not in str(exc):
+            raise
+        return _from_dlpack_ml(obj, copy)
+
+
+def host_input(obj: Any) -> Any:
+    """What :func:`tenso.dumps` and the writers serialize for ``obj``: DLPack producers become NumPy arrays.
+
+    A NumPy array is returned as is; any other object with ``__dlpack__`` becomes a zero-copy NumPy view of its host
+    memory (:func:`from_dlpack`); dict values are converted the same way (a new dict, same order). Anything else is
+    returned unchanged, for the encoder to accept or refuse. Device tensors raise BufferError pointing to
+    :func:`tenso.gpu.write_from_device`: a serializer does not copy device memory behind the caller's back.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, dict):
+        ndarray = np.ndarray
+        for value in obj.values():  # a plain loop: this runs on every dumps of a dict
+            if not isinstance(value, ndarray) and is_dlpack_producer(value):
+                return {key: host_input(value) for key, value in obj.items()}
+        return obj
+    if is_dlpack_producer(obj):
+        return from_dlpack(obj, copy=None)
+    return obj
+
+
+def to_dlpack(array: np.ndarray) -> Any:
+    """A DLPack producer for ``array`` that other frameworks import without a copy, ml_dtypes included.
+
+    For builtin dtypes this is ``array`` itself (NumPy's ``__dlpack__``). bfloat16 and float8 arrays, which NumPy
+    cannot export, are exported as their bytes with the DLPack type code of the ml_dtypes type
+    (``torch.from_dlpack(to_dlpack(bf16_array))`` is a ``torch.bfloat16`` tensor over the same memory). A read-only
+    array carries the READ_ONLY flag -- which torch ignores (see the module docstring).
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"to_dlpack takes a numpy.ndarray, not {type(array).__name__}")
+    code = _DL_ML_NAMES.get(array.dtype.name)
+    if code is None or array.dtype.fields is not None:
+        return array
+    return _Retyped(array.view(f"u{array.dtype.itemsize}"), code)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .core import read_stream, write_stream
 from .frameworks import check_device, from_host, map_arrays, to_host
+from .tenso_rs import _gpu_available
 
 __all__ = ["available", "read_to_device", "write_from_device"]
 
@@ -63,13 +64,19 @@ def _cuda_problem() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _native_available() -> bool:
+    return _gpu_available()
+
+
 def available() -> bool:
     """Whether a CUDA GPU can be used here: the NVIDIA driver loads and reports at least one device.
 
-    Asks the driver directly (``libcuda``), imports no framework, and caches the answer for the process. A framework
-    may still lack CUDA support (a CPU-only PyTorch build): the transfer functions then say so.
+    Asks the driver directly through the native engine (tenso-gpu loads ``libcuda`` at run time and checks for it
+    before any driver call), imports no framework, and caches the answer for the process. A framework may still
+    lack CUDA support (a CPU-only PyTorch build): the transfer functions then say so.
     """
-    return _cuda_problem() is None
+    return _native_available()
 
 
 def _require_cuda(what: str) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "_lz4_compress",
     "_lz4_decompress",
     "_kernel_paths",
+    "_gpu_available",
     "_quantize",
     "_pack_int4",
     "_unpack_int4",
@@ -185,6 +186,7 @@ def _lz4_decompress(data: _Buffer, size: int) -> npt.NDArray[np.uint8]: ...
 def _kernel_paths() -> dict[str, str]:
     """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
     "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
+def _gpu_available() -> bool: ...
 
 # --- shared memory (rust/tenso-py/src/shm.rs) ---
 @final

@@ -9,6 +9,7 @@ mod codec;
 mod decode;
 mod encode;
 mod errors;
+mod gpu;
 mod parts;
 mod quant;
 mod shm;
@@ -24,6 +25,7 @@ fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     parts::register(m)?;
     shm::register(m)?;
+    gpu::register(m)?;
     constants(m)?;
     m.add_function(wrap_pyfunction!(_kernel_paths, m)?)?;
     Ok(())

@@ -1,0 +1,196 @@
+"""Host<->device bandwidth of tenso.gpu against torch's own copies (issue #13). Needs an NVIDIA GPU.
+
+For 64 MiB and 1 GiB float32 packets, from memory (BytesIO), a file (page cache) and shm (/dev/shm), measures:
+
+* h2d/tenso      tenso.gpu.read_to_device(source, 0, "torch")  (read + host-to-device, synchronised)
+* d2h/tenso      tenso.gpu.write_from_device(cuda_tensor, dest) (device-to-host + write)
+* h2d|d2h/pinned torch pinned tensor .copy_ (cudaMemcpy from page-locked memory: the copy-engine limit)
+* h2d|d2h/pageable  torch CPU tensor .to("cuda") / cuda tensor .cpu()
+* h2d|d2h/cupy   cupy.asarray / .get() (if CuPy is installed)
+* read/alone     read_stream of the same source with no device copy (for the overlap ratio)
+
+Medians of REPS runs (5 for 64 MiB, 3 for 1 GiB), reported as GB/s (1e9 bytes/s), and the targets of the issue:
+tenso >= 0.85x pinned, >= 2x pageable, read+copy of 1 GiB <= 1.2x the slower of read alone and pinned copy alone.
+Writes JSON to $OUT/bench_gpu.json if OUT is set, else benchmarks/results/bench_gpu.json. Without a GPU it says so
+and exits 0 having measured nothing.
+
+    .venv/bin/python benchmarks/bench_gpu.py [--sizes 64M,1G] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import tenso
+import tenso.gpu
+
+MiB = 1 << 20
+
+
+class _Discard(io.RawIOBase):
+    """A writable sink that drops what it is given (the 'memory' destination for D2H)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return memoryview(b).nbytes
+
+
+def _median_s(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up (allocator, page cache, lazy CUDA init)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": MiB, "G": 1 << 30}.get(text[-1], 1)
+    return int(text.rstrip("KMG")) * mult
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64M,1G")
+    parser.add_argument("--quick", action="store_true", help="one repetition each (smoke run)")
+    args = parser.parse_args()
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+    if not tenso.gpu.available():
+        print(f"bench_gpu: no CUDA GPU here ({tenso.gpu._cuda_problem()}); nothing measured")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"bench_gpu: torch {torch.__version__} sees no CUDA device; nothing measured")
+        return 0
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    sync = torch.cuda.synchronize
+    results: list[dict[str, Any]] = []
+
+    def record(op: str, source: str, impl: str, nbytes: int, seconds: float) -> None:
+        row = {"op": op, "source": source, "impl": impl, "bytes": nbytes, "seconds": seconds,
+               "GBps": nbytes / seconds / 1e9}
+        results.append(row)
+        print(f"{op:4s} {source:7s} {impl:9s} {nbytes // MiB:5d} MiB  {row['GBps']:7.2f} GB/s", flush=True)
+
+    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    for nbytes in (_size(s) for s in args.sizes.split(",")):
+        reps = 1 if args.quick else (5 if nbytes <= 256 * MiB else 3)
+        host = np.arange(nbytes // 4, dtype=np.float32)
+        packet = bytes(tenso.dumps(host))
+        paths = {}
+        with tempfile.NamedTemporaryFile(prefix="tenso-bench-", suffix=".tnso", delete=False) as tmp:
+            tmp.write(packet)
+            paths["file"] = tmp.name
+        paths["shm"] = os.path.join(shm_dir, f"tenso-bench-gpu-{os.getpid()}.tnso")
+        with open(paths["shm"], "wb") as shm_file:
+            shm_file.write(packet)
+        try:
+            def opener(source: str) -> Callable[[], Any]:
+                if source == "memory":
+                    return lambda: io.BytesIO(packet)
+                return lambda: open(paths[source], "rb", buffering=0)
+
+            for source in ("memory", "file", "shm"):
+                make = opener(source)
+
+                def h2d(make: Callable[[], Any] = make) -> None:
+                    src = make()
+                    try:
+                        tenso.gpu.read_to_device(src, 0, framework="torch")
+                    finally:
+                        src.close()
+
+                def read_alone(make: Callable[[], Any] = make) -> None:
+                    src = make()
+                    try:
+                        tenso.read_stream(src)
+                    finally:
+                        src.close()
+
+                record("h2d", source, "tenso", nbytes, _median_s(h2d, reps, sync))
+                record("read", source, "alone", nbytes, _median_s(read_alone, reps, sync))
+
+            cpu = torch.from_numpy(host)
+            pinned = cpu.pin_memory()
+            dev = cpu.cuda()
+            record("h2d", "memory", "pinned", nbytes, _median_s(lambda: dev.copy_(pinned, non_blocking=True), reps, sync))
+            record("h2d", "memory", "pageable", nbytes, _median_s(lambda: cpu.to("cuda"), reps, sync))
+            record("d2h", "memory", "pinned", nbytes, _median_s(lambda: pinned.copy_(dev, non_blocking=True), reps, sync))
+            record("d2h", "memory", "pageable", nbytes, _median_s(lambda: dev.cpu(), reps, sync))
+            if cupy is not None:
+                record("h2d", "memory", "cupy", nbytes, _median_s(lambda: cupy.asarray(host), reps,
+                                                                  cupy.cuda.Device().synchronize))
+                cdev = cupy.asarray(host)
+                record("d2h", "memory", "cupy", nbytes, _median_s(lambda: cdev.get(), reps,
+                                                                  cupy.cuda.Device().synchronize))
+            record("d2h", "memory", "tenso", nbytes,
+                   _median_s(lambda: tenso.gpu.write_from_device(dev, _Discard()), reps, sync))
+            for source in ("file", "shm"):
+                def d2h(path: str = paths[source]) -> None:
+                    with open(path, "wb", buffering=0) as dest:
+                        tenso.gpu.write_from_device(dev, dest)
+
+                record("d2h", source, "tenso", nbytes, _median_s(d2h, reps, sync))
+            del pinned, dev
+            torch.cuda.empty_cache()
+        finally:
+            for path in paths.values():
+                os.unlink(path)
+
+    def gbps(op: str, source: str, impl: str, nbytes: int) -> float:
+        return next(r["GBps"] for r in results if (r["op"], r["source"], r["impl"], r["bytes"]) == (op, source, impl, nbytes))
+
+    targets = []
+    for nbytes in sorted({r["bytes"] for r in results}):
+        for op in ("h2d", "d2h"):
+            tenso_bw = gbps(op, "memory", "tenso", nbytes)
+            targets.append({"what": f"{op} {nbytes // MiB} MiB tenso/pinned", "ratio": tenso_bw / gbps(op, "memory", "pinned", nbytes),
+                            "target": ">= 0.85"})
+            targets.append({"what": f"{op} {nbytes // MiB} MiB tenso/pageable", "ratio": tenso_bw / gbps(op, "memory", "pageable", nbytes),
+                            "target": ">= 2"})
+        t_both = nbytes / gbps("h2d", "file", "tenso", nbytes)
+        t_slower = max(nbytes / gbps("read", "file", "alone", nbytes), nbytes / gbps("h2d", "memory", "pinned", nbytes))
+        targets.append({"what": f"overlap {nbytes // MiB} MiB file: (read+copy)/max(read, copy)",
+                        "ratio": t_both / t_slower, "target": "<= 1.2"})
+    for t in targets:
+        print(f"target {t['what']}: {t['ratio']:.2f} (want {t['target']})")
+    payload = {
+        "bench": "bench_gpu",
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "gpu": torch.cuda.get_device_name(0),
+                    "torch": torch.__version__, "torch_cuda": torch.version.cuda, "numpy": np.__version__,
+                    "tenso": tenso.__version__, "cupy": getattr(cupy, "__version__", None)},
+        "results": results,
+        "targets": targets,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench_gpu.json")
+    with open(path, "w") as out:
+        json.dump(payload, out, indent=1)
+    print(f"bench_gpu: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

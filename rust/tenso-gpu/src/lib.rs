@@ -1,0 +1,58 @@
+//! CUDA staging for tenso-ray: a pool of page-locked host buffers and chunked, double-buffered copies between a
+//! byte stream and device memory.
+//!
+//! The CUDA driver is loaded with `dlopen` at run time (cudarc's `dynamic-loading`), so this crate builds and its
+//! users load on machines without CUDA. cudarc panics on the first driver call when `libcuda` is absent, so every
+//! entry point goes through [`available`], which checks for the library first and returns
+//! [`GpuError::NoDriver`] instead.
+//!
+//! * [`pool::StagingPool`]: page-locked buffers allocated once and reused (it counts allocations, so a caller can
+//!   prove there are none in steady state). Generic over [`pool::HostAlloc`] so its bookkeeping is tested without
+//!   a GPU.
+//! * `Device` (feature `cuda`): retains the device's *primary* context, the one torch and CuPy use, so device
+//!   pointers from those frameworks are valid here; copies a reader into device memory and device memory into a
+//!   writer in chunks, alternating two streams and two staging buffers so that filling one buffer overlaps the
+//!   copy engine draining the other.
+#![deny(missing_docs)]
+
+mod error;
+pub mod pool;
+
+#[cfg(feature = "cuda")]
+mod driver;
+
+#[cfg(feature = "cuda")]
+pub use driver::{Device, PinnedAlloc};
+pub use error::GpuError;
+
+/// The number of CUDA devices the driver reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCount(pub u32);
+
+/// Whether CUDA can be used here: the driver library loads, initialises, and reports how many devices it sees
+/// (possibly 0). Never panics: a missing driver is [`GpuError::NoDriver`].
+pub fn available() -> Result<DeviceCount, GpuError> {
+    #[cfg(feature = "cuda")]
+    {
+        driver::available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(GpuError::NotBuilt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_never_panics_and_is_consistent() {
+        match available() {
+            Ok(DeviceCount(_)) => {}
+            Err(GpuError::NoDriver) | Err(GpuError::NotBuilt) => {}
+            Err(e @ GpuError::Driver { .. }) => assert!(e.to_string().contains("cu"), "{e}"),
+            Err(other) => panic!("unexpected error from available(): {other}"),
+        }
+    }
+}
