@@ -429,7 +429,7 @@ impl Pool {
         let mut out = Vec::with_capacity(keys.len());
         if hits.iter().any(Option::is_some) {
             let pid = lock::current_pid();
-            let mut pin_all = |l: &mut super::Locked<'_>| {
+            let pin_all = |l: &mut super::Locked<'_>| {
                 let mut free_from = 0;
                 hits.iter()
                     .map(|hit| hit.map(|hit| (hit, l.pin_entry(&hit, pid, &mut free_from))))
