@@ -148,7 +148,7 @@ def test_pins_released_when_views_die(pool: tenso_rs._Pool) -> None:
     del values[0]
     gc.collect()
     assert pool.stats["pinned"] == 3
-    kept = values[1]["y"]
+    kept = values[0]["y"]  # b's
     del values
     gc.collect()
     assert pool.stats["pinned"] == 3
@@ -187,7 +187,9 @@ def test_forked_child_pins_as_itself(pool: tenso_rs._Pool) -> None:
     # The process id behind pins is cached per process: a fork child must pin under its own id, so that its pins
     # die with it (under the parent's id they would outlive the child for as long as the parent lives).
     pool.put("a", np.arange(10, dtype=np.uint8))
-    del pool.get("a", pin=True)  # the parent has used (and cached) its id
+    first = pool.get("a", pin=True)  # the parent has used (and cached) its id
+    del first
+    gc.collect()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
