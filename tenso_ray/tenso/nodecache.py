@@ -332,7 +332,9 @@ def _watch(name: str) -> None:
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
 def _count(cache: TensoCache, what: str) -> None:
-    counters = _counters.setdefault(cache.name, {"hits": 0, "misses": 0, "fallbacks": 0})
+    counters = _counters.get(cache.name)
+    if counters is None:
+        counters = _counters[cache.name] = {"hits": 0, "misses": 0, "fallbacks": 0}
     counters[what] += 1
 
 
