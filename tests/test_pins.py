@@ -143,10 +143,17 @@ def test_pins_released_when_views_die(pool: tenso_rs._Pool) -> None:
     values = pool.get_many(["a", "b", "missing", "c"], pin=True)
     assert values[2] is None
     assert pool.stats["pinned"] == 3
+    # The values of one get_many share one owner of all their pins (taken together): any view of any of them keeps
+    # them all, and the last one gives them all back.
     del values[0]
     gc.collect()
-    assert pool.stats["pinned"] == 2
+    assert pool.stats["pinned"] == 3
+    kept = values[0]["y"]  # b's
     del values
+    gc.collect()
+    assert pool.stats["pinned"] == 3
+    np.testing.assert_array_equal(kept, np.ones((3, 4), dtype=np.uint8))
+    del kept
     gc.collect()
     assert pool.stats["pinned"] == 0
     # Unpinned reads and copies take no pin; the counters still count them.
@@ -173,3 +180,30 @@ def test_pinned_close_keeps_views(pool: tenso_rs._Pool) -> None:
     gc.collect()
     assert other.stats["pinned"] == 0
     other.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_pins_as_itself(pool: tenso_rs._Pool) -> None:
+    # The process id behind pins is cached per process: a fork child must pin under its own id, so that its pins
+    # die with it (under the parent's id they would outlive the child for as long as the parent lives).
+    pool.put("a", np.arange(10, dtype=np.uint8))
+    first = pool.get("a", pin=True)  # the parent has used (and cached) its id
+    del first
+    gc.collect()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            view = pool.get("a", pin=True)
+            code = 0 if view is not None and pool.stats["pinned"] == 1 else 2
+        finally:
+            os._exit(code)  # exits holding the pin
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.stats["pinned"] == 0, "a dead child's pin protects nothing"
+    view = pool.get("a", pin=True)
+    assert pool.stats["pinned"] == 1
+    del view
+    gc.collect()
+    assert pool.stats["pinned"] == 0
+    pool._check()

@@ -209,7 +209,11 @@ class TensoCache:
         return _to_device(value, device, zero_copy=True)  # our own copy: converted without a second one
 
     def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
-        """:meth:`get` of several keys in one call (None for each missing one)."""
+        """:meth:`get` of several keys in one call (None for each missing one).
+
+        With ``pin=True`` the entries are pinned together, and the values share one holder of all their pins: they
+        stay pinned until the last view of any of them is garbage-collected.
+        """
         return self._pool.get_many(list(keys), copy, pin)
 
     def delete(self, key: str) -> bool:

@@ -73,6 +73,8 @@ _TORCH_BUILTIN = frozenset(
         "float16", "float32", "float64", "complex64", "complex128",
     }
 )
+# The same as NumPy dtypes (native byte order): ``dtype in`` this costs nanoseconds, ``dtype.name`` microseconds.
+_TORCH_BUILTIN_DTYPES = frozenset(np.dtype(name) for name in _TORCH_BUILTIN)
 # ml_dtypes types whose torch dtype has the same name and the same bytes per element. Sub-byte integers and float4
 # are not here: ml_dtypes stores one value per byte, torch packs them (float4_e2m1fn_x2) or has no kernels.
 _TORCH_ML = frozenset(
@@ -114,14 +116,29 @@ def _torch() -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # dtypes
 # ---------------------------------------------------------------------------------------------------------------
+# NumPy dtype -> torch dtype, filled by torch_dtype_of (a handful of entries: one per dtype ever converted).
+_TORCH_DTYPES: dict[np.dtype, Any] = {}
+
+
 def torch_dtype_of(dtype: Any) -> Any:
     """The ``torch.dtype`` holding the same values, byte for byte, as NumPy ``dtype`` (ml_dtypes included).
 
     Raises TypeError for dtypes torch has no equivalent of (strings, objects, structured, datetime, long double,
     sub-byte integers, non-native byte order).
     """
+    if isinstance(dtype, np.dtype):
+        known = _TORCH_DTYPES.get(dtype)
+        if known is not None:
+            return known
     torch = _torch()
     dt = np.dtype(dtype)
+    tdtype = _torch_dtype(torch, dt)
+    if dt.fields is None:  # structured dtypes never get here (TypeError); keep the cache to plain ones anyway
+        _TORCH_DTYPES[dt] = tdtype
+    return tdtype
+
+
+def _torch_dtype(torch: Any, dt: np.dtype) -> Any:
     name = dt.name
     if name in _TORCH_BUILTIN and dt.isnative:
         return getattr(torch, name)
@@ -258,7 +275,20 @@ def _cuda_index(spec: str) -> Optional[int]:
     return None if m.group("index") is None else int(m.group("index"))
 
 
+# Device strings already parsed (callers pass the same few strings over and over).
+_PARSED: dict[str, tuple[str, str]] = {}
+
+
 def _parse_device(device: str) -> tuple[str, str]:
+    parsed = _PARSED.get(device) if isinstance(device, str) else None
+    if parsed is None:
+        parsed = _parse_device_string(device)
+        if len(_PARSED) < 256:
+            _PARSED[device] = parsed
+    return parsed
+
+
+def _parse_device_string(device: str) -> tuple[str, str]:
     m = _DEVICE.match(device.strip().lower()) if isinstance(device, str) else None
     if m is not None:
         framework, spec = m.group("fw"), m.group("spec") or ""
@@ -300,10 +330,31 @@ def torch_cuda_device(index: Optional[int] = None, *, what: str = "this call") -
     return torch.device("cuda", index)
 
 
+# Whether torch.from_numpy warns about non-writable arrays at most once per process (TORCH_WARN_ONCE) and has done
+# so already, silenced: then read-only arrays need no catch_warnings (which costs microseconds per call). Found out
+# by _quiet_readonly on first use; None until then.
+_READONLY_QUIET: Optional[bool] = None
+
+
+def _quiet_readonly(torch: Any) -> bool:
+    """Spend torch's once-per-process read-only warning on a probe, silenced, and check it does not come back."""
+    global _READONLY_QUIET
+    probe = np.zeros(1, np.uint8)
+    probe.flags.writeable = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.from_numpy(probe)
+        del caught[:]
+        torch.from_numpy(probe)
+        again = any(_READONLY_WARNING in str(w.message) for w in caught)
+    _READONLY_QUIET = not again
+    return _READONLY_QUIET
+
+
 def _from_numpy(torch: Any, array: np.ndarray) -> Any:
     """``torch.from_numpy``, silencing its warning about a non-writable array, and only that one."""
-    if array.flags.writeable:
-        return torch.from_numpy(array)  # (catch_warnings costs microseconds: only where needed)
+    if array.flags.writeable or _READONLY_QUIET or (_READONLY_QUIET is None and _quiet_readonly(torch)):
+        return torch.from_numpy(array)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
         return torch.from_numpy(array)
@@ -353,6 +404,13 @@ def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
     torch = _torch()
     tdtype = torch_dtype_of(array.dtype)
     device: Any = "cpu"
+    if (
+        zero_copy
+        and spec in ("", "cpu")
+        and array.dtype in _TORCH_BUILTIN_DTYPES
+        and (array.flags.c_contiguous or _shareable(array))
+    ):
+        return _from_numpy(torch, array)  # the common case (a CPU view of the pool): one call, same dtype and shape
     if spec not in ("", "cpu"):
         device = torch_cuda_device(_cuda_index(spec), what=f"device 'torch:{spec}'")
         zero_copy = True  # the host bytes are only read, by the one host-to-device copy
@@ -363,7 +421,7 @@ def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
         return torch_from_bytes(np.ascontiguousarray(array).reshape(-1).view(np.uint8), tdtype, array.shape,
                                 device, True)
     # Strided and shared: an integer view of the same width keeps the strides, then torch names the dtype.
-    base = array if array.dtype.name in _TORCH_BUILTIN else array.view(_SAME_WIDTH[array.dtype.itemsize])
+    base = array if array.dtype in _TORCH_BUILTIN_DTYPES else array.view(_SAME_WIDTH[array.dtype.itemsize])
     tensor = _from_numpy(torch, base)
     if tensor.dtype != tdtype:
         tensor = tensor.view(tdtype)

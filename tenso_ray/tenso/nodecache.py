@@ -332,7 +332,9 @@ def _watch(name: str) -> None:
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
 def _count(cache: TensoCache, what: str) -> None:
-    counters = _counters.setdefault(cache.name, {"hits": 0, "misses": 0, "fallbacks": 0})
+    counters = _counters.get(cache.name)
+    if counters is None:
+        counters = _counters[cache.name] = {"hits": 0, "misses": 0, "fallbacks": 0}
     counters[what] += 1
 
 
@@ -361,12 +363,30 @@ def nbytes(value: Any) -> int:
 # A dict is stored as one entry per array ("<key>/0", "<key>/1", ...) and, written last, a manifest under the key
 # itself: a bundle {"keys": JSON list of the dict's keys, as uint8}. One tenso bundle holding the arrays would place
 # most of them at unaligned offsets (the format packs keys between entries), and those must be copied on read.
+#
+# Manifests already parsed, by key and bytes: (the dict's keys, its parts' pool keys). A dict read over and over (the
+# weights every task reads) parses its manifest and formats its parts' keys once.
+_manifests: dict[tuple[str, bytes], tuple[list[str], list[str]]] = {}
+_MANIFESTS_KEPT = 256
+
+
+def _parts_of(key: str, manifest: bytes) -> tuple[list[str], list[str]]:
+    parsed = _manifests.get((key, manifest))
+    if parsed is None:
+        names = json.loads(manifest)
+        parsed = (names, [f"{key}/{i}" for i in range(len(names))])
+        if len(_manifests) >= _MANIFESTS_KEPT:
+            _manifests.clear()
+        _manifests[(key, manifest)] = parsed
+    return parsed
+
+
 def _find(cache: TensoCache, key: str) -> Any:
     hit = cache.get(key, pin=True)
     if not isinstance(hit, dict):
         return hit
-    names = json.loads(bytes(hit["keys"]))
-    parts = cache.get_many([f"{key}/{i}" for i in range(len(names))], pin=True)
+    names, part_keys = _parts_of(key, bytes(hit["keys"]))
+    parts = cache.get_many(part_keys, pin=True)
     if any(p is None for p in parts):  # removed or evicted meanwhile
         return None
     return dict(zip(names, parts))

@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 use pyo3::Py;
 use tenso_format::EncodeOptions;
-use tenso_shm::pool::{LeaseHandle, Packet, Park, Pinned, Room};
+use tenso_shm::pool::{Batched, LeaseHandle, Packet, Park, Pinned, Room};
 use tenso_shm::{Pool, Segment, ShmError};
 
 use crate::buffers::{alloc_aligned, bytes_mut, descr_for, view_over, Source};
@@ -438,7 +438,8 @@ impl Deref for MappingRef {
 }
 
 /// The base of the views of a `get(..., pin=True)`: holds the entry's pin (and the mapping) for as long as any of
-/// those views lives, and gives the pin back when the last one goes.
+/// those views lives, and gives the pin back when the last one goes. The views of a `get_many(..., pin=True)` share
+/// one, which holds the pins of all their entries.
 #[pyclass(name = "_PinnedEntry", module = "tenso", frozen)]
 pub(crate) struct PyPinnedEntry {
     pinned: Pinned<MappingRef>,
@@ -511,6 +512,50 @@ fn get_value<'py>(
     })
     .map_err(shm_error)?
     .transpose()
+}
+
+/// `get_many(keys, pin=True)`: every entry found is pinned under one lock acquisition and one `_PinnedEntry` holds
+/// all the pins (the base of every view); keys the batch could not pin go through [`get_value`] one by one.
+fn get_many_pinned<'py>(
+    py: Python<'py>,
+    mapping: &Bound<'py, PyMapping>,
+    keys: &[String],
+) -> PyResult<Vec<Option<Bound<'py, PyAny>>>> {
+    let pool = mapping.get().pool();
+    let raw: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    let batch = pool
+        .read_pinned_many(&raw, &Detach(py))
+        .map_err(shm_error)?;
+    let pins: Vec<_> = batch
+        .iter()
+        .filter_map(|got| match got {
+            Batched::Pinned(_, pin) => Some(*pin),
+            _ => None,
+        })
+        .collect();
+    // Owns the pins from here on: an error below drops it, which gives them all back.
+    let owner = if pins.is_empty() {
+        None
+    } else {
+        Some(Bound::new(
+            py,
+            PyPinnedEntry {
+                pinned: Pinned::many(MappingRef(mapping.clone().unbind()), pins),
+            },
+        )?)
+    };
+    batch
+        .iter()
+        .zip(keys)
+        .map(|(got, key)| match (got, &owner) {
+            (Batched::Pinned(packet, _), Some(owner)) => {
+                let bytes = PyMapping::pinned_view(owner, packet.range())?;
+                decode_from(&bytes, false).map(Some)
+            }
+            (Batched::Missing, _) => Ok(None),
+            _ => get_value(py, mapping, key, false, true),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -642,8 +687,9 @@ impl PyPool {
         get_value(py, &mapping, key, copy, pin)
     }
 
-    /// The values of `keys` in one call (None for each missing one): what `get` gives for each (with `pin=True`,
-    /// each value holds its own pin).
+    /// The values of `keys` in one call (None for each missing one): what `get` gives for each. With `pin=True`
+    /// the entries are pinned together (one lock acquisition) and the views of all of them share one base, which
+    /// holds every pin until the last of those views is garbage-collected.
     #[pyo3(signature = (keys, copy=false, pin=false))]
     fn get_many<'py>(
         &self,
@@ -653,6 +699,9 @@ impl PyPool {
         pin: bool,
     ) -> PyResult<Vec<Option<Bound<'py, PyAny>>>> {
         let mapping = self.handle.get(py)?;
+        if pin && !copy {
+            return get_many_pinned(py, &mapping, &keys);
+        }
         keys.iter()
             .map(|key| get_value(py, &mapping, key, copy, pin))
             .collect()

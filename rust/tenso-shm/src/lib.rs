@@ -13,7 +13,7 @@ pub mod segment;
 
 pub use error::ShmError;
 pub use pool::{
-    Hit, Lease, LeaseHandle, Packet, Park, Pin, Pinned, Pool, PoolStats, Probe, Reservation, Room,
-    Spin,
+    Batched, Hit, Lease, LeaseHandle, Packet, Park, Pin, Pinned, Pool, PoolStats, Probe,
+    Reservation, Room, Spin,
 };
 pub use segment::{unlink, validate_name, Segment};

@@ -17,7 +17,8 @@
 //! owner's pid being reused by an unrelated process before anyone notices keeps the lock held until that process
 //! exits; Linux hands out pids in increasing order, so this needs the pid space to wrap first.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 /// How long a waiter waits between liveness checks of the owner.
@@ -32,9 +33,54 @@ pub struct Acquired {
     pub recovered: bool,
 }
 
-/// This process's id.
+/// This process's id, cached (0: not known yet). getpid is a system call, and every lock, pin and unpin needs the
+/// id: the first call of a process asks the kernel and registers [`forget_pid`] as a `pthread_atfork` child handler,
+/// so the child of every `fork(2)` that goes through the C library (Python's `os.fork`, `multiprocessing`, ...)
+/// asks again.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// Registers the `fork` child handler once per process (a child inherits the registration with the memory).
+static AT_FORK: Once = Once::new();
+
+// The C library's (std links it on every Unix target); declared here as rustix has no binding for it.
+unsafe extern "C" {
+    fn pthread_atfork(
+        prepare: Option<extern "C" fn()>,
+        parent: Option<extern "C" fn()>,
+        child: Option<extern "C" fn()>,
+    ) -> std::ffi::c_int;
+}
+
+extern "C" fn forget_pid_in_child() {
+    forget_pid();
+}
+
+/// Forgets the cached process id: the next [`current_pid`] asks the kernel. `fork` children do this by themselves
+/// (see [`current_pid`]); the Python bindings also call it from `os.register_at_fork`, which costs nothing extra.
+pub fn forget_pid() {
+    PID.store(0, Ordering::Relaxed);
+}
+
+/// This process's id (cached: see [`PID`]).
 pub fn current_pid() -> u32 {
-    rustix::process::getpid().as_raw_nonzero().get() as u32
+    let pid = PID.load(Ordering::Relaxed);
+    if pid != 0 {
+        return pid;
+    }
+    let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    if cfg!(miri) {
+        return pid; // Miri has no pthread_atfork (and never forks): no cache
+    }
+    AT_FORK.call_once(|| {
+        // SAFETY: the handler is a plain `extern "C"` function that only stores to an atomic, which is
+        // async-signal-safe as a fork child handler must be; registering has no other precondition.
+        let rc = unsafe { pthread_atfork(None, None, Some(forget_pid_in_child)) };
+        debug_assert_eq!(rc, 0, "pthread_atfork failed");
+    });
+    if AT_FORK.is_completed() {
+        PID.store(pid, Ordering::Relaxed);
+    }
+    pid
 }
 
 /// Whether a process exists and is not a zombie.

@@ -70,7 +70,7 @@ pub use layout::{
     MAX_PIN_SLOTS, MIN_ENTRIES, MIN_PIN_SLOTS, PIN_SLOT_SIZE, VERSION,
 };
 pub use pin::{Pin, Pinned};
-pub use read::{Hit, Packet, Park, Probe, Spin};
+pub use read::{Batched, Hit, Packet, Park, Probe, Spin};
 pub use write::{Lease, LeaseHandle, Reservation};
 
 use layout::{entries_for, pin_slots_for, Layout};

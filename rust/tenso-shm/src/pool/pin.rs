@@ -24,29 +24,43 @@ pub struct Pin {
     pid: u32,
 }
 
-/// The owner of a pin: gives it back when dropped. `P` is whatever keeps the pool mapped (`&Pool` in Rust; the
-/// bindings use a handle on their Python mapping object, so the views' owner is `'static`).
+/// The owner of one or more pins: gives them back when dropped. `P` is whatever keeps the pool mapped (`&Pool` in
+/// Rust; the bindings use a handle on their Python mapping object, so the views' owner is `'static`).
 #[derive(Debug)]
 pub struct Pinned<P: Deref<Target = Pool>> {
     pool: P,
-    pin: Pin,
+    pins: Vec<Pin>,
 }
 
 impl<P: Deref<Target = Pool>> Pinned<P> {
     /// Takes ownership of `pin`, a pin on an entry of `pool`.
     pub fn new(pool: P, pin: Pin) -> Self {
-        Pinned { pool, pin }
+        Pinned {
+            pool,
+            pins: vec![pin],
+        }
+    }
+
+    /// Takes ownership of `pins`, pins on entries of `pool` (as [`Pool::read_pinned_many`] gives them): all are
+    /// given back together, under one lock acquisition.
+    pub fn many(pool: P, pins: Vec<Pin>) -> Self {
+        Pinned { pool, pins }
     }
 
     /// What keeps the pool mapped.
     pub fn owner(&self) -> &P {
         &self.pool
     }
+
+    /// The pins held.
+    pub fn pins(&self) -> &[Pin] {
+        &self.pins
+    }
 }
 
 impl<P: Deref<Target = Pool>> Drop for Pinned<P> {
     fn drop(&mut self) {
-        self.pool.unpin(self.pin);
+        self.pool.unpin_many(&self.pins);
     }
 }
 
@@ -63,18 +77,35 @@ pub(super) enum Pinning {
 impl Pool {
     /// Pins the entry read as `hit` if it is still exactly that entry (same sequence number).
     pub(super) fn pin(&self, hit: &Hit, pid: u32) -> Pinning {
-        self.lock_as(pid).pin_entry(hit, pid)
+        self.lock_as(pid).pin_entry(hit, pid, &mut 0)
     }
 
     /// Gives a pin back. Pins taken by another process (a pin copied across `fork`) are left alone.
     pub fn unpin(&self, pin: Pin) {
-        if pin.pid != current_pid() {
+        self.unpin_many(std::slice::from_ref(&pin));
+    }
+
+    /// Gives pins back, under one lock acquisition. Pins taken by another process (copied across `fork`) are left
+    /// alone.
+    pub fn unpin_many(&self, pins: &[Pin]) {
+        let pid = current_pid();
+        if !pins.iter().any(|p| p.pid == pid) {
             return;
         }
-        let mut l = self.lock_as(pin.pid);
-        let n = self.layout.pin_slots as u32;
+        let mut l = self.lock_as(pid);
+        for pin in pins.iter().filter(|p| p.pid == pid) {
+            l.unpin(pin);
+        }
+    }
+}
+
+impl Locked<'_> {
+    /// Gives back one pin of this process.
+    fn unpin(&mut self, pin: &Pin) {
+        let pool = self.pool;
+        let n = pool.layout.pin_slots as u32;
         let same = |i: u32| {
-            let p = self.pin_slot(i);
+            let p = pool.pin_slot(i);
             p.pid.load(Ordering::Relaxed) == pin.pid
                 && p.slot.load(Ordering::Relaxed) == pin.slot
                 && p.stamp.load(Ordering::Relaxed) == pin.stamp
@@ -86,44 +117,49 @@ impl Pool {
         else {
             return;
         };
-        let p = self.pin_slot(index);
+        let p = pool.pin_slot(index);
         let count = p.count.load(Ordering::Relaxed);
         if count > 1 {
             p.count.store(count - 1, Ordering::Relaxed);
         } else {
-            l.release_pin_slot(index);
+            self.release_pin_slot(index);
         }
     }
-}
 
-impl Locked<'_> {
     /// Takes a pin for process `pid` (this one) on the entry read as `hit`.
-    pub(super) fn pin_entry(&mut self, hit: &Hit, pid: u32) -> Pinning {
+    ///
+    /// `free_from`: no pin slot below it is free (0 if unknown). Pinning several entries under one lock
+    /// acquisition passes the same cursor to each call, so that the whole batch walks the table once.
+    pub(super) fn pin_entry(&mut self, hit: &Hit, pid: u32, free_from: &mut u32) -> Pinning {
         let e = self.pool.entry(hit.slot);
         if e.state.load(Ordering::Relaxed) != READY || e.seq.load(Ordering::Relaxed) != hit.seq {
             return Pinning::Changed;
         }
         let stamp = e.stamp.load(Ordering::Relaxed);
+        let n = self.pool.layout.pin_slots as u32;
         for attempt in 0..2 {
-            let mut free = None;
-            for i in 0..self.pool.layout.pin_slots as u32 {
-                let p = self.pool.pin_slot(i);
-                let p_pid = p.pid.load(Ordering::Relaxed);
-                if p_pid == 0 {
-                    free = free.or(Some(i));
-                } else if p_pid == pid
-                    && p.slot.load(Ordering::Relaxed) == hit.slot
-                    && p.stamp.load(Ordering::Relaxed) == stamp
-                {
-                    p.count.fetch_add(1, Ordering::Relaxed);
-                    return Pinning::Pinned(Pin {
-                        index: i,
-                        slot: hit.slot,
-                        stamp,
-                        pid,
-                    });
+            // `Entry::pins` counts every slot naming this entry at its stamp: with none, there is no pin of this
+            // process to add to, and only a free slot is needed.
+            if e.pins.load(Ordering::Relaxed) > 0 {
+                for i in 0..n {
+                    let p = self.pool.pin_slot(i);
+                    if p.pid.load(Ordering::Relaxed) == pid
+                        && p.slot.load(Ordering::Relaxed) == hit.slot
+                        && p.stamp.load(Ordering::Relaxed) == stamp
+                    {
+                        p.count.fetch_add(1, Ordering::Relaxed);
+                        return Pinning::Pinned(Pin {
+                            index: i,
+                            slot: hit.slot,
+                            stamp,
+                            pid,
+                        });
+                    }
                 }
             }
+            let free =
+                (*free_from..n).find(|&i| self.pool.pin_slot(i).pid.load(Ordering::Relaxed) == 0);
+            *free_from = free.unwrap_or(n);
             if let Some(i) = free {
                 let p = self.pool.pin_slot(i);
                 p.slot.store(hit.slot, Ordering::Relaxed);
@@ -142,6 +178,7 @@ impl Locked<'_> {
             if attempt == 0 {
                 // Full: make room by dropping dead processes' pins, once.
                 self.clear_dead_pins();
+                *free_from = 0;
             }
         }
         Pinning::Full

@@ -47,6 +47,18 @@ pub enum Probe {
     Busy,
 }
 
+/// One key's answer of [`Pool::read_pinned_many`].
+#[derive(Debug)]
+pub enum Batched<'p> {
+    /// The entry, pinned for this process: its bytes stay exactly as they are until the pin is given back.
+    Pinned(Packet<'p>, Pin),
+    /// No live entry (missing or expired).
+    Missing,
+    /// Not pinned (the entry changed since its lookup, or the pin table is full): read it with
+    /// [`Pool::read_pinned`].
+    Retry,
+}
+
 /// What a chain walk found.
 enum Found {
     Hit(Hit),
@@ -377,7 +389,7 @@ impl Pool {
             let packet = Packet { pool: self, hit };
             let pid = lock::current_pid();
             let pinning = match self.try_lock_as(pid) {
-                Some(mut l) => l.pin_entry(&hit, pid),
+                Some(mut l) => l.pin_entry(&hit, pid, &mut 0),
                 None => park.park(|| self.pin(&hit, pid)),
             };
             match pinning {
@@ -397,6 +409,56 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Looks `keys` up and pins every entry found for this process, all under **one** lock acquisition (one pass
+    /// over the pin table): what a `get_many` of pinned views needs, at the cost of about one unpinned read per key.
+    /// Answers one [`Batched`] per key, in order; [`Batched::Retry`] keys (the entry changed between the lookup and
+    /// the pin, or the pin table is full) are for [`Pool::read_pinned`], which handles both. Counts a hit for each
+    /// pinned key and a miss for each missing one (not for `Retry`: the retry counts). Give the pins back with
+    /// [`Pool::unpin_many`] (or hold them in one [`super::Pinned`]).
+    pub fn read_pinned_many<'p>(
+        &'p self,
+        keys: &[&[u8]],
+        park: &impl Park,
+    ) -> Result<Vec<Batched<'p>>, ShmError> {
+        let mut hits = Vec::with_capacity(keys.len());
+        for key in keys {
+            hits.push(self.lookup_parked(key, park)?);
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        if hits.iter().any(Option::is_some) {
+            let pid = lock::current_pid();
+            let pin_all = |l: &mut super::Locked<'_>| {
+                let mut free_from = 0;
+                hits.iter()
+                    .map(|hit| hit.map(|hit| (hit, l.pin_entry(&hit, pid, &mut free_from))))
+                    .collect::<Vec<_>>()
+            };
+            let pinned = match self.try_lock_as(pid) {
+                Some(mut l) => pin_all(&mut l),
+                None => park.park(|| pin_all(&mut self.lock_as(pid))),
+            };
+            for got in pinned {
+                out.push(match got {
+                    None => Batched::Missing,
+                    Some((hit, Pinning::Pinned(pin))) => {
+                        Batched::Pinned(Packet { pool: self, hit }, pin)
+                    }
+                    Some((_, Pinning::Changed | Pinning::Full)) => Batched::Retry,
+                });
+            }
+        } else {
+            out.resize_with(keys.len(), || Batched::Missing);
+        }
+        for got in &out {
+            match got {
+                Batched::Pinned(packet, _) => self.record(Some(&packet.hit)),
+                Batched::Missing => self.record(None),
+                Batched::Retry => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Copies the packet of `key` into a buffer made by `alloc(len)`, retrying until the copy is whole.

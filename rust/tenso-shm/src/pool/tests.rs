@@ -531,3 +531,87 @@ fn recovery_keeps_live_pins_and_drops_dead_ones() {
     assert_eq!((s.entries, s.pinned, s.used_bytes), (2, 0, 2048));
     pool.check().unwrap();
 }
+
+#[test]
+fn read_pinned_many_pins_a_batch_under_one_owner() {
+    let p = tmp_pool("pin-many", 1 << 20);
+    let pool = &p.0;
+    put(pool, "a", b"alpha");
+    put(pool, "b", b"bravo");
+    let before = pool.stats();
+    let keys: [&[u8]; 4] = [b"a", b"nope", b"b", b"a"];
+    let batch = pool.read_pinned_many(&keys, &Spin).unwrap();
+    let mut pins = Vec::new();
+    let mut seen = Vec::new();
+    for got in &batch {
+        match got {
+            Batched::Pinned(packet, pin) => {
+                let mut v = vec![0u8; packet.len()];
+                packet.copy_to(&mut v);
+                seen.push(Some(v));
+                pins.push(*pin);
+            }
+            Batched::Missing => seen.push(None),
+            Batched::Retry => panic!("nothing changed and the table has room"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            Some(b"alpha".to_vec()),
+            None,
+            Some(b"bravo".to_vec()),
+            Some(b"alpha".to_vec())
+        ]
+    );
+    // The second pin of "a" shares the first one's slot.
+    assert_eq!(pool.header().pins_used.load(Ordering::Relaxed), 2);
+    let s = pool.stats();
+    assert_eq!(s.pinned, 2);
+    assert_eq!((s.hits - before.hits, s.misses - before.misses), (3, 1));
+    pool.check().unwrap();
+    let owner = Pinned::many(pool, pins);
+    assert_eq!(owner.pins().len(), 3);
+    // A pinned entry is not rewritten in place, and is kept (retired) when deleted.
+    put(pool, "a", b"ALPHA");
+    assert!(pool.delete(b"b").unwrap());
+    assert_eq!(pool.stats().pinned, 2);
+    drop(owner);
+    assert_eq!(pool.stats().pinned, 0);
+    assert_eq!(pool.header().pins_used.load(Ordering::Relaxed), 0);
+    assert_eq!(get(pool, "a").unwrap(), b"ALPHA");
+    pool.check().unwrap();
+}
+
+#[test]
+fn read_pinned_many_leaves_what_it_cannot_pin_to_read_pinned() {
+    let p = tmp_pool_with_pins("pin-many-full", 1 << 20, 2);
+    let pool = &p.0;
+    for k in ["a", "b", "c"] {
+        put(pool, k, k.repeat(100).as_bytes());
+    }
+    let keys: [&[u8]; 3] = [b"a", b"b", b"c"];
+    let batch = pool.read_pinned_many(&keys, &Spin).unwrap();
+    assert!(matches!(batch[2], Batched::Retry), "the table is full");
+    let pins: Vec<Pin> = batch
+        .iter()
+        .filter_map(|got| match got {
+            Batched::Pinned(_, pin) => Some(*pin),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pins.len(), 2);
+    let (bytes, _, none) = pin(pool, "c");
+    assert_eq!((bytes, none), ("c".repeat(100).into_bytes(), None));
+    pool.unpin_many(&pins);
+    assert_eq!(pool.stats().pinned, 0);
+    pool.check().unwrap();
+}
+
+#[test]
+fn current_pid_is_cached_and_right() {
+    let pid = crate::lock::current_pid();
+    assert_eq!(pid, std::process::id());
+    crate::lock::forget_pid();
+    assert_eq!(crate::lock::current_pid(), std::process::id());
+}
