@@ -222,7 +222,7 @@ def test_verify_mixed_inputs(entry, tmp_path):
     assert proc.returncode == 1
     lines = out.splitlines()
     assert lines[0].startswith(f"{good}: ok, dense v4 packet")
-    assert lines[1].startswith(f"{bad}: TensoIntegrityError: integrity check failed")
+    assert lines[1].startswith(f"{bad}: TensoIntegrityError: Integrity check failed: xxh3 mismatch")
     assert lines[2].startswith(f"{tmp_path / 'missing.tenso'}: FileNotFoundError: ")
     assert len(lines) == 3 and not err
 
