@@ -746,6 +746,25 @@ def test_exception_hierarchy_and_pickle():
         pytest.fail("bad magic accepted")
 
 
+def test_exceptions_pickle_through_tblib():
+    """Dask installs tblib's exception pickling in every process; our errors must survive it (a subprocess, so that
+    the global install stays out of this one)."""
+    pytest.importorskip("tblib")
+    code = (
+        "import pickle, tblib.pickling_support\n"
+        "from tenso import errors as E\n"
+        "tblib.pickling_support.install()\n"
+        "for cls in (E.TensoError, E.TensoFormatError, E.TensoIntegrityError, E.TensoTruncatedError,\n"
+        "            E.TensoCacheFullError):\n"
+        "    tblib.pickling_support.install(cls)\n"
+        "    e = pickle.loads(pickle.dumps(cls('boom 42')))\n"
+        "    assert type(e) is cls and str(e) == 'boom 42', (cls, e)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_import_tenso_is_light():
     code = (
         "import sys, json; import tenso; "

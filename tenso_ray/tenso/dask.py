@@ -169,12 +169,16 @@ class _State:
         self.next_self_check = 0.0
         self.reaper: Optional[threading.Thread] = None
         self.closed = False
+        self.token_view: Any = None  # a pinned view of this process's registry entry (see publish)
 
     # -- the peer registry -------------------------------------------------------------------------------------
     def publish(self) -> None:
-        # Never evicts anything; if the pool has no room the process simply cannot be proven local (frames).
+        # Never evicts anything; if the pool has no room the process simply cannot be proven local (frames). The
+        # entry is then pinned for as long as this state lives, so that leases filling the pool cannot evict it.
+        key = _PEER_PREFIX + self.token
         try:
-            self.cache._pool.put(_PEER_PREFIX + self.token, np.array([os.getpid()], np.int64), None, False)
+            self.cache.put(key, np.array([os.getpid()], np.int64), None, evict=False)
+            self.token_view = self.cache.get(key, pin=True)
         except (MemoryError, TensoError, OSError):
             pass
 
@@ -187,7 +191,7 @@ class _State:
         for key in keys:
             if not key.startswith(_PEER_PREFIX):
                 continue
-            entry = self.cache._pool.get(key, True)
+            entry = self.cache.get(key, copy=True)
             if entry is not None and getattr(entry, "size", 0) == 1 and not _alive(int(entry[0])):
                 self.cache.delete(key)
 
@@ -196,7 +200,7 @@ class _State:
         if now < self.next_self_check:
             return
         self.next_self_check = now + _SELF_CHECK_INTERVAL
-        if self.cache._pool.get(_PEER_PREFIX + self.token, True) is None:
+        if self.cache.get(_PEER_PREFIX + self.token, copy=True) is None:
             self.publish()
 
     def verify(self, token: Any) -> bool:
@@ -206,7 +210,7 @@ class _State:
         now = time.monotonic()
         if self.verified.get(token, 0.0) > now:
             return True
-        entry = self.cache._pool.get(_PEER_PREFIX + token, True)
+        entry = self.cache.get(_PEER_PREFIX + token, copy=True)
         if entry is None or getattr(entry, "size", 0) != 1:
             return False
         if not _alive(int(entry[0])):
@@ -812,6 +816,7 @@ def unregister() -> None:
         _uninstall_dispatch()
         if st is None:
             return
+        st.token_view = None  # unpins the registry entry
         try:
             st.cache.delete(_PEER_PREFIX + st.token)
         except (RuntimeError, TensoError, OSError):

@@ -22,6 +22,8 @@ exceptions back to the driver by pickling them) and can be imported from
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "TensoError",
     "TensoFormatError",
@@ -58,3 +60,9 @@ class TensoCacheFullError(TensoError, MemoryError):
 
     Also a :class:`MemoryError`, as the seed API documents for an exhausted pool.
     """
+
+    # MemoryError has a __new__ of its own, which Python refuses to call for a class whose layout comes from
+    # Exception ("MemoryError.__new__(TensoCacheFullError) is not safe"). Picklers that rebuild exceptions with
+    # `cls.__new__(cls, *args)` -- tblib's, which Dask installs in every process -- would then fail on this class.
+    def __new__(cls, *args: Any, **kwargs: Any) -> "TensoCacheFullError":
+        return Exception.__new__(cls, *args)
