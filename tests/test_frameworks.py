@@ -278,9 +278,9 @@ def test_map_arrays_tensors_and_to_host_tree():
     ["tensorflow", "", "torch:tpu", "torch:cuda:x", "torch:cuda:0:1", "numpy:cuda", "cupy:a", "jax:cuda:-1", "cuda"],
 )
 def test_unknown_device_is_value_error(device):
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(ValueError, match="Unsupported device framework"):
         fw.from_host(np.ones(2), device)
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(ValueError, match="Unsupported device framework"):
         fw.check_device(device)
 
 
@@ -354,7 +354,7 @@ def test_cache_device_conversion_uses_frameworks():
         assert tensors["a"].dtype == torch.bfloat16 and tensors["b"].tolist() == [0, 1, 2]
         if jax is not None:
             assert cache.get("bf", device="jax").dtype == jnp.bfloat16
-        with pytest.raises(ValueError, match="unknown device"):
+        with pytest.raises(ValueError, match="Unsupported device framework"):
             cache.get("bf", device="torch:tpu")
 
 

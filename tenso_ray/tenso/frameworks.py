@@ -301,7 +301,7 @@ def _parse_device_string(device: str) -> tuple[str, str]:
         if framework == "cupy" and (spec == "" or spec.isdigit()):
             return framework, spec
     raise ValueError(
-        f"unknown device {device!r}: use 'numpy', 'torch', 'torch:cpu', 'torch:cuda:N', 'jax', 'jax:N', "
+        f"Unsupported device framework: {device!r}; use 'numpy', 'torch', 'torch:cpu', 'torch:cuda:N', 'jax', 'jax:N', "
         "'jax:cpu', 'jax:cuda:N', 'cupy' or 'cupy:N'"
     )
 
