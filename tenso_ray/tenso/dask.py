@@ -90,6 +90,7 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 
 from .errors import TensoError
+from .shm import process_alive
 
 try:
     from dask.utils import has_keyword
@@ -192,7 +193,7 @@ class _State:
             if not key.startswith(_PEER_PREFIX):
                 continue
             entry = self.cache.get(key, copy=True)
-            if entry is not None and getattr(entry, "size", 0) == 1 and not _alive(int(entry[0])):
+            if entry is not None and getattr(entry, "size", 0) == 1 and not process_alive(int(entry[0])):
                 self.cache.delete(key)
 
     def self_check(self, now: float) -> None:
@@ -213,7 +214,7 @@ class _State:
         entry = self.cache.get(_PEER_PREFIX + token, copy=True)
         if entry is None or getattr(entry, "size", 0) != 1:
             return False
-        if not _alive(int(entry[0])):
+        if not process_alive(int(entry[0])):
             return False
         self.verified[token] = now + _VERIFY_TTL
         return True
@@ -287,18 +288,6 @@ _register_lock = threading.RLock()
 _saved: dict[tuple[str, type], Any] = {}  # (dispatcher name, type) -> what our registration replaced
 _saved_lazy: dict[tuple[str, str], Any] = {}  # (dispatcher name, toplevel module) -> the lazy hook we wrapped
 _orig_handshake: Any = None
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _still_leased(cache: Any, handle: tuple[int, ...]) -> bool:

@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from . import tenso_rs as _rs
 
@@ -57,35 +57,15 @@ _unlink_at_exit: set[str] = set()  # generated names this process created and ha
 _exit_pid: Optional[int] = None  # the pid that registered the atexit hook (a forked child must not run it)
 
 
-# tenso-shm's own check (the pool's lock, pending entries, leases and pins use it), where the native module exports
-# it; the fallback below follows it step by step until every build does (TODO(#10): drop the fallback then).
-_native_alive: Optional[Callable[[int], bool]] = getattr(_rs, "_process_alive", None)
-
-
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host and is not a zombie (a process we may not signal counts).
 
     The one liveness check of the Python package: ``tenso_shm::lock::process_alive``, which the pool uses for its
-    lock, pending entries and leases. Pids from another PID namespace look dead.
+    lock, pending entries, leases and pins. Pids from another PID namespace look dead.
     """
     if pid <= 0 or pid > 0x7FFFFFFF:
         return False
-    if _native_alive is not None:
-        return bool(_native_alive(pid))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    end = stat.rfind(b")")
-    # A killed child stays a zombie until its parent reaps it, and kill(2) still finds it.
-    return end < 0 or stat[end + 2 : end + 3] not in (b"Z", b"X")
+    return _rs._process_alive(pid)
 
 
 def unlink_name(name: str) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "_lz4_decompress",
     "_kernel_paths",
     "_gpu_available",
+    "_process_alive",
     "_quantize",
     "_pack_int4",
     "_unpack_int4",
@@ -187,6 +188,7 @@ def _kernel_paths() -> dict[str, str]:
     """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
     "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
 def _gpu_available() -> bool: ...
+def _process_alive(pid: int) -> bool: ...
 
 # --- shared memory (rust/tenso-py/src/shm.rs) ---
 @final

@@ -147,15 +147,7 @@ impl Device {
             Ok(())
         };
         let pumped = pump();
-        // Always drain both streams, also after an error, before the staging buffers go back to the pool.
-        let mut drained = Ok(());
-        for stream in streams {
-            // SAFETY: the streams belong to this device; synchronising has no precondition beyond that.
-            if let Err(e) = unsafe { result::stream::synchronize(stream) } {
-                drained = Err(driver("cuStreamSynchronize")(e));
-            }
-        }
-        pumped.and(drained)
+        pumped.and(drain(streams))
     }
 
     /// Copies `len` bytes of device memory at `src` to `sink`, one staging chunk at a time; the copy of chunk k+1
@@ -187,28 +179,38 @@ impl Device {
             unsafe { result::memcpy_dtoh_async(host, src + offset as u64, streams[k % 2]) }
                 .map_err(driver("cuMemcpyDtoHAsync"))
         };
-        if chunks > 0 {
-            issue(0, &mut bufs)?;
-        }
-        for k in 0..chunks {
-            if k + 1 < chunks {
-                issue(k + 1, &mut bufs)?;
+        let mut pump = || -> Result<(), GpuError> {
+            if chunks > 0 {
+                issue(0, &mut bufs)?;
             }
-            // SAFETY: the stream belongs to this device; once synchronised, chunk k is in its buffer.
-            unsafe { result::stream::synchronize(streams[k % 2]) }
-                .map_err(driver("cuStreamSynchronize"))?;
-            let (_, n) = range(k);
-            let result = sink(&bufs[k % 2].as_slice()[..n]);
-            if let Err(e) = result {
-                for stream in streams {
-                    // SAFETY: drain the copy in flight before the buffers go back to the pool.
-                    let _ = unsafe { result::stream::synchronize(stream) };
+            for k in 0..chunks {
+                if k + 1 < chunks {
+                    issue(k + 1, &mut bufs)?;
                 }
-                return Err(e.into());
+                // SAFETY: the stream belongs to this device; once synchronised, chunk k is in its buffer.
+                unsafe { result::stream::synchronize(streams[k % 2]) }
+                    .map_err(driver("cuStreamSynchronize"))?;
+                let (_, n) = range(k);
+                sink(&bufs[k % 2].as_slice()[..n])?;
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        let pumped = pump();
+        pumped.and(drain(streams))
     }
+}
+
+/// Waits for both streams, also after an error, so that no copy still reads or writes a staging buffer when it goes
+/// back to the pool; the first failure is reported.
+fn drain(streams: [sys::CUstream; 2]) -> Result<(), GpuError> {
+    let mut drained = Ok(());
+    for stream in streams {
+        // SAFETY: the streams belong to the calling device; synchronising has no precondition beyond that.
+        if let Err(e) = unsafe { result::stream::synchronize(stream) } {
+            drained = drained.and(Err(driver("cuStreamSynchronize")(e)));
+        }
+    }
+    drained
 }
 
 impl Drop for Device {
@@ -221,8 +223,9 @@ impl Drop for Device {
                 let _ = unsafe { result::stream::destroy(stream) };
             }
         }
-        drop(self.pool.take()); // frees the pinned buffers while the context is still retained
-                                // SAFETY: balances the retain in open; torch/CuPy hold their own retains, so their context stays.
+        // Frees the pinned buffers while the context is still retained.
+        drop(self.pool.take());
+        // SAFETY: balances the retain in open; torch/CuPy hold their own retains, so their context stays.
         let _ = unsafe { result::primary_ctx::release(self.dev) };
     }
 }

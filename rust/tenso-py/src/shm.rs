@@ -24,7 +24,15 @@ use crate::decode::Decoder;
 use crate::encode::{encode_options, fill_slots, Collected, WalkOptions, DETACH_BYTES};
 use crate::errors::{decode_error, encode_error, shm_error};
 
+/// Whether process `pid` exists on this host and is not a zombie: `tenso_shm::lock::process_alive`, the check the
+/// pool uses for its lock, pending entries, leases and pins, so that Python code judges liveness the same way.
+#[pyfunction]
+fn _process_alive(pid: u32) -> bool {
+    tenso_shm::lock::process_alive(pid)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_process_alive, m)?)?;
     m.add_class::<PyMapping>()?;
     m.add_class::<PyShm>()?;
     m.add_class::<PyPool>()?;
