@@ -45,6 +45,8 @@ pytestmark = [
 ]
 
 POOL = "256MB"
+#: Small arrays keep the tests fast; the default (2 MiB) is where a lease starts to pay, not a limit of the path.
+MIN = 64 * 1024
 
 
 def _ident(x):
@@ -72,7 +74,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def client(cluster):
     with Client(cluster) as c:
-        td.install(c, pool_size=POOL)
+        td.install(c, pool_size=POOL, min_bytes=MIN)
         try:
             yield c
         finally:
@@ -210,7 +212,7 @@ def test_matmul_on_and_off(client):
         off = (x @ x.T).sum().compute()
         assert _leases(client)[0] == moved  # nothing went through the pool while off
     finally:
-        td.install(client, pool_size=POOL)
+        td.install(client, pool_size=POOL, min_bytes=MIN)
     assert on == off
 
 
@@ -241,7 +243,7 @@ def test_uninstall_restores_exactly(client):
             assert set(table) <= set(before)  # nothing added
         assert Comm.__dict__["handshake_info"].__module__ == "distributed.comm.core"
     finally:
-        td.install(client, pool_size=POOL)
+        td.install(client, pool_size=POOL, min_bytes=MIN)
     assert tables()[0] == "tenso.dask"
 
 
@@ -279,7 +281,7 @@ def test_restarted_worker(client):
 def test_other_host_uses_frames(client):
     a, b = _workers(client)
     td.uninstall(client)
-    td.install(client, pool_size=POOL, hosts={b: "elsewhere"})
+    td.install(client, pool_size=POOL, min_bytes=MIN, hosts={b: "elsewhere"})
     try:
         assert client.run(td.pool_name, workers=[b])[b] != td.pool_name()
         before, frames_before = _leases(client)
@@ -290,7 +292,7 @@ def test_other_host_uses_frames(client):
         assert frames_after >= frames_before + 2
     finally:
         td.uninstall(client)
-        td.install(client, pool_size=POOL)
+        td.install(client, pool_size=POOL, min_bytes=MIN)
 
 
 def test_sigkilled_worker_frees_its_leases(client):
@@ -339,7 +341,7 @@ def _wait_restarted(client, pid: int) -> None:
 
 def test_drops_and_late_claims_free_every_lease():
     """10,000 hand-offs in one process with random drops: every lease is freed, every delivered value is right."""
-    td.register("tenso-dask-test-drops", pool_size="64MB", claim_timeout=0.2)
+    td.register("tenso-dask-test-drops", pool_size="64MB", claim_timeout=0.2, min_bytes=MIN)
     try:
         st = td._state
         ctx = {"recipient": {td.HANDSHAKE_KEY: {"pool": st.pool_name, "peer": st.token}}}
@@ -398,10 +400,14 @@ def test_dev_shm_back_to_start_after_sigkill():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
         with Client(lc) as c:
             scope = td.scope_for(c.scheduler.address)
-            td.install(c, pool_size="64MB")
             a, b = sorted(c.scheduler_info()["workers"])
             x = np.random.default_rng(6).random((256, 512))
+            # Connections opened before install (as every real client has): install must still take effect on them.
+            np.testing.assert_array_equal(c.gather(c.scatter(x, workers=[a], direct=True), direct=True), x)
+            sent = td.counts()["leases_sent"]
+            td.install(c, pool_size="64MB", min_bytes=MIN)
             fut = c.scatter(x, workers=[a], direct=True)
+            assert td.counts()["leases_sent"] == sent + 1, "install() left the client's open connections on frames"
             out = c.submit(_ident, fut, workers=[b], pure=False)
             np.testing.assert_array_equal(c.gather(out, direct=True), x)
             assert any(scope in n for n in _shm_names())
