@@ -16,7 +16,10 @@ Modes:
 Operations (worker A holds the input, B computes):
   scatter_gather  client.scatter(x, workers=[A], direct=True) then client.gather(future, direct=True)
   task_in         x is scattered to A (not timed), then a task on B that takes it as an argument (returns a scalar)
-  via_scheduler   client.scatter(x, workers=[A]) then client.gather(future), both through the scheduler
+  via_scheduler   client.scatter(x, workers=[A]) then client.gather(future), both through the scheduler (the
+                  scatter leg stays Dask's frames by design: see integrations/dask/README.md)
+  result          x is scattered to A (not timed), then future.result(): worker -> scheduler -> client, the path
+                  of every compute() result
 
     .venv/bin/python benchmarks/bench_dask.py [--reps 7] [--quick]
 
@@ -37,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 MIB = 1 << 20
 PAYLOADS = ["f32_64MiB", "torch_64MiB", "bf16_64MiB", "noncontig_64MiB", "f32_1KiB", "f32_1MiB", "dict_200x4KiB"]
-OPS = ["scatter_gather", "task_in", "via_scheduler"]
+OPS = ["scatter_gather", "task_in", "via_scheduler", "result"]
 TARGETS = {"large": 3.0, "small": 0.95, "other": 0.95}
 
 
@@ -111,6 +114,11 @@ def one(client, op: str, x, a: str, b: str) -> float:
         fut = client.scatter([x], workers=[a], direct=False, hash=False)[0]
         client.gather(fut, direct=False)
         dt = time.perf_counter() - t
+    elif op == "result":
+        fut = client.scatter([x], workers=[a], direct=True, hash=False)[0]
+        t = time.perf_counter()
+        fut.result()
+        dt = time.perf_counter() - t
     else:
         raise ValueError(op)
     del fut
@@ -140,7 +148,9 @@ def main() -> None:
     ) as cluster, Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
         scope = td.scope_for(client.scheduler.address)
-        # Warm up with tenso on first, so the connections it needs carry its handshake.
+        # install() once: the worker plugin and the scheduler's forwarder plugin; then warm up with tenso on, so
+        # the connections it needs carry its handshake.
+        td.install(client)
         set_mode(client, "tenso", scope, b)
         data = {p: make(p) for p in PAYLOADS}
         for p in PAYLOADS:
@@ -171,7 +181,7 @@ def main() -> None:
         new = statistics.median(samples[(p, op, mode, mode)])
         large = p.endswith("64MiB")
         target = TARGETS["other"] if mode == "other" else TARGETS["large" if large else "small"]
-        if op == "via_scheduler" and large:
+        if op in ("via_scheduler", "result") and large:
             target = TARGETS["large"]
         rows.append(
             {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing), install maturin and the test dependencies listed in
-# pyproject.toml [project.optional-dependencies].test, build the release wheel into
+# pyproject.toml [project.optional-dependencies].test and .bench, build the release wheel into
 # dist/ and install it into .venv. Idempotent; quick when nothing changed.
 set -euo pipefail
 
@@ -28,8 +28,9 @@ for req in doc["build-system"]["requires"]:
     print(req)
 for req in doc["project"].get("dependencies", []):
     print(req)
-for req in doc["project"]["optional-dependencies"]["test"]:
-    print(req)
+for extra in ("test", "bench"):
+    for req in doc["project"]["optional-dependencies"][extra]:
+        print(req)
 PYEOF
     )
     echo "setup: installing ${#deps[@]} dependencies into .venv"

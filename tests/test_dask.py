@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -295,6 +296,69 @@ def test_other_host_uses_frames(client):
         td.install(client, pool_size=POOL, min_bytes=MIN)
 
 
+def _big(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((512, 256))  # 1 MiB: over MIN
+
+
+def test_results_through_the_scheduler_use_the_pool(client):
+    """future.result() / client.gather() (through the scheduler) and client.run: worker -> scheduler -> client as a
+    lease the client adopts; the scheduler forwards the header undecoded."""
+    a, b = _workers(client)
+    x = _big(7)
+    fut = client.scatter(x, workers=[a], direct=True)
+    sent_before = client.run(_counts, workers=[a])[a]["leases_sent"]
+    received_before = td.counts()["leases_received"]
+    y = fut.result()
+    z = client.gather(client.submit(np.negative, fut, workers=[b], pure=False))
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(z, -x)
+    assert client.run(_counts, workers=[a])[a]["leases_sent"] >= sent_before + 2  # to the client, to B
+    assert td.counts()["leases_received"] >= received_before + 2
+    ran = client.run(_big, 8, workers=[b])[b]
+    np.testing.assert_array_equal(ran, _big(8))
+
+
+_OUTSIDE_CLIENT = """
+import sys, numpy as np
+from distributed import Client
+with Client(sys.argv[1], timeout=30) as c:
+    y = c.get_dataset("tenso-test-x").result()          # gathered through the scheduler
+    ran = c.run(lambda: np.full((512, 256), 3.0))         # a broadcast through the scheduler
+    ok = np.array_equal(y, np.random.default_rng(9).random((512, 256)))
+    ok = ok and all(np.array_equal(v, np.full((512, 256), 3.0)) for v in ran.values())
+    print("OK" if ok else "WRONG")
+"""
+
+
+def test_scheduler_materializes_for_a_requester_outside_the_pool(client, tmp_path):
+    """A client that does not map the pool (here: one without tenso.dask) gets Dask's frames: the scheduler adopts
+    the lease the worker sent it and serializes the object again."""
+    import subprocess
+
+    a, _ = _workers(client)
+    fut = client.scatter(_big(9), workers=[a], direct=True)
+    client.publish_dataset(fut, name="tenso-test-x")
+    sent_before = client.run(_counts, workers=[a])[a]["leases_sent"]
+    gc.collect()
+    used_before = td._state.cache.stats["used_bytes"]
+    try:
+        script = tmp_path / "outside.py"
+        script.write_text(_OUTSIDE_CLIENT)
+        out = subprocess.run(
+            [sys.executable, str(script), client.scheduler.address], capture_output=True, text=True, timeout=120
+        )
+        assert out.stdout.strip().endswith("OK"), out.stdout + out.stderr
+    finally:
+        client.unpublish_dataset("tenso-test-x")
+    assert client.run(_counts, workers=[a])[a]["leases_sent"] >= sent_before + 2  # the worker still sent leases
+    # The scheduler adopted them and frees each once the re-serialized object is gone.
+    deadline = time.monotonic() + 10
+    while td._state.cache.stats["used_bytes"] > used_before and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert td._state.cache.stats["used_bytes"] <= used_before
+
+
 def test_sigkilled_worker_frees_its_leases(client):
     a, b = _workers(client)
     cache = td._state.cache
@@ -419,3 +483,4 @@ def test_dev_shm_back_to_start_after_sigkill():
     while time.monotonic() < deadline and any(scope in n for n in _shm_names()):
         time.sleep(0.25)
     assert not any(scope in n for n in _shm_names() - start), sorted(_shm_names() - start)
+

@@ -43,12 +43,21 @@ lease: nobody else writes that memory while they live.
 Same-host proof
 ---------------
 Each registered process generates a random token and writes it, with its pid, into its node pool; it advertises
-``{pool name, token}`` in the handshake of every connection it opens or accepts afterwards (only on connections
-that deserialize what they receive: the scheduler forwards data undecoded, so it never advertises). A sender uses
-the pool only if the recipient's token is present in the sender's own mapping of that pool, written by a live
-process: only a process that maps the same shared memory can have put it there. The recipient checks the sender's
-token the same way before it touches the lease, and checks a 16-byte nonce the sender wrote into the lease. IP
-addresses are never compared. Connections opened before ``register()`` keep Dask's frames.
+``{pool name, token}`` in the handshake of every connection it opens or accepts afterwards (on connections that
+deserialize what they receive). A sender uses the pool only if the recipient's token is present in the sender's own
+mapping of that pool, written by a live process: only a process that maps the same shared memory can have put it
+there. The recipient checks the sender's token the same way before it touches the lease, and checks a 16-byte nonce
+the sender wrote into the lease. IP addresses are never compared. Connections opened before ``register()`` keep
+Dask's frames; ``install`` closes the idle ones of the client and of each worker, so that the next transfer opens
+one that advertises.
+
+The scheduler forwards data undecoded. ``install`` also registers :class:`TensoSchedulerPlugin`, which makes it a
+forwarder for *results*: on the connections the scheduler opens to workers (``get_data`` for ``future.result()`` /
+``client.gather()``, ``run`` for ``client.run``) it advertises its own proven token with a ``fwd`` flag, so a worker
+replies with a lease; the scheduler passes the header on when the requesting client proves it maps the same pool,
+and otherwise adopts the lease itself and sends Dask's frames. Connections that clients open to the scheduler never
+advertise (``scatter`` without ``direct=True``, queues and variables stay Dask's frames): what the scheduler may keep
+longer than a claim timeout never names a lease.
 
 Lifetime (who frees each lease)
 -------------------------------
@@ -84,6 +93,7 @@ import secrets
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Literal, Optional
 
@@ -95,7 +105,7 @@ from .shm import process_alive
 try:
     from dask.utils import has_keyword
     from distributed.comm.core import Comm
-    from distributed.diagnostics.plugin import WorkerPlugin
+    from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
     from distributed.protocol.serialize import dask_deserialize, dask_serialize
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("tenso.dask requires Dask distributed; install it with: pip install 'tenso-ray[dask]'") from exc
@@ -110,6 +120,7 @@ __all__ = [
     "pool_name",
     "scope_for",
     "TensoWorkerPlugin",
+    "TensoSchedulerPlugin",
     "dask_setup",
     "dask_teardown",
     "MIN_BYTES",
@@ -273,6 +284,8 @@ class _State:
 
 
 _state: Optional[_State] = None
+_forwarding = False  # this process is a scheduler that forwards same-host leases (TensoSchedulerPlugin)
+_forwarder_registered = False  # the scheduler plug-in registered this process (and unregisters it when removed)
 _token: Optional[tuple[int, str]] = None  # (pid, token): one per process, kept across register/unregister
 #: Transfers by this process since it started: leases sent and received, arrays sent as Dask's frames.
 _counts = {"leases_sent": 0, "leases_received": 0, "frames_sent": 0}
@@ -705,10 +718,25 @@ def _uninstall_dispatch() -> None:
 def _handshake_info(self: Any) -> dict[str, Any]:
     info: dict[str, Any] = _orig_handshake(self)
     st = _state
-    # Only a comm that deserializes what it reads may be given leases: the scheduler forwards data undecoded.
-    if st is not None and getattr(self, "deserialize", True):
+    if st is None:
+        return info
+    if getattr(self, "deserialize", True):
         info[HANDSHAKE_KEY] = {"pool": st.pool_name, "peer": st.token}
+    elif _forwarding and _opened_here():
+        # The scheduler forwards data undecoded. On the connections it opens itself (to workers: get_data for a
+        # gather, run for a broadcast) every reply is consumed by the handler that asked and forwarded at once,
+        # and that handler hands a lease only to a proven same-host requester (see _forward_or_materialize).
+        # Connections that clients open to it (scatter, queues, variables: data the scheduler may keep for
+        # longer than a claim timeout) never advertise.
+        info[HANDSHAKE_KEY] = {"pool": st.pool_name, "peer": st.token, "fwd": True}
     return info
+
+
+def _opened_here() -> bool:
+    # True when the handshake is being built by distributed.comm.core.connect (an outgoing connection), not by a
+    # listener accepting one. Anything else (a future distributed that renames it) advertises nothing: frames.
+    frame = sys._getframe(2)
+    return frame.f_code.co_name == "connect" and frame.f_globals.get("__name__") == "distributed.comm.core"
 
 
 def _install_handshake() -> None:
@@ -725,6 +753,122 @@ def _uninstall_handshake() -> None:
     if Comm.__dict__.get("handshake_info") is _handshake_info and _orig_handshake is not None:
         Comm.handshake_info = _orig_handshake  # type: ignore[method-assign]
     _orig_handshake = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scheduler as a forwarder
+# ---------------------------------------------------------------------------------------------------------------
+_FORWARDED_HANDLERS = ("gather", "broadcast")
+_LEASE_KEYS = ("tenso", "tenso-torch", "tenso-packet")
+
+
+def _carries_lease(header: Any) -> bool:
+    """Whether a Dask header (any depth: collections nest sub-headers) names a lease of ours."""
+    if isinstance(header, dict):
+        for key in _LEASE_KEYS:
+            sub = header.get(key)
+            if isinstance(sub, dict) and ("h" in sub or "lease" in sub):
+                return True
+        return any(_carries_lease(v) for v in header.values() if isinstance(v, (dict, list)))
+    if isinstance(header, list):
+        return any(_carries_lease(v) for v in header)
+    return False
+
+
+def _requester_proven(comm: Any) -> bool:
+    st = _state
+    info = getattr(comm, "remote_info", None) or {}
+    mine = info.get(HANDSHAKE_KEY)
+    return (
+        st is not None
+        and isinstance(mine, dict)
+        and not mine.get("fwd")
+        and mine.get("pool") == st.pool_name
+        and st.verify(mine.get("peer"))
+    )
+
+
+def _materialize(value: Any) -> Any:
+    """Replace every forwarded payload that names a lease by the object itself (adopting the lease here), so
+    that writing it to the requester serializes it again, as Dask's frames for a peer outside the pool."""
+    from distributed.protocol.serialize import Serialized, deserialize, to_serialize
+
+    if isinstance(value, Serialized):
+        if _carries_lease(value.header):
+            return to_serialize(deserialize(value.header, value.frames))
+        return value
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_materialize(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_materialize(v) for v in value)
+    return value
+
+
+def _forward_or_materialize(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def handler(comm: Any, **kwargs: Any) -> Any:
+        result = original(**kwargs)
+        if hasattr(result, "__await__"):
+            result = await result
+        if _requester_proven(comm):
+            return result  # the requester maps the pool: it adopts the leases itself
+        return _materialize(result)
+
+    # Not __wrapped__: Dask reads a handler's signature (a first parameter named comm) and would follow it.
+    handler._tenso_original = original  # type: ignore[attr-defined]
+    return handler
+
+
+def _start_forwarding(scheduler: Any) -> None:
+    global _forwarding
+    for name in _FORWARDED_HANDLERS:
+        current = scheduler.handlers.get(name)
+        if current is not None and not hasattr(current, "_tenso_original"):
+            scheduler.handlers[name] = _forward_or_materialize(current)
+    _forwarding = True
+    # The scheduler's own idle connections to workers were opened without the forwarder's entry.
+    scheduler.rpc.collect()
+
+
+def _stop_forwarding(dask_scheduler: Any = None) -> None:
+    """Undo the scheduler plugin (``uninstall`` runs it on the scheduler)."""
+    global _forwarding, _forwarder_registered
+    _forwarding = False
+    if dask_scheduler is not None:
+        for name in _FORWARDED_HANDLERS:
+            current = dask_scheduler.handlers.get(name)
+            original = getattr(current, "_tenso_original", None)
+            if original is not None:
+                dask_scheduler.handlers[name] = original
+        dask_scheduler.rpc.collect()
+    if _forwarder_registered:  # not when the scheduler shares its process with the client (LocalCluster)
+        _forwarder_registered = False
+        unregister()
+
+
+class TensoSchedulerPlugin(SchedulerPlugin):
+    """Makes the scheduler a same-host forwarder: results gathered through it (``future.result()``,
+    ``client.gather``, ``client.run``) travel from the worker to a same-host client as a lease, and as Dask's frames
+    to any other requester (the scheduler adopts the lease and re-serializes it)."""
+
+    name = PLUGIN_NAME + "-scheduler"
+    idempotent = False
+
+    def __init__(
+        self, scope: str, pool_size: Any = None, min_bytes: int = MIN_BYTES, claim_timeout: float = CLAIM_TIMEOUT
+    ) -> None:
+        self.scope = scope
+        self.pool_size = pool_size
+        self.min_bytes = min_bytes
+        self.claim_timeout = claim_timeout
+
+    async def start(self, scheduler: Any) -> None:
+        global _forwarder_registered
+        if _state is None:
+            register(self.scope, pool_size=self.pool_size, min_bytes=self.min_bytes, claim_timeout=self.claim_timeout)
+            _forwarder_registered = True
+        _start_forwarding(scheduler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -894,6 +1038,17 @@ def install(
     register(scope, pool_size=pool_size, min_bytes=min_bytes, claim_timeout=claim_timeout)
     plugin = TensoWorkerPlugin(scope, pool_size, min_bytes, claim_timeout, hosts)
     client.register_plugin(plugin, name=PLUGIN_NAME)
+    try:
+        _remove_forwarder(client)  # installing again replaces it (with the new options)
+        forwarder = TensoSchedulerPlugin(scope, pool_size, min_bytes, claim_timeout)
+        client.register_plugin(forwarder, name=TensoSchedulerPlugin.name)
+    except Exception as exc:  # a scheduler without tenso-ray (or on another host's Python): still correct
+        warnings.warn(
+            f"tenso.dask: the scheduler could not load its plug-in ({exc!r}); results gathered through the "
+            "scheduler keep Dask's frames (direct transfers and worker-to-worker transfers still use the pool)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _collect_idle_comms(client)
 
 
@@ -914,12 +1069,26 @@ def uninstall(client: Any) -> None:
         pass  # not installed
     except OSError:
         pass  # a worker went away meanwhile (CommClosedError); the ones left have unregistered
+    try:
+        _remove_forwarder(client)
+    except (ValueError, OSError):
+        pass  # the scheduler is gone
     st = _state
     unregister()
     if st is not None and st.scope == scope_for(client.scheduler.address):
         from .nodecache import drop
 
         drop(st.scope)
+
+
+def _scheduler_plugins(dask_scheduler: Any) -> list[str]:
+    return list(dask_scheduler.plugins)
+
+
+def _remove_forwarder(client: Any) -> None:
+    if TensoSchedulerPlugin.name in client.run_on_scheduler(_scheduler_plugins):
+        client.run_on_scheduler(_stop_forwarding)
+        client.unregister_scheduler_plugin(TensoSchedulerPlugin.name)
 
 
 # distributed.worker.preload hooks (``dask worker --preload tenso.dask``)
