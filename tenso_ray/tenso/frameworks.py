@@ -18,7 +18,8 @@ torch refuses) and never through a float conversion.
 
 No framework is imported until a function needs it; a missing one raises ImportError naming the extra to install.
 A CUDA device asked of a framework that has none raises RuntimeError saying what is missing. Device copies go
-through pageable host memory for now; pinned staging lives in :mod:`tenso.gpu` (issue #13).
+through pageable host memory; packets go to and from CUDA through pinned staging in :mod:`tenso.gpu`, which hands
+device memory over with :func:`device_from_dlpack`.
 
 DLPack (framework-agnostic, see :func:`from_dlpack`, :func:`host_input` and :func:`to_dlpack`) goes through
 NumPy's own ``np.from_dlpack`` / ``ndarray.__dlpack__``. What the installed versions do (numpy 2.4, torch 2.15,
@@ -64,6 +65,7 @@ __all__ = [
     "host_input",
     "is_dlpack_producer",
     "to_dlpack",
+    "device_from_dlpack",
 ]
 
 # NumPy builtin dtypes that torch also has, under the same name.
@@ -726,3 +728,18 @@ def to_dlpack(array: np.ndarray) -> Any:
     if code is None or array.dtype.fields is not None:
         return array
     return _Retyped(array.view(f"u{array.dtype.itemsize}"), code)
+
+
+def device_from_dlpack(producer: Any, framework: str) -> Any:
+    """A ``framework`` tensor (``"torch"``, ``"cupy"`` or ``"jax"``) over the device memory of a DLPack producer.
+
+    Used by :mod:`tenso.gpu` to hand over device memory that tenso allocated (``tenso.DeviceTensor``): the
+    framework imports it without a copy and frees it through the capsule's deleter when its tensor goes.
+    """
+    if framework == "torch":
+        return _torch().from_dlpack(producer)
+    if framework == "cupy":
+        return _import("cupy", "device 'cupy'").from_dlpack(producer)
+    if framework == "jax":
+        return _import("jax.dlpack", "device 'jax'").from_dlpack(producer)
+    raise ValueError(f"Unsupported device framework {framework!r}: expected 'torch', 'cupy' or 'jax'")
