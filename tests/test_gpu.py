@@ -184,3 +184,40 @@ def test_pinned_host_memory_is_host_memory():
     t = torch.arange(8, dtype=torch.bfloat16).pin_memory()
     a = tenso.from_dlpack(t)  # kDLCPU (torch reports pinned tensors as CPU): zero-copy
     assert a.dtype == ml_dtypes.bfloat16 and a.__array_interface__["data"][0] == t.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+@pytest.mark.parametrize("dtype", DTYPES + ["float8_e4m3fn"])
+def test_framework_conversions_use_the_staging(dtype):
+    # frameworks.to_host / torch_bytes / torch_from_bytes (the cache's, Ray's and Dask's device paths) stage CUDA
+    # copies through tenso-gpu: same values, every dtype, and no new pinned buffer once the pool is warm.
+    from tenso import frameworks
+
+    t = _sample(dtype, (33, 65)) if hasattr(torch, dtype) else None
+    if t is None:
+        pytest.skip(f"torch has no {dtype}")
+    on_cuda = t.cuda()
+    frameworks.to_host(on_cuda)  # warm the pool
+    before = tenso.gpu.staging_stats(0)["allocations"]
+    host = frameworks.to_host(on_cuda)
+    assert host.shape == tuple(t.shape)
+    assert torch.equal(frameworks.from_host(host, "torch"), t)
+    assert torch.equal(frameworks.to_host(on_cuda.t()).view(host.dtype), frameworks.to_host(t.t().contiguous()))
+    raw = frameworks.torch_bytes(on_cuda)
+    assert raw.tobytes() == frameworks.torch_bytes(t).tobytes()
+    back = frameworks.torch_from_bytes(raw, t.dtype, tuple(t.shape), "cuda:0")
+    assert back.device.type == "cuda" and torch.equal(back.cpu(), t)
+    on_device = frameworks.from_host(host, "torch:cuda:0")
+    assert on_device.device.type == "cuda" and torch.equal(on_device.cpu(), t)
+    assert tenso.gpu.staging_stats(0)["allocations"] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_cache_get_to_a_cuda_device():
+    with tenso.TensoCache("16MB") as cache:
+        cache.put("w", np.arange(1 << 20, dtype=np.float32))
+        t = cache.get("w", device="torch:cuda:0")
+        assert t.device.type == "cuda"
+        assert torch.equal(t.cpu(), torch.arange(1 << 20, dtype=torch.float32))

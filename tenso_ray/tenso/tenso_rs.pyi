@@ -41,6 +41,8 @@ __all__ = [
     "_gpu_read_to_device",
     "_gpu_write_from_device",
     "_gpu_staging_stats",
+    "_gpu_from_host",
+    "_gpu_to_host",
     "DeviceTensor",
     "_process_alive",
     "_quantize",
@@ -224,6 +226,8 @@ def _gpu_write_from_device(
     tensors: Any, write: Callable[[memoryview], object], check_integrity: bool = False
 ) -> int: ...
 def _gpu_staging_stats(device_id: int) -> tuple[int, int, int]: ...
+def _gpu_from_host(array: npt.NDArray[Any], device_id: int) -> DeviceTensor: ...
+def _gpu_to_host(tensor: Any) -> tuple[npt.NDArray[np.uint8], str, list[int]]: ...
 def _process_alive(pid: int) -> bool: ...
 
 # --- shared memory (rust/tenso-py/src/shm.rs) ---

@@ -25,15 +25,16 @@ use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError}
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use tenso_format::{DType, DecodeOptions, EncodeOptions};
-use tenso_gpu::copy::DeviceBuf;
+use tenso_gpu::copy::{DeviceBuf, DeviceMemory};
 use tenso_gpu::dlpack::{dl_dtype, wire_dtype};
 use tenso_gpu::packet::{
     read_packet, write_packet, DeviceTensor, Outgoing, Received, SourceTensor,
 };
 use tenso_gpu::{CudaBuf, Device, GpuError};
 
-use crate::buffers::Source;
+use crate::buffers::{wire_dtype as wire_dtype_of, Source};
 use crate::errors::decode_error;
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
 
 /// Staging chunk: large enough that per-chunk driver overhead is noise at ~50 GB/s, small enough that the first
 /// chunk's read and the last chunk's copy (which do not overlap) cost little.
@@ -451,6 +452,93 @@ fn _gpu_write_from_device(
     Ok(n)
 }
 
+/// A C-contiguous, native-endian host array copied into fresh device memory on `device_id` through the pinned
+/// staging (one staging copy; the GIL is released for the copy).
+#[pyfunction]
+fn _gpu_from_host<'py>(
+    array: &Bound<'py, PyUntypedArray>,
+    device_id: i64,
+) -> PyResult<Bound<'py, PyDeviceTensor>> {
+    require_gpu()?;
+    let py = array.py();
+    let (dtype, swap) = wire_dtype_of(&array.dtype())?;
+    if swap || !array.is_c_contiguous() {
+        return Err(PyBufferError::new_err(
+            "_gpu_from_host needs a C-contiguous native-endian array",
+        ));
+    }
+    let shape: Vec<u64> = array.shape().iter().map(|&d| d as u64).collect();
+    let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
+    let source = Source::new(array.as_any())?;
+    let bytes = source.bytes();
+    let buf = py
+        .detach(|| {
+            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let buf = dev.alloc(bytes.len())?;
+            let mut at = 0;
+            // SAFETY: buf was just allocated with bytes.len() bytes and is ours alone; upload drains before returning.
+            unsafe {
+                tenso_gpu::copy::upload(&*dev, buf.ptr(), bytes.len(), |chunk| {
+                    chunk.copy_from_slice(&bytes[at..at + chunk.len()]);
+                    at += chunk.len();
+                    Ok(())
+                })
+            }?;
+            Ok(buf)
+        })
+        .map_err(gpu_error)?;
+    Bound::new(py, PyDeviceTensor::new(DeviceTensor { dtype, shape, buf })?)
+}
+
+/// A CUDA DLPack producer copied to host memory through the pinned staging: (flat uint8 array of its C-order bytes,
+/// wire dtype name, shape).
+#[pyfunction]
+fn _gpu_to_host<'py>(
+    tensor: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyUntypedArray>, &'static str, Vec<u64>)> {
+    require_gpu()?;
+    let py = tensor.py();
+    let mut shared = None;
+    let imported = import(tensor, &mut shared)?;
+    let Some((_, shared)) = shared else {
+        unreachable!("import opened the tensor's device")
+    };
+    let t = &imported.tensor;
+    let n = t
+        .shape
+        .iter()
+        .try_fold(t.dtype.itemsize() as u64, |a, &d| a.checked_mul(d))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| PyValueError::new_err("tensor too large"))?;
+    let out = crate::buffers::alloc_aligned(py, n)?;
+    let out = out.call_method1(
+        "__getitem__",
+        (pyo3::types::PySlice::new(py, 0, n as isize, 1),),
+    )?;
+    let out = out.cast_into::<PyUntypedArray>().map_err(PyErr::from)?;
+    // SAFETY: `out` is a fresh, C-contiguous uint8 array of n bytes that nothing else references yet.
+    let dst = unsafe { crate::buffers::bytes_mut(&out, n) };
+    let ptr = t.ptr;
+    py.detach(|| {
+        let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+        tenso_gpu::copy::CopyEngine::sync(&*dev, 0)?;
+        let mut at = 0;
+        // SAFETY: ptr points to n bytes of compact device memory of a tensor whose export we hold (imported), with
+        // its producer's writes finished (the sync above).
+        unsafe {
+            tenso_gpu::copy::download(&*dev, ptr, n, |chunk| {
+                dst[at..at + chunk.len()].copy_from_slice(chunk);
+                at += chunk.len();
+                Ok(())
+            })
+        }
+    })
+    .map_err(gpu_error)?;
+    let (dtype, shape) = (imported.tensor.dtype.name(), imported.tensor.shape.clone());
+    drop(imported);
+    Ok((out, dtype, shape))
+}
+
 /// (pinned staging buffers ever allocated, idle now, chunk bytes) of device `device_id`'s pool.
 #[pyfunction]
 fn _gpu_staging_stats(device_id: i64) -> PyResult<(u64, usize, usize)> {
@@ -486,5 +574,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_gpu_problem, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_read_to_device, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_write_from_device, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_from_host, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_to_host, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_staging_stats, m)?)
 }
