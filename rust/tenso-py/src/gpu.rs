@@ -511,11 +511,6 @@ fn _gpu_to_host<'py>(
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| PyValueError::new_err("tensor too large"))?;
     let out = crate::buffers::alloc_aligned(py, n)?;
-    let out = out.call_method1(
-        "__getitem__",
-        (pyo3::types::PySlice::new(py, 0, n as isize, 1),),
-    )?;
-    let out = out.cast_into::<PyUntypedArray>().map_err(PyErr::from)?;
     // SAFETY: `out` is a fresh, C-contiguous uint8 array of n bytes that nothing else references yet.
     let dst = unsafe { crate::buffers::bytes_mut(&out, n) };
     let ptr = t.ptr;
