@@ -23,6 +23,9 @@ use dlpark::python::{export_dlpack, DlpackExporter, ExportRequest, ImportRequest
 use dlpark::{DlpackFlags, Managed};
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+// Locks taken while attached release the GIL while they wait: a holder of a device may call back into Python (a
+// source's fill, a destination's write), which needs the GIL.
+use pyo3::sync::MutexExt;
 use pyo3::types::{PyDict, PyTuple};
 use tenso_format::{DType, DecodeOptions, EncodeOptions};
 use tenso_gpu::copy::{DeviceBuf, DeviceMemory};
@@ -284,7 +287,9 @@ fn _gpu_read_to_device<'py>(
     let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
     let opts = DecodeOptions::default();
     let received = if source.is_callable() {
-        let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let dev = shared
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner());
         read_packet(&*dev, &mut PyFill { fill: source }, &opts)
     } else {
         let bytes = Source::new(source)?;
@@ -349,7 +354,11 @@ fn import(obj: &Bound<'_, PyAny>, shared: &mut Option<(i32, Shared)>) -> PyResul
             d
         }
     };
-    let stream = CopyStream(d.lock().unwrap_or_else(|p| p.into_inner()).stream(0) as usize);
+    let stream = CopyStream(
+        d.lock_py_attached(obj.py())
+            .unwrap_or_else(|p| p.into_inner())
+            .stream(0) as usize,
+    );
     let imported = request.import(Some(&stream), None)?;
     let tensor = {
         let t = imported
@@ -432,7 +441,9 @@ fn _gpu_write_from_device(
         integrity: check_integrity,
         ..EncodeOptions::default()
     };
-    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let dev = shared
+        .lock_py_attached(py)
+        .unwrap_or_else(|p| p.into_inner());
     // The producers ordered their pending writes before stream 0 (the handshake); waiting for it here makes the
     // data ready for both copy streams.
     tenso_gpu::copy::CopyEngine::sync(&*dev, 0).map_err(gpu_error)?;
@@ -536,10 +547,12 @@ fn _gpu_to_host<'py>(
 
 /// (pinned staging buffers ever allocated, idle now, chunk bytes) of device `device_id`'s pool.
 #[pyfunction]
-fn _gpu_staging_stats(device_id: i64) -> PyResult<(u64, usize, usize)> {
+fn _gpu_staging_stats(py: Python<'_>, device_id: i64) -> PyResult<(u64, usize, usize)> {
     require_gpu()?;
     let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
-    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let dev = shared
+        .lock_py_attached(py)
+        .unwrap_or_else(|p| p.into_inner());
     let pool = dev.pool();
     Ok((pool.allocations(), pool.idle(), pool.chunk()))
 }
