@@ -175,6 +175,13 @@ fn read_start<R: Read + ?Sized>(
                             if h.flags != FLAG_BUNDLE {
                                 return Err(FormatError::BadFlags { flags: h.flags }.into());
                             }
+                            if h.dtype_code != 0 {
+                                return Err(FormatError::Malformed {
+                                    offset: h.len() - 2 - usize::from(h.version == Version::V4),
+                                    reason: "bundle header has a non-zero dtype code",
+                                }
+                                .into());
+                            }
                             return Ok(Some(Start::Bundle { count: h.count }));
                         }
                         PacketKind::Dense => {
