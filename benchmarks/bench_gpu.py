@@ -1,15 +1,18 @@
 """Host<->device bandwidth of tenso.gpu against torch's own copies (issue #13). Needs an NVIDIA GPU.
 
-For 64 MiB and 1 GiB float32 packets, from memory (BytesIO), a file (page cache) and shm (/dev/shm), measures:
+For 64 MiB and 1 GiB float32 packets, from memory (BytesIO, and the bytes object itself), a file (page cache) and
+shm (/dev/shm: read as a file, and mapped with mmap, the TensoCache/TensoShm case), measures:
 
-* h2d/tenso      tenso.gpu.read_to_device(source, 0, "torch")  (read + host-to-device, synchronised)
+* h2d/tenso      tenso.gpu.read_to_device(source, 0, "torch")  (parse + read + pinned staging + host-to-device,
+                 synchronised; the tensor is tenso's device allocation handed over through DLPack)
 * d2h/tenso      tenso.gpu.write_from_device(cuda_tensor, dest) (device-to-host + write)
 * h2d|d2h/pinned torch pinned tensor .copy_ (cudaMemcpy from page-locked memory: the copy-engine limit)
 * h2d|d2h/pageable  torch CPU tensor .to("cuda") / cuda tensor .cpu()
 * h2d|d2h/cupy   cupy.asarray / .get() (if CuPy is installed)
 * read/alone     read_stream of the same source with no device copy (for the overlap ratio)
 
-Medians of REPS runs (5 for 64 MiB, 3 for 1 GiB), reported as GB/s (1e9 bytes/s), and the targets of the issue:
+The pinned staging pool's allocation count is recorded before and after (it must not grow: 0 cuMemHostAlloc in
+steady state). Medians of REPS runs (5 for 64 MiB, 3 for 1 GiB), reported as GB/s (1e9 bytes/s), and the targets of the issue:
 tenso >= 0.85x pinned, >= 2x pageable, read+copy of 1 GiB <= 1.2x the slower of read alone and pinned copy alone.
 Writes JSON to $OUT/bench_gpu.json if OUT is set, else benchmarks/results/bench_gpu.json. Without a GPU it says so
 and exits 0 having measured nothing.
@@ -46,6 +49,31 @@ class _Discard(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         return memoryview(b).nbytes
+
+
+class _Borrowed:
+    """A bytes-like source handed to read_to_device as it is (read from memory without the GIL)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer: Any = data
+
+    def close(self) -> None:
+        pass
+
+
+class _Mapped:
+    """A read-only mmap of a /dev/shm file (what TensoShm / TensoCache readers see), handed over as a buffer."""
+
+    def __init__(self, path: str) -> None:
+        import mmap
+
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.buffer: Any = memoryview(self._map)
+
+    def close(self) -> None:
+        self.buffer.release()
+        self._map.close()
 
 
 def _median_s(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> float:
@@ -87,6 +115,8 @@ def main() -> int:
         cupy = None
     sync = torch.cuda.synchronize
     results: list[dict[str, Any]] = []
+    tenso.gpu.read_to_device(bytes(tenso.dumps(np.zeros(1, np.float32))), 0, framework="torch")  # opens the pool
+    staging_before = tenso.gpu.staging_stats(0)
 
     def record(op: str, source: str, impl: str, nbytes: int, seconds: float) -> None:
         row = {"op": op, "source": source, "impl": impl, "bytes": nbytes, "seconds": seconds,
@@ -110,22 +140,27 @@ def main() -> int:
             def opener(source: str) -> Callable[[], Any]:
                 if source == "memory":
                     return lambda: io.BytesIO(packet)
+                if source == "bytes":
+                    return lambda: _Borrowed(packet)
+                if source == "shm-map":
+                    return lambda: _Mapped(paths["shm"])
                 return lambda: open(paths[source], "rb", buffering=0)
 
-            for source in ("memory", "file", "shm"):
+            for source in ("memory", "bytes", "file", "shm", "shm-map"):
                 make = opener(source)
 
                 def h2d(make: Callable[[], Any] = make) -> None:
                     src = make()
                     try:
-                        tenso.gpu.read_to_device(src, 0, framework="torch")
+                        tenso.gpu.read_to_device(getattr(src, "buffer", src), 0, framework="torch")
                     finally:
                         src.close()
 
                 def read_alone(make: Callable[[], Any] = make) -> None:
                     src = make()
                     try:
-                        tenso.read_stream(src)
+                        buffer = getattr(src, "buffer", None)
+                        tenso.loads(buffer) if buffer is not None else tenso.read_stream(src)
                     finally:
                         src.close()
 
@@ -174,6 +209,9 @@ def main() -> int:
         t_slower = max(nbytes / gbps("read", "file", "alone", nbytes), nbytes / gbps("h2d", "memory", "pinned", nbytes))
         targets.append({"what": f"overlap {nbytes // MiB} MiB file: (read+copy)/max(read, copy)",
                         "ratio": t_both / t_slower, "target": "<= 1.2"})
+    staging_after = tenso.gpu.staging_stats(0)
+    targets.append({"what": "pinned staging buffers allocated during the run (steady state)",
+                    "ratio": staging_after["allocations"] - staging_before["allocations"], "target": "== 0"})
     for t in targets:
         print(f"target {t['what']}: {t['ratio']:.2f} (want {t['target']})")
     payload = {
@@ -183,6 +221,7 @@ def main() -> int:
                     "tenso": tenso.__version__, "cupy": getattr(cupy, "__version__", None)},
         "results": results,
         "targets": targets,
+        "staging": {"before": staging_before, "after": staging_after},
     }
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "bench_gpu.json")

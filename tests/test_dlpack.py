@@ -195,3 +195,18 @@ def test_loads_round_trip_of_dlpack_dump():
     out = tenso.loads(tenso.dumps(t))
     assert out.dtype == ml_dtypes.bfloat16
     assert torch.equal(torch.from_dlpack(fw.to_dlpack(out)), t)
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "bool"])
+def test_device_from_dlpack_hands_a_producer_to_each_framework(name):
+    # What tenso.gpu does with its DeviceTensor, shown on host producers: the framework shares the producer's memory.
+    a = np.arange(12).astype(ml_dtypes.bfloat16 if name == "bfloat16" else name).reshape(3, 4)
+    t = fw.device_from_dlpack(fw.to_dlpack(a), "torch")
+    assert t.data_ptr() == a.__array_interface__["data"][0] and tuple(t.shape) == (3, 4)
+    assert str(t.dtype) == f"torch.{name}"
+    jax = pytest.importorskip("jax")
+    j = fw.device_from_dlpack(fw.to_dlpack(a), "jax")
+    assert isinstance(j, jax.Array) and j.dtype == a.dtype
+    np.testing.assert_array_equal(np.asarray(j), a)
+    with pytest.raises(ValueError, match="Unsupported device framework"):
+        fw.device_from_dlpack(a, "mxnet")

@@ -4,6 +4,8 @@ no-CUDA behaviour of the native probe, which runs everywhere."""
 from __future__ import annotations
 
 import io
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -23,6 +25,30 @@ def test_native_probe_agrees_with_the_driver():
     assert isinstance(tenso_rs._gpu_available(), bool)
     assert tenso_rs._gpu_available() == (tenso.gpu._cuda_problem() is None)
     assert tenso.gpu.available() == tenso_rs._gpu_available()
+    assert (tenso_rs._gpu_problem() is None) == tenso_rs._gpu_available()
+
+
+@pytest.mark.skipif(tenso.gpu.available(), reason="this machine has CUDA")
+def test_without_cuda_every_call_is_a_clear_runtime_error_and_reads_nothing():
+    problem = tenso.gpu._cuda_problem()
+    assert problem and ("libcuda" in problem or "no CUDA device" in problem or "macOS" in problem)
+    src = io.BytesIO(bytes(tenso.dumps(np.arange(4))))
+    for call in (
+        lambda: tenso.gpu.read_to_device(src, 0, framework="torch"),
+        lambda: tenso.gpu.write_from_device(torch.zeros(3), io.BytesIO()),
+        lambda: tenso.gpu.staging_stats(0),
+    ):
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU") as info:
+            call()
+        assert problem in str(info.value)
+    assert src.tell() == 0, "the stream is untouched"
+    # The native entry points check too (cudarc would panic on a missing libcuda).
+    with pytest.raises(RuntimeError, match="CUDA"):
+        tenso_rs._gpu_read_to_device(bytes(tenso.dumps(np.arange(4))), 0)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        tenso_rs._gpu_write_from_device(np.arange(3), lambda view: None)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        tenso_rs._gpu_staging_stats(0)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA")
@@ -38,19 +64,106 @@ def test_device_producers_are_refused_without_a_host_copy():
         tenso.dumps(OnCuda())
 
 
+DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16",
+          "uint32", "uint64", "bool", "complex64", "complex128"]
+
+
+def _sample(dtype: str, shape=(1024, 3 * 1024 + 7)):
+    t = torch.arange(int(np.prod(shape))) % 7
+    return t.to(getattr(torch, dtype)).reshape(shape)
+
+
+def _sources(packet: bytes, tmp_path):
+    """The same packet from memory, a BytesIO, a file and a socket."""
+    yield "bytes", packet
+    yield "bytesio", io.BytesIO(packet)
+    path = tmp_path / "p.tenso"
+    path.write_bytes(packet)
+    with open(path, "rb") as f:
+        yield "file", f
+    a, b = socket.socketpair()
+    sender = threading.Thread(target=lambda: (a.sendall(packet), a.close()))
+    sender.start()
+    try:
+        yield "socket", b
+    finally:
+        sender.join()
+        b.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int64", "uint8", "bool", "complex64"])
-def test_read_to_device_round_trip(dtype):
-    t = (torch.arange(3 * 1024 * 1024) % 7).to(getattr(torch, dtype)).reshape(1024, -1)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_read_to_device_round_trip(dtype, tmp_path):
+    t = _sample(dtype)
     buf = io.BytesIO()
     n = tenso.gpu.write_from_device(t.cuda(), buf, check_integrity=True)
     assert n == len(buf.getvalue())
     assert buf.getvalue() == bytes(tenso.dumps(t, check_integrity=True))  # same packet as from the host tensor
-    buf.seek(0)
-    back = tenso.gpu.read_to_device(buf, 0, framework="torch")
-    assert back.device.type == "cuda" and back.dtype == t.dtype
-    assert torch.equal(back.cpu(), t)
+    for name, source in _sources(buf.getvalue(), tmp_path):
+        back = tenso.gpu.read_to_device(source, 0, framework="torch")
+        assert back.device.type == "cuda" and back.dtype == t.dtype, name
+        assert torch.equal(back.cpu(), t), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_device_memory_is_handed_over_without_a_copy_and_staging_is_reused():
+    packet = bytes(tenso.dumps(np.arange(5 << 20, dtype=np.float32)))  # 20 MiB: several staging chunks
+    dev = tenso_rs._gpu_read_to_device(packet, 0)
+    assert isinstance(dev, tenso_rs.DeviceTensor) and dev.nbytes == 20 << 20 and dev.dtype == "float32"
+    a = torch.from_dlpack(dev)
+    b = torch.from_dlpack(dev)
+    assert a.data_ptr() == b.data_ptr(), "both imports share tenso's allocation"
+    a[0] = 42
+    assert b[0].item() == 42
+    del dev  # the capsules' deleters keep the memory alive
+    assert torch.equal(b[1:].cpu(), torch.arange(1, 5 << 20, dtype=torch.float32))
+    before = tenso.gpu.staging_stats(0)
+    for _ in range(5):
+        out = io.BytesIO()
+        tenso.gpu.write_from_device(tenso.gpu.read_to_device(packet, 0, framework="torch"), out)
+        assert out.getvalue() == packet
+    after = tenso.gpu.staging_stats(0)
+    assert after["allocations"] == before["allocations"] == 2, "steady state allocates no pinned memory"
+    assert after["idle"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_bundles_errors_and_strided_tensors():
+    d = {"w": torch.randn(64, 33, device="cuda"), "b": torch.arange(7, device="cuda").to(torch.bfloat16)}
+    out = io.BytesIO()
+    tenso.gpu.write_from_device(d, out, check_integrity=True)
+    assert out.getvalue() == bytes(tenso.dumps({k: v.cpu() for k, v in d.items()}, check_integrity=True))
+    back = tenso.gpu.read_to_device(out.getvalue(), 0, framework="torch")
+    assert list(back) == ["w", "b"] and all(torch.equal(back[k], d[k]) for k in d)
+    bad = bytearray(out.getvalue())
+    bad[-9] ^= 1
+    with pytest.raises(tenso.TensoIntegrityError):
+        tenso.gpu.read_to_device(bytes(bad), 0, framework="torch")
+    with pytest.raises(EOFError):
+        tenso.gpu.read_to_device(io.BytesIO(out.getvalue()[:-3]), 0, framework="torch")
+    with pytest.raises(BufferError, match="contiguous"):
+        tenso.gpu.write_from_device(d["w"].t(), io.BytesIO())
+    with pytest.raises(TypeError, match="quantized|sparse|cannot be read to a device"):
+        tenso.gpu.read_to_device(bytes(tenso.dumps(tenso.QuantizedTensor.quantize(np.ones(8, np.float32)))), 0,
+                                 framework="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+@pytest.mark.parametrize("framework", ["cupy", "jax"])
+def test_other_frameworks_share_the_device_memory(framework):
+    fw = pytest.importorskip(framework)
+    packet = bytes(tenso.dumps(np.arange(1000, dtype=np.float32).reshape(10, 100)))
+    back = tenso.gpu.read_to_device(packet, 0, framework=framework)
+    np.testing.assert_array_equal(np.asarray(back.get() if framework == "cupy" else back),
+                                  np.arange(1000, dtype=np.float32).reshape(10, 100))
+    out = io.BytesIO()
+    tenso.gpu.write_from_device(back, out)
+    assert out.getvalue() == packet
+    del fw
 
 
 @pytest.mark.gpu
@@ -71,3 +184,40 @@ def test_pinned_host_memory_is_host_memory():
     t = torch.arange(8, dtype=torch.bfloat16).pin_memory()
     a = tenso.from_dlpack(t)  # kDLCPU (torch reports pinned tensors as CPU): zero-copy
     assert a.dtype == ml_dtypes.bfloat16 and a.__array_interface__["data"][0] == t.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+@pytest.mark.parametrize("dtype", DTYPES + ["float8_e4m3fn"])
+def test_framework_conversions_use_the_staging(dtype):
+    # frameworks.to_host / torch_bytes / torch_from_bytes (the cache's, Ray's and Dask's device paths) stage CUDA
+    # copies through tenso-gpu: same values, every dtype, and no new pinned buffer once the pool is warm.
+    from tenso import frameworks
+
+    t = _sample(dtype, (33, 65)) if hasattr(torch, dtype) else None
+    if t is None:
+        pytest.skip(f"torch has no {dtype}")
+    on_cuda = t.cuda()
+    frameworks.to_host(on_cuda)  # warm the pool
+    before = tenso.gpu.staging_stats(0)["allocations"]
+    host = frameworks.to_host(on_cuda)
+    assert host.shape == tuple(t.shape)
+    assert torch.equal(frameworks.from_host(host, "torch"), t)
+    assert torch.equal(frameworks.to_host(on_cuda.t()).view(host.dtype), frameworks.to_host(t.t().contiguous()))
+    raw = frameworks.torch_bytes(on_cuda)
+    assert raw.tobytes() == frameworks.torch_bytes(t).tobytes()
+    back = frameworks.torch_from_bytes(raw, t.dtype, tuple(t.shape), "cuda:0")
+    assert back.device.type == "cuda" and torch.equal(back.cpu(), t)
+    on_device = frameworks.from_host(host, "torch:cuda:0")
+    assert on_device.device.type == "cuda" and torch.equal(on_device.cpu(), t)
+    assert tenso.gpu.staging_stats(0)["allocations"] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_cache_get_to_a_cuda_device():
+    with tenso.TensoCache("16MB") as cache:
+        cache.put("w", np.arange(1 << 20, dtype=np.float32))
+        t = cache.get("w", device="torch:cuda:0")
+        assert t.device.type == "cuda"
+        assert torch.equal(t.cpu(), torch.arange(1 << 20, dtype=torch.float32))

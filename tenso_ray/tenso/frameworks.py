@@ -18,7 +18,11 @@ torch refuses) and never through a float conversion.
 
 No framework is imported until a function needs it; a missing one raises ImportError naming the extra to install.
 A CUDA device asked of a framework that has none raises RuntimeError saying what is missing. Device copies go
-through pageable host memory for now; pinned staging lives in :mod:`tenso.gpu` (issue #13).
+through tenso's pinned staging (crate ``tenso-gpu``) whenever the driver reports a CUDA device: :func:`from_host` to
+``torch:cuda:N`` / ``cupy:N`` copies into device memory tenso allocates and hands over through DLPack
+(:func:`device_from_dlpack`), :func:`to_host` of a CUDA tensor copies it home through the same staging; dtypes the
+wire does not carry (float8, complex32) and strided device tensors keep the framework's own copy. JAX targets keep
+``jax.device_put``. Packets go to and from CUDA in :mod:`tenso.gpu`.
 
 DLPack (framework-agnostic, see :func:`from_dlpack`, :func:`host_input` and :func:`to_dlpack`) goes through
 NumPy's own ``np.from_dlpack`` / ``ndarray.__dlpack__``. What the installed versions do (numpy 2.4, torch 2.15,
@@ -47,6 +51,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from . import tenso_rs as _rs
 from .tenso_rs import _owned_copy
 
 __all__ = [
@@ -64,6 +69,7 @@ __all__ = [
     "host_input",
     "is_dlpack_producer",
     "to_dlpack",
+    "device_from_dlpack",
 ]
 
 # NumPy builtin dtypes that torch also has, under the same name.
@@ -203,6 +209,47 @@ def is_tensor(obj: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CUDA through tenso's pinned staging (crate tenso-gpu)
+# ---------------------------------------------------------------------------------------------------------------
+# dtypes the wire (and so the staging) carries; the rest (float8, complex32) keep the framework's own copy.
+_WIRE_DTYPES = frozenset(np.dtype(name) for name in _TORCH_BUILTIN)
+_STAGED: Optional[bool] = None
+
+
+def _staged() -> bool:
+    """Whether device copies go through tenso's pinned staging: the driver reports a CUDA device."""
+    global _STAGED
+    if _STAGED is None:
+        _STAGED = bool(_rs._gpu_available())
+    return _STAGED
+
+
+def _wire(array: np.ndarray) -> bool:
+    return array.dtype in _WIRE_DTYPES or array.dtype.name == "bfloat16"
+
+
+def _staged_to_device(array: np.ndarray, index: int, framework: str) -> Any:
+    """``array`` on CUDA device ``index`` as a ``framework`` tensor: one copy into pinned staging, DMA to memory tenso
+    allocated, handed over through DLPack."""
+    contiguous = np.ascontiguousarray(array)  # a no-op for C-contiguous input (the common case)
+    return device_from_dlpack(_rs._gpu_from_host(contiguous, index), framework)
+
+
+def _staged_to_host(obj: Any) -> Optional[np.ndarray]:
+    """A CUDA DLPack producer copied home through pinned staging, or None when it cannot be (not C-contiguous, a
+    dtype the wire does not carry): the caller then uses the framework's own copy."""
+    try:
+        raw, name, shape = _rs._gpu_to_host(obj)
+    except (BufferError, TypeError):
+        return None
+    if name == "bfloat16":
+        dtype = np.dtype(_import("ml_dtypes", "a bfloat16 device tensor").bfloat16)
+    else:
+        dtype = np.dtype(name)
+    return raw.view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Framework -> host
 # ---------------------------------------------------------------------------------------------------------------
 def _torch_host(t: Any) -> Any:
@@ -222,6 +269,10 @@ def _torch_host(t: Any) -> Any:
     return t
 
 
+def _is_cuda(obj: Any) -> bool:
+    return is_dlpack_producer(obj) and _dl_device(obj)[0] == _DL_CUDA
+
+
 def to_host(obj: Any) -> Any:
     """A NumPy array with the values of a torch / JAX / CuPy tensor on any device; other objects unchanged.
 
@@ -235,6 +286,13 @@ def to_host(obj: Any) -> Any:
     kind = _kind(obj)
     if kind is None:
         return obj
+    if kind == "torch" and _staged() and obj.device.type == "cuda" and obj.layout is _torch().strided:
+        # Every dtype, through its bytes (torch_bytes stages CUDA tensors); a C-contiguous copy.
+        return torch_bytes(obj).view(numpy_dtype_of(obj.dtype)).reshape(tuple(obj.shape))
+    if kind != "torch" and _staged() and _is_cuda(obj):
+        host = _staged_to_host(obj)
+        if host is not None:
+            return host
     if kind == "torch":
         t = _torch_host(obj)
         dt = numpy_dtype_of(t.dtype)
@@ -259,6 +317,13 @@ def torch_bytes(t: Any) -> np.ndarray:
     """
     import torch
 
+    if _staged() and t.device.type == "cuda" and t.layout is torch.strided and not t.is_quantized:
+        # Gathered on the device if strided, then one copy home through tenso's pinned staging.
+        t = t.detach().resolve_conj().resolve_neg()
+        if t.numel() == 0:
+            return np.empty(0, np.uint8)
+        raw: np.ndarray = _rs._gpu_to_host(t.contiguous().reshape(-1).view(torch.uint8))[0]
+        return raw
     t = _torch_host(t)
     if t.numel() == 0:
         return np.empty(0, np.uint8)
@@ -393,6 +458,10 @@ def torch_from_bytes(
     expected = math.prod(shape) * tdtype.itemsize
     if raw.size != expected:
         raise ValueError(f"{raw.size} bytes cannot hold a {tdtype} tensor of shape {shape} ({expected} bytes)")
+    if target is not None and target.type == "cuda" and _staged():
+        # One copy into pinned staging, DMA into memory tenso allocates, handed to torch through DLPack.
+        flat = device_from_dlpack(_rs._gpu_from_host(np.ascontiguousarray(raw), target.index), "torch")
+        return flat.view(tdtype).reshape(shape)
     if target is None and not zero_copy:
         # One copy into fresh memory the tensor owns (huge pages, several threads, GIL released).
         raw = _owned_copy(raw)
@@ -532,7 +601,10 @@ def from_host(array: np.ndarray, device: str = "numpy", zero_copy: bool = False)
         copied = jax.numpy.array(array, copy=True)
         return copied if target is None else jax.device_put(copied, target)
     cupy = _import("cupy", "device 'cupy'")
-    with cupy.cuda.Device(_cupy_index(spec)):
+    index = _cupy_index(spec)
+    if _staged() and _wire(array) and array.dtype.name != "bfloat16":  # CuPy has no bfloat16
+        return _staged_to_device(array, index, "cupy")
+    with cupy.cuda.Device(index):
         return cupy.asarray(array)
 
 
@@ -566,6 +638,7 @@ _DL_HOST_DEVICES = frozenset({1, 3, 11, 13})  # kDLCPU, kDLCUDAHost, kDLROCMHost
 _DL_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "metal", 10: "rocm",
                     13: "cuda_managed", 14: "oneapi", 15: "webgpu"}
 _DL_UINT = 1
+_DL_CUDA = 2
 # DLDataTypeCode -> ml_dtypes name, for the byte-per-element codes NumPy's DLPack import does not know.
 _DL_ML_CODES = {
     4: "bfloat16", 7: "float8_e3m4", 8: "float8_e4m3", 9: "float8_e4m3b11fnuz", 10: "float8_e4m3fn",
@@ -726,3 +799,18 @@ def to_dlpack(array: np.ndarray) -> Any:
     if code is None or array.dtype.fields is not None:
         return array
     return _Retyped(array.view(f"u{array.dtype.itemsize}"), code)
+
+
+def device_from_dlpack(producer: Any, framework: str) -> Any:
+    """A ``framework`` tensor (``"torch"``, ``"cupy"`` or ``"jax"``) over the device memory of a DLPack producer.
+
+    Used by :mod:`tenso.gpu` to hand over device memory that tenso allocated (``tenso.DeviceTensor``): the
+    framework imports it without a copy and frees it through the capsule's deleter when its tensor goes.
+    """
+    if framework == "torch":
+        return _torch().from_dlpack(producer)
+    if framework == "cupy":
+        return _import("cupy", "device 'cupy'").from_dlpack(producer)
+    if framework == "jax":
+        return _import("jax.dlpack", "device 'jax'").from_dlpack(producer)
+    raise ValueError(f"Unsupported device framework {framework!r}: expected 'torch', 'cupy' or 'jax'")

@@ -1,67 +1,55 @@
 """Move tenso packets between streams and CUDA device tensors (CuPy, PyTorch or JAX).
 
-:func:`read_to_device` reads one packet with :func:`tenso.read_stream` (straight into an aligned host buffer) and
-copies its arrays to a CUDA device; :func:`write_from_device` copies a device tensor to host memory and writes it
-with :func:`tenso.write_stream`. Both convert through :mod:`tenso.frameworks`, so every dtype (bfloat16 and float8
-included) is handled as everywhere else in tenso.
+:func:`read_to_device` streams one packet into device memory: the native engine (``tenso-gpu``) parses the header,
+reads each body chunk by chunk into a pinned staging buffer from a pool (allocated once per process and device) and
+copies it to the device on two alternating CUDA streams, so reading chunk k+1 overlaps the copy of chunk k. The device
+memory is allocated by tenso and handed to the framework through DLPack (``torch.from_dlpack``, ``cupy.from_dlpack``,
+``jax.dlpack.from_dlpack``): no framework-specific allocation, no second host copy. :func:`write_from_device` does the
+reverse: each tensor is imported through DLPack (with the ``stream=`` handshake, so the producer's pending work is
+ordered first), copied device -> staging -> destination chunk by chunk, and the packet's headers and XXH3 footers are
+written around the bodies; the bytes are exactly :func:`tenso.dumps`'s.
 
 These functions need a CUDA GPU. Without one they raise RuntimeError saying what is missing (no NVIDIA driver, no
 device, or a framework built without CUDA) instead of quietly handing back CPU tensors; :func:`available` asks first.
 For CPU tensors use :func:`tenso.frameworks.from_host` / :func:`tenso.frameworks.to_host` with
 :func:`tenso.read_stream` / :func:`tenso.write_stream`.
 
-Importing this module imports no framework and needs no CUDA; each function imports the framework it uses. The
-copies currently go through pageable host memory (pinned staging and DLPack are issue #13).
+Importing this module imports no framework and needs no CUDA; each function imports the framework it uses.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.util
+import mmap
 import os
 import sys
 from typing import Any, Optional
 
 import numpy as np
 
-from .core import read_stream, write_stream
-from .frameworks import check_device, from_host, map_arrays, to_host
-from .tenso_rs import _gpu_available
+from .core import _make_filler, _write_all_raw, write_stream
+from .frameworks import check_device, device_from_dlpack, is_dlpack_producer, map_arrays, to_host
+from .tenso_rs import _gpu_available, _gpu_problem, _gpu_read_to_device, _gpu_staging_stats, _gpu_write_from_device
 
-__all__ = ["available", "read_to_device", "write_from_device"]
+__all__ = ["available", "read_to_device", "write_from_device", "staging_stats"]
+
+_DL_CUDA = 2  # DLDeviceType kDLCUDA
 
 _FRAMEWORKS = ("cupy", "torch", "jax")
 
 
-def _driver_library() -> str:
-    if sys.platform == "win32":
-        return "nvcuda.dll"
-    return "libcuda.so.1"
-
-
 @functools.lru_cache(maxsize=1)
 def _cuda_problem() -> Optional[str]:
-    """Why no CUDA device can be used here, or None when the driver reports at least one."""
+    """Why no CUDA device can be used here, or None when the driver reports at least one (the native probe)."""
     if sys.platform == "darwin":
         return "CUDA does not run on macOS"
-    name = _driver_library()
-    try:
-        lib = ctypes.CDLL(name)
-    except OSError:
-        return f"the NVIDIA driver library ({name}) was not found: no NVIDIA driver is installed"
-    status = lib.cuInit(0)
-    if status != 0:
-        return f"the NVIDIA driver failed to start (cuInit returned CUDA error {status})"
-    count = ctypes.c_int(0)
-    status = lib.cuDeviceGetCount(ctypes.byref(count))
-    if status != 0:
-        return f"the NVIDIA driver could not count devices (CUDA error {status})"
-    if count.value == 0:
+    problem = _gpu_problem()
+    if problem is not None and "no CUDA device" in problem:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        return f"the NVIDIA driver reports no CUDA device{hint}"
-    return None
+        if visible is not None:
+            problem += f" (CUDA_VISIBLE_DEVICES={visible!r})"
+    return problem
 
 
 @functools.lru_cache(maxsize=1)
@@ -107,13 +95,21 @@ def _device(framework: str, device_id: int) -> str:
     return f"{framework}:cuda:{device_id}"
 
 
+def _feed(source: Any) -> Any:
+    """What the native reader takes: a bytes-like object as is (read without the GIL), else a ``fill`` callable."""
+    if isinstance(source, (bytes, bytearray, memoryview, np.ndarray, mmap.mmap)):
+        return source
+    return _make_filler(source)
+
+
 def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = None) -> Any:
-    """Read one packet from a stream and place its arrays on a CUDA device.
+    """Read one packet from a stream straight into CUDA device memory.
 
     Parameters
     ----------
     source : Any
-        A file-like or socket-like object, as for :func:`tenso.read_stream`.
+        A file-like or socket-like object, as for :func:`tenso.read_stream`; or a bytes-like object holding the
+        packet (``bytes``, ``memoryview``, ``mmap``, a NumPy buffer such as a shm view), read from memory.
     device_id : int, default 0
         Index of the target CUDA device.
     framework : {"cupy", "torch", "jax"}, optional
@@ -122,8 +118,9 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
     Returns
     -------
     Any
-        A ``cupy.ndarray``, ``torch.Tensor`` (on ``cuda:device_id``) or ``jax.Array``; a dict of them for a
-        bundle; None if the stream ended before any byte.
+        A ``cupy.ndarray``, ``torch.Tensor`` (on ``cuda:device_id``) or ``jax.Array`` over device memory that tenso
+        allocated (shared through DLPack, no copy); a dict of them for a bundle; None if the stream ended before
+        any byte.
 
     Raises
     ------
@@ -133,38 +130,41 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
     ImportError
         If the framework is not installed (the message names the extra); checked before reading.
     TypeError
-        If the packet holds a sparse matrix, quantized or string tensor (the packet has then been consumed).
+        If the packet holds a sparse matrix, quantized, string or compressed tensor, or a nested bundle (the stream
+        is then left after that packet's header).
     tenso.TensoFormatError, tenso.TensoIntegrityError
-        If the packet is invalid (both are ``ValueError``).
+        If the packet is invalid (both are ``ValueError``); its device memory is freed.
     tenso.TensoTruncatedError
         If the stream ends inside the packet (an ``EOFError``).
     """
     _require_cuda("read_to_device")
-    device = _device(_pick_framework(framework), device_id)
-    check_device(device)  # the framework and its CUDA support, before the stream is consumed
-    obj = read_stream(source)
+    name = _pick_framework(framework)
+    check_device(_device(name, device_id))  # the framework and its CUDA support, before the stream is consumed
+    obj = _gpu_read_to_device(_feed(source), device_id)
     if obj is None:
         return None
-    if not isinstance(obj, (np.ndarray, dict)):
-        raise TypeError(
-            "read_to_device supports dense arrays and bundles of them; the packet holds a "
-            f"{type(obj).__name__} (use tenso.read_stream for it)"
-        )
-    # The freshly read host buffer is only read by the host-to-device copy: no second host copy.
-    return map_arrays(obj, lambda array: from_host(array, device, zero_copy=True))
+    if isinstance(obj, dict):
+        return {key: device_from_dlpack(value, name) for key, value in obj.items()}
+    return device_from_dlpack(obj, name)
+
+
+def _is_cuda_producer(obj: Any) -> bool:
+    return is_dlpack_producer(obj) and int(obj.__dlpack_device__()[0]) == _DL_CUDA
 
 
 def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> int:
-    """Copy a device tensor to host memory and write it as one packet.
+    """Write CUDA tensors as one packet, copied through pinned staging while the destination is written.
 
     Parameters
     ----------
     tensor : Any
-        A ``cupy.ndarray``, ``torch.Tensor`` or ``jax.Array`` (any device), a NumPy array, or a dict of them.
+        A CUDA ``torch.Tensor``, ``cupy.ndarray`` or ``jax.Array`` (any DLPack producer on a CUDA device,
+        C-contiguous), or a dict of them on one device (written as a bundle). Host arrays and tensors (or a dict
+        mixing them) are written as :func:`tenso.write_stream` would, after bringing device ones home.
     dest : Any
         A socket-like (``sendall``) or file-like (``write``) destination.
     check_integrity : bool, default False
-        If True, the packet carries an XXH3-64 footer.
+        If True, the packet carries XXH3-64 footers, computed as the bodies stream by.
 
     Returns
     -------
@@ -176,10 +176,35 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
     RuntimeError
         If no CUDA device can be used here (the message says what is missing).
     TypeError
-        If the tensor type is not supported.
-    ImportError
-        If a bfloat16/float8 torch tensor is written without ``ml_dtypes``.
+        If the tensor type or dtype is not supported, or ``dest`` cannot be written.
+    BufferError
+        If a device tensor is not C-contiguous (call ``.contiguous()`` first).
     """
     _require_cuda("write_from_device")
+    leaves = list(tensor.values()) if isinstance(tensor, dict) else [tensor]
+    if leaves and all(_is_cuda_producer(leaf) for leaf in leaves):
+        return int(_gpu_write_from_device(tensor, _make_writer(dest), check_integrity))
     host = map_arrays(tensor, to_host, tensors=True)
     return write_stream(host, dest, check_integrity=check_integrity)
+
+
+def _make_writer(dest: Any) -> Any:
+    """``write(view)`` that writes all of ``view`` to a socket-like or file-like destination."""
+    sendall = getattr(dest, "sendall", None)
+    if sendall is not None:
+        return sendall
+    write = getattr(dest, "write", None)
+    if write is None:
+        raise TypeError(f"write_from_device needs a destination with sendall() or write(), got {type(dest).__name__}")
+    return functools.partial(_write_all_raw, write)
+
+
+def staging_stats(device_id: int = 0) -> dict[str, int]:
+    """The pinned staging pool of a device: ``{"allocations", "idle", "chunk"}``.
+
+    ``allocations`` counts the page-locked buffers ever allocated (two per device, then none: a steady state of
+    transfers allocates no pinned memory); ``chunk`` is the size of each.
+    """
+    _require_cuda("staging_stats")
+    allocations, idle, chunk = _gpu_staging_stats(device_id)
+    return {"allocations": allocations, "idle": idle, "chunk": chunk}

@@ -5,8 +5,8 @@ with ``_`` is private to the :mod:`tenso` package. Constants mirror
 ``tenso-format``'s ``consts.rs``.
 """
 
-from collections.abc import Sequence
-from typing import Any, Final, TypeAlias, final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Optional, TypeAlias, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +37,13 @@ __all__ = [
     "_lz4_decompress",
     "_kernel_paths",
     "_gpu_available",
+    "_gpu_problem",
+    "_gpu_read_to_device",
+    "_gpu_write_from_device",
+    "_gpu_staging_stats",
+    "_gpu_from_host",
+    "_gpu_to_host",
+    "DeviceTensor",
     "_process_alive",
     "_quantize",
     "_pack_int4",
@@ -188,6 +195,39 @@ def _kernel_paths() -> dict[str, str]:
     """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
     "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
 def _gpu_available() -> bool: ...
+def _gpu_problem() -> Optional[str]:
+    """Why CUDA cannot be used here (no driver, no device, built without CUDA), or None."""
+
+# --- CUDA staging and DLPack (rust/tenso-py/src/gpu.rs) ---
+@final
+class DeviceTensor:
+    """Device memory tenso allocated and filled (``tenso.gpu.read_to_device``), exported through DLPack."""
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Optional[Any] = None,
+        max_version: Optional[tuple[int, int]] = None,
+        dl_device: Optional[tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
+
+def _gpu_read_to_device(
+    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int
+) -> Union[None, DeviceTensor, dict[str, DeviceTensor]]: ...
+def _gpu_write_from_device(
+    tensors: Any, write: Callable[[memoryview], object], check_integrity: bool = False
+) -> int: ...
+def _gpu_staging_stats(device_id: int) -> tuple[int, int, int]: ...
+def _gpu_from_host(array: npt.NDArray[Any], device_id: int) -> DeviceTensor: ...
+def _gpu_to_host(tensor: Any) -> tuple[npt.NDArray[np.uint8], str, list[int]]: ...
 def _process_alive(pid: int) -> bool: ...
 
 # --- shared memory (rust/tenso-py/src/shm.rs) ---

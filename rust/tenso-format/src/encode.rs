@@ -169,6 +169,7 @@ pub fn plan(item: &Item<'_>, opts: &EncodeOptions) -> Result<Plan, FormatError> 
     opts.validate()?;
     let mut e = Emitter {
         out: None,
+        skel: None,
         pos: 0,
         slots: Vec::new(),
         xxh3: opts.xxh3,
@@ -198,6 +199,7 @@ pub fn encode_into(
     }
     let mut e = Emitter {
         out: Some(out),
+        skel: None,
         pos: 0,
         slots: Vec::new(),
         xxh3: opts.xxh3,
@@ -221,6 +223,53 @@ pub fn seal_with(out: &mut [u8], slots: &[Slot], opts: &EncodeOptions) {
             out[at..at + 8].copy_from_slice(&d.to_le_bytes());
         }
     }
+}
+
+/// A packet to be written as a stream without holding its bodies: [`skeleton`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skeleton {
+    /// The plan: total length and, in order, where each deferred body and its footer go.
+    pub plan: Plan,
+    /// Every byte of the packet except the deferred bodies and their footers, in order (headers, shapes, keys,
+    /// lengths, padding). Writing it piece by piece with each body and footer in its slot gives the packet.
+    pub bytes: Vec<u8>,
+}
+
+/// Plans a packet whose dense leaves all have [`BodySrc::Deferred`] bodies (bundles of them allowed) and returns
+/// everything but the bodies and footers, so that a writer can stream bodies held elsewhere (device memory)
+/// without ever holding the whole packet. The bytes are the ones [`encode_into`] would write.
+pub fn skeleton(item: &Item<'_>, opts: &EncodeOptions) -> Result<Skeleton, FormatError> {
+    fn deferred_only(item: &Item<'_>) -> bool {
+        match item {
+            Item::Dense { body, .. } => *body == BodySrc::Deferred,
+            Item::Bundle(entries) => entries.iter().all(|(_, v)| deferred_only(v)),
+            _ => false,
+        }
+    }
+    if !deferred_only(item) {
+        return Err(FormatError::Unsupported {
+            what: "skeleton of anything but deferred dense bodies and bundles of them",
+        });
+    }
+    let plan = plan(item, opts)?;
+    let body_bytes = plan.slots.iter().try_fold(0usize, |acc, s| {
+        acc.checked_add(s.body.len() + if s.footer.is_some() { 8 } else { 0 })
+    });
+    let capacity = body_bytes
+        .and_then(|b| plan.len.checked_sub(b))
+        .unwrap_or(0);
+    let mut e = Emitter {
+        out: None,
+        skel: Some(Vec::with_capacity(capacity)),
+        pos: 0,
+        slots: Vec::new(),
+        xxh3: opts.xxh3,
+        dropped_axes: 0,
+    };
+    e.item(item, opts, 0)?;
+    debug_assert_eq!(e.pos, plan.len);
+    let bytes = e.skel.take().unwrap_or_default();
+    Ok(Skeleton { plan, bytes })
 }
 
 /// Encodes a packet in one call. `Deferred` bodies are not allowed. With `opts.compress`, dense leaves
@@ -341,6 +390,8 @@ fn as_len(v: u64, what: &'static str) -> Result<usize, FormatError> {
 /// the plan and the output cannot disagree.
 struct Emitter<'o> {
     out: Option<&'o mut [u8]>,
+    /// [`skeleton`] mode: every byte but deferred bodies and their footers, in order.
+    skel: Option<Vec<u8>>,
     pos: usize,
     slots: Vec<Slot>,
     /// [`EncodeOptions::xxh3`].
@@ -361,6 +412,8 @@ impl Emitter<'_> {
         let r = self.advance(b.len())?;
         if let Some(out) = self.out.as_deref_mut() {
             out[r].copy_from_slice(b);
+        } else if let Some(skel) = self.skel.as_mut() {
+            skel.extend_from_slice(b);
         }
         Ok(())
     }
@@ -369,6 +422,8 @@ impl Emitter<'_> {
         let r = self.advance(n)?;
         if let Some(out) = self.out.as_deref_mut() {
             out[r].fill(0);
+        } else if let Some(skel) = self.skel.as_mut() {
+            skel.resize(skel.len() + n, 0);
         }
         Ok(())
     }
@@ -381,6 +436,10 @@ impl Emitter<'_> {
         let r = self.advance(h.len())?;
         if let Some(out) = self.out.as_deref_mut() {
             h.write(&mut out[r]);
+        } else if let Some(skel) = self.skel.as_mut() {
+            let at = skel.len();
+            skel.resize(at + h.len(), 0);
+            h.write(&mut skel[at..]);
         }
         Ok(())
     }
@@ -552,7 +611,11 @@ impl Emitter<'_> {
                 .map_err(|_| FormatError::LengthOverflow { what: "bundle key" })?;
             self.u32(klen)?;
             self.bytes(key.as_bytes())?;
+            let skel_at = self.skel.as_ref().map(Vec::len);
             let vlen_at = self.advance(4)?;
+            if let Some(skel) = self.skel.as_mut() {
+                skel.extend_from_slice(&[0; 4]);
+            }
             let start = self.pos;
             self.item(value, opts, depth + 1)?;
             let vlen =
@@ -561,6 +624,8 @@ impl Emitter<'_> {
                 })?;
             if let Some(out) = self.out.as_deref_mut() {
                 out[vlen_at].copy_from_slice(&vlen.to_le_bytes());
+            } else if let (Some(skel), Some(at)) = (self.skel.as_mut(), skel_at) {
+                skel[at..at + 4].copy_from_slice(&vlen.to_le_bytes());
             }
         }
         Ok(())
@@ -762,6 +827,75 @@ impl Emitter<'_> {
 mod tests {
     //! The worked examples of FORMAT.md, encoded and decoded.
     use super::*;
+
+    /// The skeleton plus each body and footer, in slot order, is the packet `encode` writes.
+    #[cfg(feature = "xxh3")]
+    #[test]
+    fn skeleton_interleaved_with_bodies_is_the_packet() {
+        let a: Vec<u8> = (0..24u8).collect();
+        let b: Vec<u8> = (100..103u8).collect();
+        let tree = |da: BodySrc<'static>, db: BodySrc<'static>| {
+            Item::Bundle(vec![
+                (
+                    "first",
+                    Item::Dense {
+                        dtype: DType::Float32,
+                        shape: vec![2, 3],
+                        body: da,
+                    },
+                ),
+                (
+                    "b",
+                    Item::Dense {
+                        dtype: DType::UInt8,
+                        shape: vec![3],
+                        body: db,
+                    },
+                ),
+            ])
+        };
+        let a_static: &'static [u8] = Box::leak(a.clone().into_boxed_slice());
+        let b_static: &'static [u8] = Box::leak(b.clone().into_boxed_slice());
+        for (version, alignment, integrity) in [
+            (Version::V4, 64, true),
+            (Version::V4, 16, false),
+            (Version::V3, 64, true),
+        ] {
+            let opts = EncodeOptions {
+                version,
+                alignment,
+                integrity,
+                ..EncodeOptions::default()
+            };
+            let whole = encode(
+                &tree(BodySrc::Bytes(a_static), BodySrc::Bytes(b_static)),
+                &opts,
+            )
+            .unwrap();
+            let skel = skeleton(&tree(BodySrc::Deferred, BodySrc::Deferred), &opts).unwrap();
+            assert_eq!(skel.plan.len, whole.len());
+            let mut rebuilt = Vec::new();
+            let mut taken = 0; // skeleton bytes written so far
+            for (slot, body) in skel.plan.slots.iter().zip([&a, &b]) {
+                // Up to the body's absolute offset, everything written so far that is not a body is skeleton.
+                let upto = taken + (slot.body.start - rebuilt.len());
+                rebuilt.extend_from_slice(&skel.bytes[taken..upto]);
+                taken = upto;
+                rebuilt.extend_from_slice(body);
+                if slot.footer.is_some() {
+                    rebuilt.extend_from_slice(&crate::hash::xxh3_64(body).to_le_bytes());
+                }
+            }
+            rebuilt.extend_from_slice(&skel.bytes[taken..]);
+            assert_eq!(rebuilt, whole, "{version:?} {alignment} {integrity}");
+        }
+        assert!(skeleton(
+            &tree(BodySrc::Bytes(a_static), BodySrc::Deferred),
+            &EncodeOptions::default()
+        )
+        .is_err());
+    }
+
     use crate::decode::{decode, Packet};
     use crate::frame::Frame;
 

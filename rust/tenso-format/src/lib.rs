@@ -28,7 +28,7 @@
 //! * [`decode()`] / [`decode_with`]: borrowing, zero-copy, fully validated decoding (limits, checked
 //!   arithmetic, nesting depth, integrity before decompression, sparse and string validation);
 //! * [`plan`] / [`encode_into`] / [`seal`] / [`encode()`]: writing, with bodies either given or copied by the
-//!   caller into [`Slot`]s;
+//!   caller into [`Slot`]s; [`skeleton`]: everything but the bodies, for writers that stream bodies from elsewhere;
 //! * [`frame()`]: incremental stream framing;
 //! * [`packet_info`]: header inspection;
 //! * [`quant`]: quantization arithmetic; `lz4` and `hash` (features `lz4`, `xxh3`; [`hash::Xxh3Fn`] plugs in a faster
@@ -74,8 +74,8 @@ pub use decode::{
 };
 pub use dtype::{DType, QDType, QuantScheme, SparseFormat, Version};
 pub use encode::{
-    dense_prefix_len, encode, encode_into, plan, seal, seal_with, BodySrc, EncodeOptions, Item,
-    Plan, Slot,
+    dense_prefix_len, encode, encode_into, plan, seal, seal_with, skeleton, BodySrc, EncodeOptions,
+    Item, Plan, Skeleton, Slot,
 };
 pub use error::FormatError;
 pub use frame::{frame, Frame};

@@ -3,9 +3,11 @@
 use std::ffi::c_void;
 use std::io;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use cudarc::driver::{result, sys, DriverError};
 
+use crate::copy::{CopyEngine, DevPtr, DeviceBuf, DeviceMemory};
 use crate::pool::{HostAlloc, StagingPool};
 use crate::{DeviceCount, GpuError};
 
@@ -56,15 +58,86 @@ unsafe impl HostAlloc for PinnedAlloc {
     }
 }
 
-/// One CUDA device seen through its primary context (shared with torch and CuPy), with two streams and a pool of
-/// pinned staging buffers for chunked copies.
+/// A retained primary context; released when the last [`Device`] or [`CudaBuf`] holding it goes.
 #[derive(Debug)]
-pub struct Device {
+struct Primary {
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
+}
+
+// SAFETY: a CUcontext handle may be made current on any thread (cuCtxSetCurrent); Primary only binds it and
+// releases the retain once, in Drop.
+unsafe impl Send for Primary {}
+// SAFETY: as above; no method mutates the handles.
+unsafe impl Sync for Primary {}
+
+impl Primary {
+    fn bind(&self) -> Result<(), GpuError> {
+        // SAFETY: ctx is the primary context retained in Device::open and not released before Drop.
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        // SAFETY: balances the retain in Device::open; torch/CuPy hold their own retains, so their context stays.
+        let _ = unsafe { result::primary_ctx::release(self.dev) };
+    }
+}
+
+/// Device memory from `cuMemAlloc` in the primary context, freed (`cuMemFree`) when dropped. Zero-length buffers
+/// hold no allocation (address 0), as DLPack allows for empty tensors.
+#[derive(Debug)]
+pub struct CudaBuf {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    primary: Arc<Primary>,
+}
+
+impl CudaBuf {
+    /// The device ordinal.
+    pub fn ordinal(&self) -> i32 {
+        self.primary.dev
+    }
+}
+
+impl DeviceBuf for CudaBuf {
+    fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        let _ = self.primary.bind();
+        // SAFETY: ptr came from cuMemAlloc in this primary context and is freed once; the copies that wrote it were
+        // synchronised before the buffer was handed out, and its DLPack consumers have released it (the deleter
+        // drops the buffer). cuMemFree waits for the device to stop using it.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// One CUDA device seen through its primary context (shared with torch and CuPy), with two streams and a pool of
+/// pinned staging buffers for chunked copies; the [`CopyEngine`] of [`crate::packet`].
+///
+/// Copies from two threads on one `Device` would interleave on its two streams: callers serialise them (the Python
+/// binding keeps one `Device` per ordinal behind a mutex).
+#[derive(Debug)]
+pub struct Device {
     streams: [sys::CUstream; 2],
     pool: Option<StagingPool<PinnedAlloc>>,
+    primary: Arc<Primary>,
 }
+
+// SAFETY: the stream and context handles may be used from any thread once the context is bound, which every
+// method does first; the pool is Send (PinnedAlloc memory is PORTABLE).
+unsafe impl Send for Device {}
 
 impl Device {
     /// Retains device `ordinal`'s primary context and prepares `chunk`-byte staging buffers (allocated on first use).
@@ -75,14 +148,13 @@ impl Device {
             return Err(GpuError::NoSuchDevice { ordinal, count });
         }
         let dev = result::device::get(ordinal).map_err(driver("cuDeviceGet"))?;
-        // SAFETY: dev is a valid device handle from cuDeviceGet; the retain is balanced by the release in Drop.
+        // SAFETY: dev is a valid device handle from cuDeviceGet; the retain is balanced by Primary's Drop.
         let ctx = unsafe { result::primary_ctx::retain(dev) }
             .map_err(driver("cuDevicePrimaryCtxRetain"))?;
         let mut device = Self {
-            dev,
-            ctx,
             streams: [std::ptr::null_mut(); 2],
             pool: None,
+            primary: Arc::new(Primary { dev, ctx }),
         };
         device.bind()?;
         for stream in &mut device.streams {
@@ -93,10 +165,14 @@ impl Device {
         Ok(device)
     }
 
+    /// The device ordinal.
+    pub fn ordinal(&self) -> i32 {
+        self.primary.dev
+    }
+
     /// Makes this device's primary context current on the calling thread.
     pub fn bind(&self) -> Result<(), GpuError> {
-        // SAFETY: ctx is the primary context retained in open and not released before Drop.
-        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))
+        self.primary.bind()
     }
 
     /// The staging pool (its allocation count proves reuse).
@@ -106,111 +182,92 @@ impl Device {
             .expect("the pool is set in open and taken only in drop")
     }
 
-    /// Copies `len` bytes produced by `fill` into device memory at `dst`, one staging chunk at a time.
-    ///
-    /// `fill` must fill the whole slice it is given (it is called with consecutive pieces of the stream). Chunks
-    /// alternate between two buffers and two streams: while the copy engine drains one, `fill` writes the other.
+    /// The stream of copy slot `slot` (0 or 1), for a DLPack producer to order its work before our copies.
+    pub fn stream(&self, slot: usize) -> sys::CUstream {
+        self.streams[slot % 2]
+    }
+
+    /// Copies `len` bytes produced by `fill` into device memory at `dst` (see [`crate::copy::upload`]).
     ///
     /// # Safety
     /// `dst .. dst + len` must be device memory writable in this device's primary context, not used by anyone else
     /// until this returns.
     pub unsafe fn copy_to_device(
-        &mut self,
+        &self,
         dst: sys::CUdeviceptr,
         len: usize,
-        mut fill: impl FnMut(&mut [u8]) -> io::Result<()>,
+        fill: impl FnMut(&mut [u8]) -> io::Result<()>,
     ) -> Result<(), GpuError> {
-        self.bind()?;
-        let streams = self.streams;
-        let pool = self.pool();
-        let mut bufs = [pool.take()?, pool.take()?];
-        let chunk = pool.chunk();
-        let mut pump = || -> Result<(), GpuError> {
-            let mut offset = 0usize;
-            let mut i = 0usize;
-            while offset < len {
-                let n = chunk.min(len - offset);
-                let slot = i % 2;
-                // SAFETY: the stream belongs to this device; waiting for it means the copy that last read this
-                // buffer has finished, so the buffer may be overwritten.
-                unsafe { result::stream::synchronize(streams[slot]) }
-                    .map_err(driver("cuStreamSynchronize"))?;
-                let host = &mut bufs[slot].as_mut_slice()[..n];
-                fill(host)?;
-                // SAFETY: dst + offset .. + n lies inside the caller's range (offset + n <= len); the pinned buffer
-                // stays alive and unmodified until its stream is synchronised (next use of this slot, or below).
-                unsafe { result::memcpy_htod_async(dst + offset as u64, &*host, streams[slot]) }
-                    .map_err(driver("cuMemcpyHtoDAsync"))?;
-                offset += n;
-                i += 1;
-            }
-            Ok(())
-        };
-        let pumped = pump();
-        pumped.and(drain(streams))
+        // SAFETY: forwarded from the caller.
+        unsafe { crate::copy::upload(self, dst, len, fill) }
     }
 
-    /// Copies `len` bytes of device memory at `src` to `sink`, one staging chunk at a time; the copy of chunk k+1
-    /// runs while `sink` consumes chunk k.
+    /// Copies `len` bytes of device memory at `src` to `sink` (see [`crate::copy::download`]).
     ///
     /// # Safety
     /// `src .. src + len` must be device memory readable in this device's primary context and not written until this
     /// returns.
     pub unsafe fn copy_from_device(
-        &mut self,
+        &self,
         src: sys::CUdeviceptr,
         len: usize,
         mut sink: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<(), GpuError> {
-        self.bind()?;
-        let streams = self.streams;
-        let pool = self.pool();
-        let mut bufs = [pool.take()?, pool.take()?];
-        let chunk = pool.chunk();
-        let chunks = len.div_ceil(chunk);
-        let range = |k: usize| (k * chunk, chunk.min(len - k * chunk));
-        let issue = |k: usize,
-                     bufs: &mut [crate::pool::StagingBuf<'_, PinnedAlloc>; 2]|
-         -> Result<(), GpuError> {
-            let (offset, n) = range(k);
-            let host = &mut bufs[k % 2].as_mut_slice()[..n];
-            // SAFETY: src + offset .. + n lies in the caller's range; the buffer is not read by the CPU until its
-            // stream is synchronised below.
-            unsafe { result::memcpy_dtoh_async(host, src + offset as u64, streams[k % 2]) }
-                .map_err(driver("cuMemcpyDtoHAsync"))
-        };
-        let mut pump = || -> Result<(), GpuError> {
-            if chunks > 0 {
-                issue(0, &mut bufs)?;
-            }
-            for k in 0..chunks {
-                if k + 1 < chunks {
-                    issue(k + 1, &mut bufs)?;
-                }
-                // SAFETY: the stream belongs to this device; once synchronised, chunk k is in its buffer.
-                unsafe { result::stream::synchronize(streams[k % 2]) }
-                    .map_err(driver("cuStreamSynchronize"))?;
-                let (_, n) = range(k);
-                sink(&bufs[k % 2].as_slice()[..n])?;
-            }
-            Ok(())
-        };
-        let pumped = pump();
-        pumped.and(drain(streams))
+        // SAFETY: forwarded from the caller.
+        unsafe { crate::copy::download(self, src, len, |b| sink(b).map_err(GpuError::from)) }
     }
 }
 
-/// Waits for both streams, also after an error, so that no copy still reads or writes a staging buffer when it goes
-/// back to the pool; the first failure is reported.
-fn drain(streams: [sys::CUstream; 2]) -> Result<(), GpuError> {
-    let mut drained = Ok(());
-    for stream in streams {
-        // SAFETY: the streams belong to the calling device; synchronising has no precondition beyond that.
-        if let Err(e) = unsafe { result::stream::synchronize(stream) } {
-            drained = drained.and(Err(driver("cuStreamSynchronize")(e)));
-        }
+// SAFETY: sync(slot) is cuStreamSynchronize on that slot's stream, which returns once every copy queued on it has
+// finished; h2d/d2h copy exactly the ranges they are given.
+unsafe impl CopyEngine for Device {
+    type Host = PinnedAlloc;
+
+    fn staging(&self) -> &StagingPool<PinnedAlloc> {
+        self.pool()
     }
-    drained
+
+    unsafe fn h2d(&self, slot: usize, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: the caller guarantees the device range and that src (pinned staging) stays valid and unmodified
+        // until this slot is synchronised.
+        unsafe { result::memcpy_htod_async(dst, src, self.streams[slot]) }
+            .map_err(driver("cuMemcpyHtoDAsync"))
+    }
+
+    unsafe fn d2h(&self, slot: usize, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: the caller guarantees the device range and that dst stays valid and untouched until this slot is
+        // synchronised.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.streams[slot]) }
+            .map_err(driver("cuMemcpyDtoHAsync"))
+    }
+
+    fn sync(&self, slot: usize) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: the stream belongs to this device and lives as long as it; synchronising has no other precondition.
+        unsafe { result::stream::synchronize(self.streams[slot]) }
+            .map_err(driver("cuStreamSynchronize"))
+    }
+}
+
+impl DeviceMemory for Device {
+    type Buf = CudaBuf;
+
+    fn alloc(&self, len: usize) -> Result<CudaBuf, GpuError> {
+        let primary = Arc::clone(&self.primary);
+        if len == 0 {
+            return Ok(CudaBuf {
+                ptr: 0,
+                len,
+                primary,
+            });
+        }
+        self.bind()?;
+        // SAFETY: a plain allocation in the bound primary context; freed by CudaBuf's Drop.
+        let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
+        Ok(CudaBuf { ptr, len, primary })
+    }
 }
 
 impl Drop for Device {
@@ -218,15 +275,13 @@ impl Drop for Device {
         let _ = self.bind();
         for stream in self.streams {
             if !stream.is_null() {
-                // SAFETY: the stream was created in open on this context; nothing is queued on it after the copies,
-                // which synchronise before returning.
+                // SAFETY: the stream was created in open on this context; the copies synchronise before returning,
+                // so nothing is queued on it.
                 let _ = unsafe { result::stream::destroy(stream) };
             }
         }
-        // Frees the pinned buffers while the context is still retained.
+        // Frees the pinned buffers while the context is still retained (Primary drops after this body).
         drop(self.pool.take());
-        // SAFETY: balances the retain in open; torch/CuPy hold their own retains, so their context stays.
-        let _ = unsafe { result::primary_ctx::release(self.dev) };
     }
 }
 
@@ -253,7 +308,7 @@ mod tests {
             return;
         }
         let chunk = 1 << 20;
-        let mut device = Device::open(0, chunk).unwrap();
+        let device = Device::open(0, chunk).unwrap();
         let len = 5 * chunk + 12_345; // several chunks and a ragged tail
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         // SAFETY: a plain device allocation in the current (primary) context, freed below.

@@ -29,6 +29,18 @@ pub enum GpuError {
     },
     /// The reader or writer on the host side of a copy failed.
     Io(std::io::Error),
+    /// The packet read from a stream is malformed, over a limit, truncated or fails its integrity check.
+    Format(tenso_format::FormatError),
+    /// The packet is valid but cannot go to a device this way (e.g. a sparse matrix or a compressed packet).
+    Unsupported {
+        /// What was found.
+        what: String,
+    },
+    /// A device tensor handed in cannot be written as it is (strided, on another device, unknown element type).
+    BadTensor {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl fmt::Display for GpuError {
@@ -49,6 +61,14 @@ impl fmt::Display for GpuError {
             }
             Self::BadLength { len } => write!(f, "copy length {len} does not fit"),
             Self::Io(e) => write!(f, "host side of a device copy failed: {e}"),
+            Self::Format(e) => e.fmt(f),
+            Self::Unsupported { what } => {
+                write!(
+                    f,
+                    "{what} cannot be read to a device; only dense packets and bundles of them can"
+                )
+            }
+            Self::BadTensor { reason } => f.write_str(reason),
         }
     }
 }
@@ -57,6 +77,7 @@ impl std::error::Error for GpuError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Io(e) => Some(e),
+            Self::Format(e) => Some(e),
             _ => None,
         }
     }

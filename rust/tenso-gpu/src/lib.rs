@@ -9,20 +9,30 @@
 //! * [`pool::StagingPool`]: page-locked buffers allocated once and reused (it counts allocations, so a caller can
 //!   prove there are none in steady state). Generic over [`pool::HostAlloc`] so its bookkeeping is tested without
 //!   a GPU.
+//! * [`copy`]: the [`copy::CopyEngine`] trait (enqueue a chunk on stream 0 or 1, wait for a stream) and the chunked,
+//!   double-buffered upload/download written against it; [`packet`]: tenso packets streamed between a reader/writer
+//!   and device memory on top of it. Both run unchanged on the CUDA engine and, in the tests, on a fake device whose
+//!   memory is a `Vec<u8>` and whose copies happen only at `sync` (so a buffer reused too early shows).
+//! * [`dlpack`]: the DLPack names of the wire dtypes (the binding builds the capsules with `dlpark`).
 //! * `Device` (feature `cuda`): retains the device's *primary* context, the one torch and CuPy use, so device
 //!   pointers from those frameworks are valid here; copies a reader into device memory and device memory into a
 //!   writer in chunks, alternating two streams and two staging buffers so that filling one buffer overlaps the
 //!   copy engine draining the other.
 #![deny(missing_docs)]
 
+pub mod copy;
+pub mod dlpack;
 mod error;
+#[cfg(test)]
+mod fake;
+pub mod packet;
 pub mod pool;
 
 #[cfg(feature = "cuda")]
 mod driver;
 
 #[cfg(feature = "cuda")]
-pub use driver::{Device, PinnedAlloc};
+pub use driver::{CudaBuf, Device, PinnedAlloc};
 pub use error::GpuError;
 
 /// The number of CUDA devices the driver reports.

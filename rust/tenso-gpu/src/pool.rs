@@ -125,43 +125,8 @@ impl<A: HostAlloc> Drop for StagingBuf<'_, A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::alloc::Layout;
-    use std::cell::Cell;
-    use std::rc::Rc;
-
-    /// The heap, with counters, standing in for cuMemHostAlloc.
-    #[derive(Default)]
-    struct Heap {
-        live: Rc<Cell<usize>>,
-        fail: Cell<bool>,
-    }
-
-    // SAFETY: alloc returns a fresh std::alloc allocation of len bytes, freed only by free with the same layout.
-    unsafe impl HostAlloc for Heap {
-        fn alloc(&self, len: usize) -> Result<NonNull<u8>, GpuError> {
-            if self.fail.get() {
-                return Err(GpuError::Driver {
-                    call: "cuMemHostAlloc",
-                    name: "CUDA_ERROR_OUT_OF_MEMORY".into(),
-                });
-            }
-            let layout = Layout::from_size_align(len, 4096).expect("test sizes are small");
-            // SAFETY: layout has a non-zero size (the pool refuses chunk 0).
-            let ptr = NonNull::new(unsafe { std::alloc::alloc(layout) }).expect("test allocation");
-            self.live.set(self.live.get() + 1);
-            Ok(ptr)
-        }
-        unsafe fn free(&self, ptr: NonNull<u8>, len: usize) {
-            self.live.set(self.live.get() - 1);
-            // SAFETY: the caller passes back a pointer from alloc(len), made with this very layout.
-            unsafe {
-                std::alloc::dealloc(
-                    ptr.as_ptr(),
-                    Layout::from_size_align(len, 4096).expect("as in alloc"),
-                )
-            };
-        }
-    }
+    use crate::fake::Heap;
+    use std::sync::Arc;
 
     #[test]
     fn steady_state_allocates_nothing() {
@@ -176,28 +141,28 @@ mod tests {
         }
         assert_eq!(pool.allocations(), 2);
         assert_eq!(pool.idle(), 2);
-        assert_eq!(pool.alloc.live.get(), 2);
+        assert_eq!(pool.alloc.live.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn drop_frees_every_buffer() {
         let heap = Heap::default();
-        let live = Rc::clone(&heap.live);
+        let live = Arc::clone(&heap.live);
         let pool = StagingPool::new(heap, 64).unwrap();
         drop((
             pool.take().unwrap(),
             pool.take().unwrap(),
             pool.take().unwrap(),
         ));
-        assert_eq!((live.get(), pool.idle()), (3, 3));
+        assert_eq!((live.load(Ordering::Relaxed), pool.idle()), (3, 3));
         drop(pool);
-        assert_eq!(live.get(), 0);
+        assert_eq!(live.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn allocation_failure_is_an_error() {
         let pool = StagingPool::new(Heap::default(), 64).unwrap();
-        pool.alloc.fail.set(true);
+        pool.alloc.fail.store(true, Ordering::Relaxed);
         assert!(matches!(
             pool.take(),
             Err(GpuError::Driver {

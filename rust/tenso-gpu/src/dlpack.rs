@@ -1,0 +1,64 @@
+//! The DLPack names of tenso's element types ([`dlpark`]'s ABI structs), for capsules of device tensors.
+//!
+//! Every wire dtype has a DLPack code: bfloat16 is `kDLBfloat`, bool is `kDLBool` (one byte), complex is
+//! `kDLComplex` with the width of the pair. The mapping is one-to-one, so a tensor read with
+//! [`crate::packet::read_packet`] and exported keeps its dtype, and a device tensor imported for
+//! [`crate::packet::write_packet`] is written under the dtype it has.
+
+pub use dlpark::ffi::{DLDataType, DLDataTypeCode, DLDevice, DLDeviceType};
+use tenso_format::DType;
+
+/// The DLPack type of a wire dtype (one lane).
+pub fn dl_dtype(dtype: DType) -> DLDataType {
+    use DLDataTypeCode as C;
+    let code = match dtype {
+        DType::Float32 | DType::Float64 | DType::Float16 => C::FLOAT,
+        DType::Int8 | DType::Int16 | DType::Int32 | DType::Int64 => C::INT,
+        DType::UInt8 | DType::UInt16 | DType::UInt32 | DType::UInt64 => C::UINT,
+        DType::Bool => C::BOOL,
+        DType::Complex64 | DType::Complex128 => C::COMPLEX,
+        DType::BFloat16 => C::BFLOAT,
+    };
+    DLDataType {
+        code,
+        bits: (8 * dtype.itemsize()) as u8,
+        lanes: 1,
+    }
+}
+
+/// The wire dtype of a DLPack type, if tenso has one (single lane only).
+pub fn wire_dtype(dl: DLDataType) -> Option<DType> {
+    if dl.lanes != 1 {
+        return None;
+    }
+    DType::ALL.into_iter().find(|&d| dl_dtype(d) == dl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dtype_round_trips_and_codes_are_distinct() {
+        for d in DType::ALL {
+            assert_eq!(wire_dtype(dl_dtype(d)), Some(d), "{d:?}");
+        }
+        let bf16 = dl_dtype(DType::BFloat16);
+        assert_eq!((bf16.code, bf16.bits), (DLDataTypeCode::BFLOAT, 16));
+        let b = dl_dtype(DType::Bool);
+        assert_eq!((b.code, b.bits), (DLDataTypeCode::BOOL, 8));
+        let c = dl_dtype(DType::Complex64);
+        assert_eq!((c.code, c.bits), (DLDataTypeCode::COMPLEX, 64));
+        let vec4 = DLDataType {
+            lanes: 4,
+            ..dl_dtype(DType::Float32)
+        };
+        assert_eq!(wire_dtype(vec4), None);
+        let fp8 = DLDataType {
+            code: DLDataTypeCode::FLOAT8_E4M3FN,
+            bits: 8,
+            lanes: 1,
+        };
+        assert_eq!(wire_dtype(fp8), None);
+    }
+}

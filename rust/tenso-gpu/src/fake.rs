@@ -1,0 +1,219 @@
+//! Test doubles: the heap standing in for pinned memory, and a "device" whose memory is a set of `Vec<u8>`s.
+//!
+//! The fake device is strict where a real one would silently corrupt data: copies run only at `sync` (so a staging
+//! buffer reused before its stream was synchronised shows up as wrong bytes), copies outside an allocation are
+//! errors, and `pending()` shows copies still in flight.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::copy::{CopyEngine, DevPtr, DeviceBuf, DeviceMemory, SLOTS};
+use crate::pool::{HostAlloc, StagingPool};
+use crate::GpuError;
+
+/// The heap, with counters, standing in for cuMemHostAlloc.
+#[derive(Debug, Default)]
+pub(crate) struct Heap {
+    pub live: std::sync::Arc<AtomicUsize>,
+    pub fail: AtomicBool,
+}
+
+// SAFETY: alloc returns a fresh std::alloc allocation of len bytes, freed only by free with the same layout.
+unsafe impl HostAlloc for Heap {
+    fn alloc(&self, len: usize) -> Result<NonNull<u8>, GpuError> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(GpuError::Driver {
+                call: "cuMemHostAlloc",
+                name: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            });
+        }
+        let layout = Layout::from_size_align(len, 4096).expect("test sizes are small");
+        // SAFETY: layout has a non-zero size (the pool refuses chunk 0).
+        let ptr = NonNull::new(unsafe { std::alloc::alloc(layout) }).expect("test allocation");
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    unsafe fn free(&self, ptr: NonNull<u8>, len: usize) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        // SAFETY: the caller passes back a pointer from alloc(len), made with this very layout.
+        unsafe {
+            std::alloc::dealloc(
+                ptr.as_ptr(),
+                Layout::from_size_align(len, 4096).expect("as in alloc"),
+            )
+        };
+    }
+}
+
+enum Pending {
+    H2d {
+        dst: DevPtr,
+        src: *const u8,
+        len: usize,
+    },
+    D2h {
+        dst: *mut u8,
+        src: DevPtr,
+        len: usize,
+    },
+}
+
+#[derive(Default)]
+struct Memory {
+    /// (base address, bytes) of each live allocation.
+    allocations: Vec<(DevPtr, Vec<u8>)>,
+    next: DevPtr,
+    queues: [Vec<Pending>; SLOTS],
+}
+
+impl Memory {
+    fn find(&mut self, at: DevPtr, len: usize) -> Result<&mut [u8], GpuError> {
+        for (base, bytes) in &mut self.allocations {
+            let end = *base + bytes.len() as u64;
+            if at >= *base && at <= end && at.checked_add(len as u64).is_some_and(|e| e <= end) {
+                let from = (at - *base) as usize;
+                return Ok(&mut bytes[from..from + len]);
+            }
+        }
+        Err(GpuError::BadLength { len })
+    }
+}
+
+/// A device whose memory is host `Vec<u8>`s at made-up addresses.
+pub(crate) struct FakeDevice {
+    pool: StagingPool<Heap>,
+    mem: Rc<Mutex<Memory>>,
+}
+
+impl FakeDevice {
+    pub fn new(chunk: usize) -> Self {
+        let mem = Memory {
+            next: 0x1000,
+            ..Memory::default()
+        };
+        Self {
+            pool: StagingPool::new(Heap::default(), chunk).expect("chunk > 0"),
+            mem: Rc::new(Mutex::new(mem)),
+        }
+    }
+
+    /// The bytes at `at .. at + len` (panics outside an allocation).
+    pub fn read(&self, at: DevPtr, len: usize) -> Vec<u8> {
+        self.mem.lock().unwrap().find(at, len).unwrap().to_vec()
+    }
+
+    /// Copies enqueued and not yet synchronised.
+    pub fn pending(&self) -> usize {
+        self.mem.lock().unwrap().queues.iter().map(Vec::len).sum()
+    }
+
+    /// Live allocations.
+    pub fn allocations(&self) -> usize {
+        self.mem.lock().unwrap().allocations.len()
+    }
+}
+
+// SAFETY: sync(slot) performs every copy queued on slot before returning; copies are range-checked against the
+// allocations and refused outside them.
+unsafe impl CopyEngine for FakeDevice {
+    type Host = Heap;
+
+    fn staging(&self) -> &StagingPool<Heap> {
+        &self.pool
+    }
+
+    unsafe fn h2d(&self, slot: usize, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        let mut mem = self.mem.lock().unwrap();
+        mem.find(dst, src.len())?;
+        mem.queues[slot].push(Pending::H2d {
+            dst,
+            src: src.as_ptr(),
+            len: src.len(),
+        });
+        Ok(())
+    }
+
+    unsafe fn d2h(&self, slot: usize, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
+        let mut mem = self.mem.lock().unwrap();
+        mem.find(src, dst.len())?;
+        mem.queues[slot].push(Pending::D2h {
+            dst: dst.as_mut_ptr(),
+            src,
+            len: dst.len(),
+        });
+        Ok(())
+    }
+
+    fn sync(&self, slot: usize) -> Result<(), GpuError> {
+        let mut mem = self.mem.lock().unwrap();
+        let queue = std::mem::take(&mut mem.queues[slot]);
+        for copy in queue {
+            match copy {
+                Pending::H2d { dst, src, len } => {
+                    // SAFETY: h2d's contract keeps src valid and unmodified until this sync.
+                    let host = unsafe { std::slice::from_raw_parts(src, len) };
+                    mem.find(dst, len)?.copy_from_slice(host);
+                }
+                Pending::D2h { dst, src, len } => {
+                    // SAFETY: d2h's contract keeps dst valid and untouched by anyone else until this sync.
+                    let host = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+                    host.copy_from_slice(mem.find(src, len)?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An allocation of the fake device.
+#[derive(Debug)]
+pub(crate) struct FakeBuf {
+    ptr: DevPtr,
+    len: usize,
+    mem: Rc<Mutex<Memory>>,
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("allocations", &self.allocations.len())
+            .finish()
+    }
+}
+
+impl DeviceBuf for FakeBuf {
+    fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for FakeBuf {
+    fn drop(&mut self) {
+        let mut mem = self.mem.lock().unwrap();
+        mem.allocations.retain(|(base, _)| *base != self.ptr);
+    }
+}
+
+impl DeviceMemory for FakeDevice {
+    type Buf = FakeBuf;
+
+    fn alloc(&self, len: usize) -> Result<FakeBuf, GpuError> {
+        let mut mem = self.mem.lock().unwrap();
+        let ptr = mem.next;
+        // 256-byte aligned like cuMemAlloc, with a gap so that an overrun never lands in a neighbour.
+        mem.next += (len as u64).div_ceil(256) * 256 + 256;
+        mem.allocations.push((ptr, vec![0xEE; len]));
+        Ok(FakeBuf {
+            ptr,
+            len,
+            mem: Rc::clone(&self.mem),
+        })
+    }
+}
