@@ -423,7 +423,7 @@ def test_gpu_problem_is_specific(no_cuda):
 # --- property: any dtype, shape and layout ----------------------------------------------------------------------------
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -448,6 +448,7 @@ def _layouts(draw):
 
 @needs_torch
 @given(a=_layouts(), zero_copy=st.booleans())
+@example(a=np.array([False])[::-1], zero_copy=True)  # C-contiguous with a negative stride (length-1 axis)
 def test_torch_round_trip_any_layout(a, zero_copy):
     t = fw.from_host(a, "torch", zero_copy=zero_copy)
     assert tuple(t.shape) == a.shape and t.dtype == fw.torch_dtype_of(a.dtype)

@@ -471,6 +471,13 @@ def torch_from_bytes(
 
 def _torch_from_host(array: np.ndarray, spec: str, zero_copy: bool) -> Any:
     torch = _torch()
+    if array.flags.c_contiguous and not _shareable(array):
+        # C-contiguous, yet a negative stride on an axis of length 1 (NumPy ignores those, torch refuses them): the
+        # same bytes with C strides.
+        c_strides = [array.dtype.itemsize] * array.ndim
+        for axis in range(array.ndim - 2, -1, -1):
+            c_strides[axis] = c_strides[axis + 1] * array.shape[axis + 1]
+        array = np.lib.stride_tricks.as_strided(array, strides=c_strides)
     tdtype = torch_dtype_of(array.dtype)
     device: Any = "cpu"
     if (
