@@ -267,9 +267,9 @@ class TensoCache:
     def lease(self, nbytes: int) -> tuple:
         """Borrow ``nbytes`` of recycled, pre-faulted pool memory: returns ``(handle, memoryview)``.
 
-        The block is this process's until :meth:`release` (from any process) or
-        :meth:`adopt` by another process that received ``handle``; it is freed if the
-        holding process dies. It counts in ``used_bytes`` but is never evicted.
+        The block is this process's until :meth:`release` or :meth:`adopt` by another
+        process that received ``handle`` (which then holds it); it is freed if the holding
+        process dies. It counts in ``used_bytes`` but is never evicted.
         """
         self._check_open()
         return self._pool._lease(nbytes)
@@ -280,7 +280,7 @@ class TensoCache:
         return self._pool._adopt(tuple(handle))
 
     def release(self, handle: tuple) -> None:
-        """Free a lease."""
+        """Free a lease this process holds (a ``ValueError`` if it was freed, or adopted by another process)."""
         self._check_open()
         self._pool._release(tuple(handle))
 

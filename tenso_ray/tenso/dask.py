@@ -66,10 +66,10 @@ leases of a process that dies (SIGKILL included) at its next allocation.
 
 * Delivered: the recipient adopts it and releases it when the last view of the array is garbage-collected.
 * Dropped before delivery, or never deserialized (a closed comm, a dead recipient): the sender releases it after
-  ``claim_timeout`` seconds (60 by default). A claim handshake in the lease (the recipient's "claimed" word, the
-  sender's "reclaiming" word, and the pool lock's atomic read-modify-write between the store and the load on each
-  side) makes exactly one side free it when a late recipient races the sender; a recipient that loses the race
-  raises :class:`tenso.TensoError` rather than reading reused memory.
+  ``claim_timeout`` seconds (60 by default). The pool lets only a lease's holder free it, and adopting and
+  releasing both run under its lock, so exactly one side frees it when a late recipient races the sender: the
+  sender's release is refused once the recipient adopted, and a recipient that comes after the release raises
+  :class:`tenso.TensoError` rather than reading reused memory. Neither side writes into a block it does not hold.
 * Sender or recipient SIGKILLed, worker restarted by its nanny: the pool frees what that process held.
 * The pool itself has a fixed size (``pool_size``, or the node pool's default), is reserved when the first process
   of the cluster attaches, and is removed when its owner exits (:func:`tenso.nodecache.attach`; ``install`` makes
@@ -140,11 +140,11 @@ HANDSHAKE_KEY = "tenso-dask"
 POOL_SIZE_ENV = "TENSO_DASK_POOL_SIZE"
 
 _PEER_PREFIX = "tenso.dask.peer."
-# Control block at the start of every lease: nonce (16 bytes), the sender's "reclaiming" word, the recipient's
-# "claimed" word; the body starts 64 bytes in, so it keeps the pool's 64-byte alignment.
+# Control block at the start of every lease: nonce (16 bytes), then the recipient's "adopted" word (a hint that lets
+# the sender forget the lease early; only the pool decides who frees it). The body starts 64 bytes in, so it keeps
+# the pool's 64-byte alignment.
 _CTRL = 64
-_S_WORD = 2  # index of the sender's word in the control block viewed as uint64
-_R_WORD = 3  # index of the recipient's word
+_R_WORD = 3  # index of the recipient's word in the control block viewed as uint64
 _VERIFY_TTL = 5.0  # seconds a verified peer token is trusted before it is looked up again
 _SWEEP_INTERVAL = 0.5
 _SELF_CHECK_INTERVAL = 1.0
@@ -252,17 +252,9 @@ class _State:
             self.pending.pop(nonce, None)
 
     def _reclaim(self, nonce: bytes, p: _Pending) -> None:
-        # Write into the control block only while it is still this lease's: the nonce would differ (but for 2**-128)
-        # once the block was freed and reused. The sender never adopts its own lease, so the recipient stays the
-        # owner of a lease it claimed (and the pool frees it if the recipient dies).
-        raw = p.ctrl.view(np.uint8)
-        if raw[:16].tobytes() != nonce:
-            return  # already freed (released by the recipient, or reaped with a dead holder) and reused
-        p.ctrl[_S_WORD] = 1
-        _barrier(self.cache)
-        if p.ctrl[_R_WORD] == 0:
-            _release_quietly(self.cache, p.handle)
-        # else: the recipient claimed it meanwhile; it sees our word and frees the lease itself.
+        # The pool lets only the lease's holder free it: this succeeds exactly when the recipient has not adopted
+        # it (the pool lock orders the two), and nobody writes into the block to find out.
+        _release_quietly(self.cache, p.handle)
 
     def start_reaper(self) -> None:
         with self.lock:
@@ -304,29 +296,11 @@ _saved_lazy: dict[tuple[str, str], Any] = {}  # (dispatcher name, toplevel modul
 _orig_handshake: Any = None
 
 
-def _still_leased(cache: Any, handle: tuple[int, ...]) -> bool:
-    # The recipient's barrier: adopting again takes the pool lock (an atomic read-modify-write: a full barrier),
-    # keeps this process the owner, and succeeds only while the lease with this stamp exists.
-    try:
-        cache.adopt(handle)
-    except (TensoError, ValueError, OSError, RuntimeError):
-        return False
-    return True
-
-
-def _barrier(cache: Any) -> None:
-    # The sender's barrier: deleting a key that never exists takes the pool lock and changes nothing.
-    try:
-        cache.delete(_PEER_PREFIX + "barrier")
-    except (TensoError, ValueError, OSError, RuntimeError):
-        pass
-
-
 def _release_quietly(cache: Any, handle: tuple[int, ...]) -> None:
     try:
         cache.release(handle)
     except (TensoError, ValueError, OSError, RuntimeError):
-        pass  # already freed by the other side, or the pool handle is closed (freed when this process exits)
+        pass  # adopted by the recipient, already freed, or the pool handle is closed (freed when this process exits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +332,6 @@ def _lease_send(st: _State, nbytes: int, fill: Callable[[np.ndarray], None]) -> 
     nonce = os.urandom(16)
     raw[:16] = np.frombuffer(nonce, dtype=np.uint8)
     ctrl = raw[:_CTRL].view(np.uint64)
-    ctrl[_S_WORD] = 0
     ctrl[_R_WORD] = 0
     try:
         fill(raw[_CTRL : _CTRL + nbytes])
@@ -395,13 +368,8 @@ def _lease_receive(lease: dict[str, Any]) -> np.ndarray:
     if raw[:16].tobytes() != lease["nonce"]:
         _release_quietly(st.cache, handle)
         raise TensoError("tenso.dask: lease nonce mismatch")
-    ctrl = raw[:_CTRL].view(np.uint64)
-    ctrl[_R_WORD] = 1
-    if not _still_leased(st.cache, handle):  # the barrier between our store and the load of the sender's word
-        raise TensoError("tenso.dask: the lease was freed before delivery (claim timeout exceeded?)")
-    if ctrl[_S_WORD] != 0:
-        _release_quietly(st.cache, handle)
-        raise TensoError("tenso.dask: the lease was reclaimed by its sender before delivery (claim timeout)")
+    # Ours now (the sender can no longer free it): tell the sender it may forget the lease before its timeout.
+    raw[:_CTRL].view(np.uint64)[_R_WORD] = 1
     # Every view derived from ``raw`` keeps ``raw`` itself alive (NumPy stops collapsing bases at the array whose
     # base is not an ndarray), so the lease is released only after the last of them.
     weakref.finalize(raw, _release_quietly, st.cache, handle)

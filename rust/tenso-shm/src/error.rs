@@ -54,6 +54,8 @@ pub enum ShmError {
     },
     /// A lease handle that does not name a live lease of this pool.
     BadLease,
+    /// The lease is held by another process (it adopted it): only its holder may free it.
+    LeaseHeldElsewhere,
 }
 
 impl ShmError {
@@ -88,6 +90,10 @@ impl fmt::Display for ShmError {
                 "cannot allocate {needed} bytes in the tenso cache pool ({free} of {capacity} bytes free after eviction)"
             ),
             ShmError::BadLease => write!(f, "no such lease in this pool"),
+            ShmError::LeaseHeldElsewhere => write!(
+                f,
+                "this lease is held by another process (it was adopted); only its holder may release it"
+            ),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use super::layout::{entries_for, pin_slots_for, Layout};
 use super::*;
 use crate::error::ShmError;
+use crate::lock::current_pid;
 use crate::segment::Segment;
 
 fn name(tag: &str) -> String {
@@ -155,6 +156,17 @@ fn leases() {
     // Another handle on the same pool, as another process would open it (Miri cannot open by name).
     let other = (!cfg!(miri)).then(|| Pool::open(p.0.name()).unwrap());
     let adopted = other.as_ref().unwrap_or(&p.0).adopt(handle).unwrap();
+    // Only the holder may free it: after an adoption by another process, the lender's release is refused.
+    p.0.entry(handle.slot)
+        .owner
+        .store(current_pid() + 1, Ordering::Relaxed);
+    assert!(matches!(
+        p.0.release(handle),
+        Err(ShmError::LeaseHeldElsewhere)
+    ));
+    p.0.entry(handle.slot)
+        .owner
+        .store(current_pid(), Ordering::Relaxed);
     drop(adopted);
     assert_eq!(p.0.stats().used_bytes, 0);
     assert!(matches!(p.0.release(handle), Err(ShmError::BadLease)));

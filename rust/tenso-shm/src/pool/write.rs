@@ -191,10 +191,16 @@ impl Pool {
         })
     }
 
-    /// Frees a lease by handle (from any process).
+    /// Frees a lease by handle. Only the process that holds it may: the one that took it until another adopts
+    /// it, the adopter afterwards ([`ShmError::LeaseHeldElsewhere`] otherwise). A lease whose holder died is freed
+    /// by the pool itself. So a sender that gives up on a hand-off can release its lease exactly when the recipient
+    /// has not adopted it: the pool lock orders the two, and neither side writes into the block to find out.
     pub fn release(&self, handle: LeaseHandle) -> Result<(), ShmError> {
         let mut l = self.lock();
         l.lease_slot(&handle)?;
+        if self.entry(handle.slot).owner.load(Ordering::Relaxed) != current_pid() {
+            return Err(ShmError::LeaseHeldElsewhere);
+        }
         l.free_entry(handle.slot);
         Ok(())
     }
