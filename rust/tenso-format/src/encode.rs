@@ -167,14 +167,7 @@ pub fn dense_prefix_len(version: Version, ndim: usize, alignment: usize) -> usiz
 /// body lengths, quantization metadata). No body is read.
 pub fn plan(item: &Item<'_>, opts: &EncodeOptions) -> Result<Plan, FormatError> {
     opts.validate()?;
-    let mut e = Emitter {
-        out: None,
-        skel: None,
-        pos: 0,
-        slots: Vec::new(),
-        xxh3: opts.xxh3,
-        dropped_axes: 0,
-    };
+    let mut e = Emitter::new(None, None, opts);
     e.item(item, opts, 0)?;
     Ok(Plan {
         len: e.pos,
@@ -197,14 +190,7 @@ pub fn encode_into(
             found: out.len(),
         });
     }
-    let mut e = Emitter {
-        out: Some(out),
-        skel: None,
-        pos: 0,
-        slots: Vec::new(),
-        xxh3: opts.xxh3,
-        dropped_axes: 0,
-    };
+    let mut e = Emitter::new(Some(out), None, opts);
     e.item(item, opts, 0)?;
     debug_assert_eq!(e.pos, p.len);
     Ok(p)
@@ -258,14 +244,7 @@ pub fn skeleton(item: &Item<'_>, opts: &EncodeOptions) -> Result<Skeleton, Forma
     let capacity = body_bytes
         .and_then(|b| plan.len.checked_sub(b))
         .unwrap_or(0);
-    let mut e = Emitter {
-        out: None,
-        skel: Some(Vec::with_capacity(capacity)),
-        pos: 0,
-        slots: Vec::new(),
-        xxh3: opts.xxh3,
-        dropped_axes: 0,
-    };
+    let mut e = Emitter::new(None, Some(Vec::with_capacity(capacity)), opts);
     e.item(item, opts, 0)?;
     debug_assert_eq!(e.pos, plan.len);
     let bytes = e.skel.take().unwrap_or_default();
@@ -399,7 +378,18 @@ struct Emitter<'o> {
     dropped_axes: usize,
 }
 
-impl Emitter<'_> {
+impl<'o> Emitter<'o> {
+    fn new(out: Option<&'o mut [u8]>, skel: Option<Vec<u8>>, opts: &EncodeOptions) -> Self {
+        Self {
+            out,
+            skel,
+            pos: 0,
+            slots: Vec::new(),
+            xxh3: opts.xxh3,
+            dropped_axes: 0,
+        }
+    }
+
     fn advance(&mut self, n: usize) -> Result<Range<usize>, FormatError> {
         let start = self.pos;
         self.pos = start
