@@ -13,9 +13,12 @@ use std::sync::Mutex;
 use numpy::PyUntypedArray;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 use pyo3::Py;
 use tenso_format::EncodeOptions;
+use tenso_gpu::register::HostRegistration;
+use tenso_gpu::CudaRegistrar;
 use tenso_shm::pool::{Batched, LeaseHandle, Packet, Park, Pinned, Room};
 use tenso_shm::{Pool, Segment, ShmError};
 
@@ -56,6 +59,23 @@ enum Mapped {
 #[pyclass(name = "_Mapping", module = "tenso", frozen, weakref)]
 pub(crate) struct PyMapping {
     mapped: Mapped,
+    /// The mapping page-locked for CUDA in this process (`_Pool._pin_host`), at most once; undone in `Drop` before
+    /// `mapped` unmaps.
+    host: Mutex<Option<HostRegistration<CudaRegistrar>>>,
+}
+
+impl Drop for PyMapping {
+    fn drop(&mut self) {
+        // Unregister first: the fields (and so the mapping) drop only after this body, so the pages are never unmapped
+        // while the driver holds them locked. Nothing can still read the memory: this object is the base of every
+        // view of it, and it is going away.
+        drop(
+            self.host
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+    }
 }
 
 impl PyMapping {
@@ -162,7 +182,13 @@ struct Handle {
 impl Handle {
     fn new(py: Python<'_>, mapped: Mapped, what: &'static str) -> PyResult<Self> {
         Ok(Handle {
-            mapping: Mutex::new(Some(Py::new(py, PyMapping { mapped })?)),
+            mapping: Mutex::new(Some(Py::new(
+                py,
+                PyMapping {
+                    mapped,
+                    host: Mutex::new(None),
+                },
+            )?)),
             what,
         })
     }
@@ -411,6 +437,42 @@ impl PyShm {
         let len = mapping.get().len();
         let bytes = PyMapping::view(&mapping, 0..len)?;
         decode_from(&bytes, false)
+    }
+
+    /// Page-locks the whole mapping for CUDA (in device `device_id`'s primary context, portable to every context),
+    /// once per mapping and process: views of it are then pinned memory for torch (`is_pinned()`) and the copy
+    /// engine. Returns False if it already was. Undone when the mapping goes away (the last view and this handle
+    /// gone, or at exit), never before. Raises RuntimeError without a CUDA driver or device.
+    fn _pin_host(&self, py: Python<'_>, device_id: i64) -> PyResult<bool> {
+        let mapping = self.handle.get(py)?;
+        let m = mapping.get();
+        let mut host = m
+            .host
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner());
+        if host.is_some() {
+            return Ok(false);
+        }
+        let ptr = m.address(&(0..0))?;
+        let ptr =
+            std::ptr::NonNull::new(ptr).ok_or_else(|| PyRuntimeError::new_err("null mapping"))?;
+        // SAFETY: the range is this whole mapping, which stays mapped until `m` drops; the registration is stored in
+        // `m` and undone in its Drop before the mapping is unmapped. A mapping is registered at most once (checked
+        // under the lock above), and two mappings of this process never overlap.
+        *host = Some(unsafe { crate::gpu::register_host(py, device_id, ptr, m.len()) }?);
+        Ok(true)
+    }
+
+    /// Whether this handle's mapping is page-locked in this process (`_pin_host`).
+    fn _host_pinned(&self, py: Python<'_>) -> PyResult<bool> {
+        let mapping = self.handle.get(py)?;
+        let pinned = mapping
+            .get()
+            .host
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        Ok(pinned)
     }
 
     /// Drops this handle's mapping; views already handed out keep theirs.
