@@ -439,42 +439,6 @@ impl PyShm {
         decode_from(&bytes, false)
     }
 
-    /// Page-locks the whole mapping for CUDA (in device `device_id`'s primary context, portable to every context),
-    /// once per mapping and process: views of it are then pinned memory for torch (`is_pinned()`) and the copy
-    /// engine. Returns False if it already was. Undone when the mapping goes away (the last view and this handle
-    /// gone, or at exit), never before. Raises RuntimeError without a CUDA driver or device.
-    fn _pin_host(&self, py: Python<'_>, device_id: i64) -> PyResult<bool> {
-        let mapping = self.handle.get(py)?;
-        let m = mapping.get();
-        let mut host = m
-            .host
-            .lock_py_attached(py)
-            .unwrap_or_else(|p| p.into_inner());
-        if host.is_some() {
-            return Ok(false);
-        }
-        let ptr = m.address(&(0..0))?;
-        let ptr =
-            std::ptr::NonNull::new(ptr).ok_or_else(|| PyRuntimeError::new_err("null mapping"))?;
-        // SAFETY: the range is this whole mapping, which stays mapped until `m` drops; the registration is stored in
-        // `m` and undone in its Drop before the mapping is unmapped. A mapping is registered at most once (checked
-        // under the lock above), and two mappings of this process never overlap.
-        *host = Some(unsafe { crate::gpu::register_host(py, device_id, ptr, m.len()) }?);
-        Ok(true)
-    }
-
-    /// Whether this handle's mapping is page-locked in this process (`_pin_host`).
-    fn _host_pinned(&self, py: Python<'_>) -> PyResult<bool> {
-        let mapping = self.handle.get(py)?;
-        let pinned = mapping
-            .get()
-            .host
-            .lock_py_attached(py)
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        Ok(pinned)
-    }
-
     /// Drops this handle's mapping; views already handed out keep theirs.
     fn close(&self) {
         self.handle.close();
@@ -924,6 +888,42 @@ impl PyPool {
             .pool()
             .release(lease_handle(handle))
             .map_err(shm_error)
+    }
+
+    /// Page-locks the whole mapping for CUDA (in device `device_id`'s primary context, portable to every context),
+    /// once per mapping and process: views of it are then pinned memory for torch (`is_pinned()`) and the copy
+    /// engine. Returns False if it already was. Undone when the mapping goes away (the last view and this handle
+    /// gone, or at exit), never before. Raises RuntimeError without a CUDA driver or device.
+    fn _pin_host(&self, py: Python<'_>, device_id: i64) -> PyResult<bool> {
+        let mapping = self.handle.get(py)?;
+        let m = mapping.get();
+        let mut host = m
+            .host
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner());
+        if host.is_some() {
+            return Ok(false);
+        }
+        let ptr = m.address(&(0..0))?;
+        let ptr =
+            std::ptr::NonNull::new(ptr).ok_or_else(|| PyRuntimeError::new_err("null mapping"))?;
+        // SAFETY: the range is this whole mapping, which stays mapped until `m` drops; the registration is stored in
+        // `m` and undone in its Drop before the mapping is unmapped. A mapping is registered at most once (checked
+        // under the lock above), and two mappings of this process never overlap.
+        *host = Some(unsafe { crate::gpu::register_host(py, device_id, ptr, m.len()) }?);
+        Ok(true)
+    }
+
+    /// Whether this handle's mapping is page-locked in this process (`_pin_host`).
+    fn _host_pinned(&self, py: Python<'_>) -> PyResult<bool> {
+        let mapping = self.handle.get(py)?;
+        let pinned = mapping
+            .get()
+            .host
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        Ok(pinned)
     }
 
     /// Drops this handle's mapping; views already handed out keep theirs.
