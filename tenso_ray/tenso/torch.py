@@ -25,6 +25,10 @@ the batch's one buffer. A pooled batch's memory goes back to the pool when the l
 batch the program keeps keeps its memory and a bounded pool serves an endless epoch. Pin-memory threads, any
 ``prefetch_factor``, ``persistent_workers`` and the fork and spawn contexts work as with ``default_collate``.
 
+With CUDA, ``Collate`` page-locks its pool once in the main process (``pin_memory=None``, the default; see
+:class:`Collate`): pooled batch tensors are pinned memory, a pin-memory thread passes them through without a copy
+and ``.to("cuda", non_blocking=True)`` reads them straight from the pool.
+
 In a worker, ``collate`` returns a :class:`PackedBatch`, which becomes the collated structure when it is
 unpickled in the main process (``PackedBatch.unpack()`` gives it in the worker). With ``num_workers=0`` both
 return the structure at once, in one private buffer.

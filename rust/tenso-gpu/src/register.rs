@@ -89,6 +89,12 @@ impl<R: HostRegistrar> HostRegistration<R> {
         self.len == 0
     }
 
+    /// False in a `fork()`ed child that inherited this value: the registration is the parent's (dropping it there
+    /// leaves the driver alone).
+    pub fn made_in_this_process(&self) -> bool {
+        std::process::id() == self.pid
+    }
+
     /// The registrar.
     pub fn registrar(&self) -> &R {
         &self.registrar
@@ -97,7 +103,7 @@ impl<R: HostRegistrar> HostRegistration<R> {
 
 impl<R: HostRegistrar> Drop for HostRegistration<R> {
     fn drop(&mut self) {
-        if std::process::id() != self.pid {
+        if !self.made_in_this_process() {
             // A fork()ed child: the registration belongs to the parent's driver state, which the child has no
             // business calling into; the child's copy of the mapping was never page-locked for it.
             return;
@@ -202,6 +208,7 @@ mod tests {
         let mut reg = unsafe { HostRegistration::new(fake.clone(), ptr, len) }.unwrap();
         // What a fork()ed child sees: the value made by another pid.
         reg.pid = reg.pid.wrapping_add(1);
+        assert!(!reg.made_in_this_process());
         drop(reg);
         assert_eq!(
             fake.events(),

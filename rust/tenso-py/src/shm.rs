@@ -7,6 +7,7 @@
 //! the codec's encode-into path and decoded as views over it. `tenso-shm` hands out ranges of the mapping and owns
 //! the seqlock retry (`Pool::read`); only `PyMapping` turns ranges into addresses.
 
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, Range};
 use std::sync::Mutex;
 
@@ -58,7 +59,8 @@ enum Mapped {
 /// by this process, a segment whose single writer is this process).
 #[pyclass(name = "_Mapping", module = "tenso", frozen, weakref)]
 pub(crate) struct PyMapping {
-    mapped: Mapped,
+    /// Unmapped in `Drop`, after `host` is undone (or left mapped in a forked child: see there).
+    mapped: ManuallyDrop<Mapped>,
     /// The mapping page-locked for CUDA in this process (`_Pool._pin_host`), at most once; undone in `Drop` before
     /// `mapped` unmaps.
     host: Mutex<Option<HostRegistration<CudaRegistrar>>>,
@@ -66,15 +68,23 @@ pub(crate) struct PyMapping {
 
 impl Drop for PyMapping {
     fn drop(&mut self) {
-        // Unregister first: the fields (and so the mapping) drop only after this body, so the pages are never unmapped
-        // while the driver holds them locked. Nothing can still read the memory: this object is the base of every
-        // view of it, and it is going away.
-        drop(
-            self.host
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
-        );
+        let host = self
+            .host
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if host.as_ref().is_some_and(|h| !h.made_in_this_process()) {
+            // A fork()ed child dropping the parent's pinned mapping. A driver may keep page-locked ranges out of
+            // children (MADV_DONTFORK), in which case a mapping the child made since may sit at this very address:
+            // leave the range alone (the child's pages of a shared segment cost nothing; they go when it exits).
+            std::mem::forget(host);
+            return;
+        }
+        // Unregister first, then unmap: the pages are never unmapped while the driver holds them locked. Nothing can
+        // still read the memory: this object is the base of every view of it, and it is going away.
+        drop(host);
+        // SAFETY: `mapped` is dropped exactly once, here, and `self` is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.mapped) };
     }
 }
 
@@ -87,7 +97,7 @@ impl PyMapping {
                 self.len()
             )));
         }
-        let base = match &self.mapped {
+        let base = match &*self.mapped {
             Mapped::Segment(s) => s.as_ptr(),
             Mapped::Pool(p) => p.segment().as_ptr(),
         };
@@ -145,14 +155,14 @@ impl PyMapping {
     }
 
     fn len(&self) -> usize {
-        match &self.mapped {
+        match &*self.mapped {
             Mapped::Segment(s) => s.len(),
             Mapped::Pool(p) => p.segment().len(),
         }
     }
 
     fn pool(&self) -> &Pool {
-        match &self.mapped {
+        match &*self.mapped {
             Mapped::Pool(p) => p,
             Mapped::Segment(_) => unreachable!("a _Pool always maps a pool"),
         }
@@ -162,7 +172,7 @@ impl PyMapping {
 #[pymethods]
 impl PyMapping {
     fn __repr__(&self) -> String {
-        let name = match &self.mapped {
+        let name = match &*self.mapped {
             Mapped::Segment(s) => s.name(),
             Mapped::Pool(p) => p.name(),
         };
@@ -185,7 +195,7 @@ impl Handle {
             mapping: Mutex::new(Some(Py::new(
                 py,
                 PyMapping {
-                    mapped,
+                    mapped: ManuallyDrop::new(mapped),
                     host: Mutex::new(None),
                 },
             )?)),
