@@ -277,8 +277,9 @@ def test_collate_pool_batches_are_pinned_and_the_pin_thread_copies_nothing():
     import tenso.torch as tt
     from torch.utils.data import DataLoader, default_collate
 
+    torch.zeros(1, device="cuda")  # torch uses CUDA in this process: pin_memory=None pins from the first batch
     ds = _Fields(32)
-    fn = tt.Collate("64MB", inband_bytes=0)  # pin_memory=None: pinned, CUDA being available
+    fn = tt.Collate("64MB", inband_bytes=0)
     fn.close()  # a fresh pool for this test
     kept = None
     for pin_thread in (False, True):

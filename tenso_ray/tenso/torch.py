@@ -328,14 +328,19 @@ _fences_lock = threading.Lock()
 
 
 def _pin_pool(pool: TensoCache, pin: Optional[bool]) -> bool:
-    """Page-lock ``pool``'s mapping in this process once (True if it is); ``pin=None`` quietly skips when CUDA is
-    not usable here, ``pin=True`` warns once and goes on unpinned."""
+    """Page-lock ``pool``'s mapping in this process once (True if it is).
+
+    ``pin=None`` waits until torch has initialised CUDA in this process (then no CUDA context is made on a device the
+    program does not use, and nothing is locked for a program that trains on the CPU) and quietly skips when it
+    cannot; ``pin=True`` pins at once and warns once when it cannot. Either way batches stay correct."""
     global _pin_problem, _pin_warned
     native = pool._pool
     try:
         if native._host_pinned():
             return True
     except RuntimeError:  # a closed handle: the adopt that follows says so
+        return False
+    if pin is None and not torch.cuda.is_initialized():
         return False
     if _pin_problem is None:
         try:
@@ -355,9 +360,13 @@ def _pin_pool(pool: TensoCache, pin: Optional[bool]) -> bool:
 
 
 def _cuda_ordinal() -> int:
-    """The device whose primary context takes the registration (it is portable: pinned for every device)."""
-    if torch.cuda.is_initialized():
-        return int(torch.cuda.current_device())
+    """The device whose primary context takes the registration (torch's current one; the registration is portable,
+    so the pool counts as pinned for every device)."""
+    try:
+        if torch.cuda.is_available():
+            return int(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - torch's CUDA unusable: the engine still can (device 0)
+        pass
     return 0
 
 
@@ -500,8 +509,10 @@ class Collate:
         batch tensors are then pinned memory (``is_pinned()`` is True), ``DataLoader(pin_memory=True)``'s
         pin-memory thread passes them through without a copy (``Tensor.pin_memory()`` returns a pinned tensor
         itself), and ``.to("cuda", non_blocking=True)`` is a DMA straight out of the pool. ``None`` (the default):
-        when CUDA is available (:func:`tenso.gpu.available`); ``True``: always, warning once (RuntimeWarning) and
-        going on unpinned when it cannot; ``False``: never. Batches that do not go through the pool (small, or a
+        once torch has initialised CUDA in this process (the batches before that arrive unpinned; a program that
+        trains on the CPU never locks anything or makes a CUDA context), in torch's current device's context;
+        ``True``: from the first batch, warning once (RuntimeWarning) and going on unpinned when it cannot;
+        ``False``: never. Batches that do not go through the pool (small, or a
         full pool) are ordinary memory, which a pin-memory thread copies as usual. A pinned batch freed while torch
         has used CUDA goes back to the pool only once the work queued on torch's current stream has finished, so a
         non-blocking copy of it still in flight is never overwritten by the next batch (a copy queued on another
@@ -527,8 +538,8 @@ class Collate:
 
     @property
     def pinned(self) -> bool:
-        """Whether the pool is page-locked in this process (it is once the first pooled batch arrived here, when
-        ``pin_memory`` allows and CUDA is available)."""
+        """Whether the pool is page-locked in this process (see ``pin_memory``: it happens when a pooled batch
+        arrives)."""
         from .nodecache import attached
 
         held = attached(self.scope)
