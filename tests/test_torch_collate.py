@@ -606,12 +606,13 @@ def test_freed_pinned_batches_wait_for_their_fence(module_pool: Any, monkeypatch
     work queued before it was freed (the fence); the bookkeeping, with fake events."""
     events: list[FakeEvent] = []
     monkeypatch.setattr(tt, "_fence", lambda: (events.append(FakeEvent()), events[-1])[1])
+    monkeypatch.setattr(tt, "_host_pinned", lambda pool: True)  # as if the pool were page-locked
     pool = module_pool.pool
     assert pool.stats["used_bytes"] == 0
     handles = [tuple(pool.lease(4096)[0]) for _ in range(3)]
     used = pool.stats["used_bytes"]
     for h in handles:
-        tt._release(pool, h, os.getpid(), True)
+        tt._release(pool, h, os.getpid())
     assert len(events) == 3 and len(tt._fences) == 3
     assert pool.stats["used_bytes"] == used  # nothing given back: no fence has passed
     events[0].done = True
@@ -626,14 +627,19 @@ def test_freed_pinned_batches_wait_for_their_fence(module_pool: Any, monkeypatch
     assert not tt._fences and pool.stats["used_bytes"] == 0
     # close() waits for the fences still pending.
     h = tuple(pool.lease(4096)[0])
-    tt._release(pool, h, os.getpid(), True)
+    tt._release(pool, h, os.getpid())
     assert pool.stats["used_bytes"] > 0
     tt._drain_fences(wait=True)
     assert events[-1].waited and pool.stats["used_bytes"] == 0
-    # Unpinned batches, and pinned ones freed before torch used CUDA (no fence), go back at once.
+    # Pinned batches freed before torch used CUDA (no fence), and unpinned ones, go back at once.
     monkeypatch.setattr(tt, "_fence", lambda: None)
     h = tuple(pool.lease(4096)[0])
-    tt._release(pool, h, os.getpid(), True)
+    tt._release(pool, h, os.getpid())
+    assert pool.stats["used_bytes"] == 0 and not tt._fences
+    monkeypatch.setattr(tt, "_fence", lambda: pytest.fail("an unpinned pool needs no fence"))
+    monkeypatch.setattr(tt, "_host_pinned", lambda pool: False)
+    h = tuple(pool.lease(4096)[0])
+    tt._release(pool, h, os.getpid())
     assert pool.stats["used_bytes"] == 0 and not tt._fences
 
 
@@ -645,9 +651,10 @@ def test_fence_is_none_until_torch_uses_cuda() -> None:
 
 def test_forked_child_drops_the_parents_fences(module_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tt, "_fence", FakeEvent)
+    monkeypatch.setattr(tt, "_host_pinned", lambda pool: True)
     pool = module_pool.pool
     h = tuple(pool.lease(4096)[0])
-    tt._release(pool, h, os.getpid(), True)
+    tt._release(pool, h, os.getpid())
     used = pool.stats["used_bytes"]
     pid = os.fork()
     if pid == 0:

@@ -279,23 +279,24 @@ def _adopt(scope: str, size: int, owner_pid: int, handle: tuple[int, ...], pin: 
     """Take the lease over in this process; it goes back to the pool when the last tensor view of it is freed."""
     _drain_fences()
     pool = _pool(scope, size, owner_pid)
-    pinned = pin is not False and _pin_pool(pool, pin)
+    if pin is not False:
+        _pin_pool(pool, pin)
     mem = pool.adopt(handle)
     holder = np.frombuffer(mem, dtype=np.uint8)
     # torch.from_numpy keeps `holder` referenced by the storage until the storage is freed; the finalizer then
     # returns the block. `holder` is referenced nowhere else. (Not frameworks.from_host: the release hangs on
     # exactly this reference, which its conversion does not promise. Samples go through torch.as_tensor, as in
     # default_collate, so the dtypes accepted are default_collate's.)
-    weakref.finalize(holder, _release, pool, handle, os.getpid(), pinned)
+    weakref.finalize(holder, _release, pool, handle, os.getpid())
     return torch.from_numpy(holder).untyped_storage()
 
 
-def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = None, pinned: bool = False) -> None:
+def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = None) -> None:
     if pid is not None and os.getpid() != pid:
         # A forked child freeing its copy of the batch (objects that only another thread of the parent held are
         # freed in the child): the lease is still the parent's, and its batch may be in use there.
         return
-    if pinned:
+    if _host_pinned(pool):  # now, not when the batch arrived: the pool may have been pinned since
         fence = _fence()
         if fence is not None:
             # A `.to("cuda", non_blocking=True)` of this batch may still be reading it: a copy from pinned memory
@@ -306,6 +307,13 @@ def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = Non
             return
     _give_back(pool, handle)
     _drain_fences()
+
+
+def _host_pinned(pool: TensoCache) -> bool:
+    try:
+        return bool(pool._pool._host_pinned())
+    except Exception:  # noqa: BLE001 - a closed handle (or the interpreter exiting): the release cannot happen anyway
+        return False
 
 
 def _give_back(pool: TensoCache, handle: tuple[int, ...]) -> None:
@@ -334,17 +342,13 @@ def _pin_pool(pool: TensoCache, pin: Optional[bool]) -> bool:
     program does not use, and nothing is locked for a program that trains on the CPU) and quietly skips when it
     cannot; ``pin=True`` pins at once and warns once when it cannot. Either way batches stay correct."""
     global _pin_problem, _pin_warned
-    native = pool._pool
-    try:
-        if native._host_pinned():
-            return True
-    except RuntimeError:  # a closed handle: the adopt that follows says so
-        return False
+    if _host_pinned(pool):
+        return True
     if pin is None and not torch.cuda.is_initialized():
         return False
     if _pin_problem is None:
         try:
-            native._pin_host(_cuda_ordinal())
+            pool._pool._pin_host(_cuda_ordinal())
             return True
         except RuntimeError as e:
             _pin_problem = str(e)
@@ -543,10 +547,7 @@ class Collate:
         from .nodecache import attached
 
         held = attached(self.scope)
-        try:
-            return held is not None and bool(held._pool._host_pinned())
-        except RuntimeError:  # closed
-            return False
+        return held is not None and _host_pinned(held)
 
     @property
     def pool(self) -> TensoCache:
