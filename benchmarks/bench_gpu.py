@@ -9,6 +9,8 @@ shm (/dev/shm: read as a file, and mapped with mmap, the TensoCache/TensoShm cas
 * h2d|d2h/pinned torch pinned tensor .copy_ (cudaMemcpy from page-locked memory: the copy-engine limit)
 * h2d|d2h/pageable  torch CPU tensor .to("cuda") / cuda tensor .cpu()
 * h2d|d2h/cupy   cupy.asarray / .get() (if CuPy is installed)
+* h2d/pool/pageable|pinned  a DataLoader batch as tenso.torch.Collate delivers it (a view of a TensoCache pool lease)
+                 .copy_ to the device before and after the pool is page-locked (Collate(pin_memory=...))
 * read/alone     read_stream of the same source with no device copy (for the overlap ratio)
 
 The pinned staging pool's allocation count is recorded before and after (it must not grow: 0 cuMemHostAlloc in
@@ -86,6 +88,33 @@ def _median_s(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> flo
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _pool_batch_h2d(torch: Any, host: np.ndarray, dev: Any, nbytes: int, reps: int, sync: Callable[[], None],
+                    record: Callable[[str, str, str, int, float], None]) -> None:
+    """A DataLoader batch as tenso.torch.Collate hands it over (a view of a pool lease) copied to the device, before
+    and after the pool is page-locked (Collate(pin_memory=...) does _pin_host in the main process)."""
+    try:
+        cache = tenso.TensoCache(nbytes + nbytes // 8 + 16 * MiB)
+    except (OSError, MemoryError) as e:  # a small /dev/shm (containers): skip, say why
+        print(f"h2d pool: no room for a {nbytes // MiB} MiB pool in /dev/shm ({e}); skipped")
+        return
+    try:
+        _, mem = cache.lease(nbytes)
+        batch = torch.frombuffer(mem, dtype=torch.float32)
+        batch.copy_(torch.from_numpy(host))
+        record("h2d", "pool", "pageable", nbytes,
+               _median_s(lambda: dev.copy_(batch, non_blocking=True), reps, sync))
+        t0 = time.perf_counter()
+        cache._pool._pin_host(0)
+        print(f"     pool register {nbytes // MiB} MiB: {time.perf_counter() - t0:.4f} s", flush=True)
+        assert batch.is_pinned()
+        record("h2d", "pool", "pinned", nbytes, _median_s(lambda: dev.copy_(batch, non_blocking=True), reps, sync))
+        sync()
+        del batch, mem
+    finally:
+        cache.close()
+        cache.unlink()
 
 
 def _size(text: str) -> int:
@@ -172,6 +201,7 @@ def main() -> int:
             dev = cpu.cuda()
             record("h2d", "memory", "pinned", nbytes, _median_s(lambda: dev.copy_(pinned, non_blocking=True), reps, sync))
             record("h2d", "memory", "pageable", nbytes, _median_s(lambda: cpu.to("cuda"), reps, sync))
+            _pool_batch_h2d(torch, host, dev, nbytes, reps, sync, record)
             record("d2h", "memory", "pinned", nbytes, _median_s(lambda: pinned.copy_(dev, non_blocking=True), reps, sync))
             record("d2h", "memory", "pageable", nbytes, _median_s(lambda: dev.cpu(), reps, sync))
             if cupy is not None:

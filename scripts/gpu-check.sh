@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The prepared device check of issue #13: on a machine with an NVIDIA GPU, run the GPU tests (pytest marker `gpu`)
 # and benchmarks/bench_gpu.py, in one call, in well under 5 minutes, installing nothing from the network.
+# The DataLoader pool pinned in the main process (tenso.torch.Collate(pin_memory=...)) is covered by test_gpu.py and by
+# the h2d/pool rows of the benchmark (a pool batch copied to the device before and after the pool is page-locked).
 #
 # What it needs on the device machine (carry it with the device tool's `carry`; the 6 GB .venv is too big to travel):
 #   * a Python with torch (CUDA build), numpy, ml_dtypes, pytest, pytest-timeout: the H200 image's python3 has them

@@ -221,3 +221,118 @@ def test_cache_get_to_a_cuda_device():
         t = cache.get("w", device="torch:cuda:0")
         assert t.device.type == "cuda"
         assert torch.equal(t.cpu(), torch.arange(1 << 20, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tenso.torch.Collate(pin_memory=...): the DataLoader pool page-locked in the main process
+# ---------------------------------------------------------------------------------------------------------------
+class _Fields(torch.utils.data.Dataset):
+    """Samples of 256 KiB (module level: DataLoader workers may pickle it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"x": np.full((256, 256), i, dtype=np.float32), "y": i}
+
+
+_fork_warning = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_pool_pin_host_once_and_views_are_pinned():
+    cache = tenso.TensoCache("8MB")
+    try:
+        native = cache._pool
+        assert native._host_pinned() is False
+        _, mem = cache.lease(4096)
+        t = torch.frombuffer(mem, dtype=torch.float32)
+        t.copy_(torch.arange(1024, dtype=torch.float32))
+        assert not t.is_pinned()
+        assert native._pin_host(0) is True
+        assert native._pin_host(0) is False  # once per mapping and process
+        assert native._host_pinned() is True
+        assert t.is_pinned()  # the whole mapping: views made before count too
+        on_device = t.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(on_device.cpu(), torch.arange(1024, dtype=torch.float32))
+        cache.close()
+        assert t.is_pinned()  # the view keeps the mapping, and the mapping keeps its registration
+        del mem, t
+    finally:
+        cache.close()
+        cache.unlink()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+@_fork_warning
+def test_collate_pool_batches_are_pinned_and_the_pin_thread_copies_nothing():
+    import gc
+
+    import tenso.torch as tt
+    from torch.utils.data import DataLoader, default_collate
+
+    torch.zeros(1, device="cuda")  # torch uses CUDA in this process: pin_memory=None pins from the first batch
+    ds = _Fields(32)
+    fn = tt.Collate("64MB", inband_bytes=0)
+    fn.close()  # a fresh pool for this test
+    kept = None
+    for pin_thread in (False, True):
+        loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=fn, pin_memory=pin_thread,
+                            multiprocessing_context="fork")
+        for _epoch in range(2):  # the second epoch forks its workers after this process pinned the pool
+            for i, batch in enumerate(loader):
+                want = default_collate([ds[j] for j in range(i * 8, i * 8 + 8)])
+                x, y = batch["x"], batch["y"]
+                assert x.is_pinned() and y.is_pinned(), pin_thread
+                # One storage for the batch, as the worker wrote it: a pin-thread copy gives each tensor its own.
+                assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                assert x.pin_memory().data_ptr() == x.data_ptr()  # Tensor.pin_memory() returns pinned tensors as is
+                xd, yd = x.to("cuda", non_blocking=True), y.to("cuda", non_blocking=True)
+                torch.cuda.synchronize()
+                assert torch.equal(xd.cpu(), want["x"]) and torch.equal(yd.cpu(), want["y"])
+                kept = batch
+        del loader, batch, x, y
+    assert fn.pinned
+    gc.collect()
+    tt._drain_fences(wait=True)
+    assert fn.pool.stats["used_bytes"] > 0  # `kept` holds its lease
+    fn.close()  # the pool goes; the kept batch keeps its mapping, still pinned, until it is freed
+    assert kept["x"].is_pinned()
+    assert torch.equal(kept["x"].to("cuda").cpu()[0], torch.full((256, 256), 24.0))
+    del kept
+    gc.collect()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_a_pinned_batch_freed_during_its_copy_goes_back_after_the_copy():
+    import gc
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import tenso.torch as tt
+
+    fn = tt.Collate("64MB", inband_bytes=0, pin_memory=True)
+    fn.close()
+    sample = np.full((1024, 1024), 3, dtype=np.float32)
+    packed = tt.PackedBatch(*tt._pack([sample] * 4, fn._lease))  # 16 MiB, as a worker writes it
+    batch = pickle.loads(ForkingPickler.dumps(packed))  # adopted (and the pool pinned) as in the main process
+    del packed
+    assert batch.is_pinned() and fn.pinned
+    used = fn.pool.stats["used_bytes"]
+    torch.cuda._sleep(1_000_000_000)  # keep the current stream busy (~0.5 s): the copy queues behind it
+    out = batch.to("cuda", non_blocking=True)
+    del batch
+    gc.collect()
+    assert fn.pool.stats["used_bytes"] == used  # freed, but its block waits for the copy
+    torch.cuda.synchronize()
+    tt._drain_fences()
+    assert fn.pool.stats["used_bytes"] == 0
+    assert torch.equal(out.cpu(), torch.full((4, 1024, 1024), 3.0))
+    fn.close()

@@ -346,6 +346,7 @@ def test_loader_matches_default_collate(ctx: str, mode: str, pooled: Any) -> Non
     if mode == "pool":
         del got, g
         gc.collect()
+        tt._drain_fences(wait=True)  # with a GPU the pool is pinned: freed blocks wait for the CUDA work queued
         assert fn.pool.stats["used_bytes"] == 0  # every batch went back to the pool
 
 
@@ -425,6 +426,7 @@ def test_bounded_pool_long_epoch_and_kept_batch(pooled: Any, monkeypatch: pytest
     assert pool.stats["used_bytes"] > 0  # `kept` (the first batch that came through a lease) holds its lease
     del kept
     gc.collect()
+    tt._drain_fences(wait=True)
     assert pool.stats["used_bytes"] == 0
 
 
@@ -454,6 +456,7 @@ def test_pin_memory_thread(pooled: Any, monkeypatch: pytest.MonkeyPatch) -> None
         assert len(pinned) == len(want)  # the pin thread handled every batch
     del loader, got, g
     gc.collect()
+    tt._drain_fences(wait=True)
     assert fn.pool.stats["used_bytes"] == 0  # originals released once copied
 
 
@@ -511,3 +514,157 @@ def test_forked_child_never_frees_the_parents_lease(module_pool: Any) -> None:
     del batch
     gc.collect()
     assert module_pool.pool.stats["used_bytes"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collate(pin_memory=...) without a GPU (the CUDA path: tests/test_gpu.py)
+# ---------------------------------------------------------------------------------------------------------------
+needs_no_cuda = pytest.mark.skipif(
+    __import__("tenso.gpu").gpu.available(), reason="checks the behaviour without CUDA"
+)
+
+
+@pytest.fixture
+def fresh_pin_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget this process's earlier verdict on pinning (it is probed, and warned about, once per process)."""
+    monkeypatch.setattr(tt, "_pin_problem", None)
+    monkeypatch.setattr(tt, "_pin_warned", False)
+
+
+def test_pin_memory_argument(pooled: Any) -> None:
+    assert pooled("4MB").pin_memory is None
+    assert pooled("4MB", pin_memory=False).pin_memory is False
+    c = pooled("4MB", pin_memory=True)
+    assert "pin_memory=True" in repr(c)
+    with pytest.raises(TypeError, match="pin_memory"):
+        tt.Collate("4MB", pin_memory="cuda")  # type: ignore[arg-type]
+    c.close()
+    assert c.pinned is False  # no pool attached in this process: nothing pinned
+
+
+@needs_no_cuda
+def test_pin_host_without_cuda_is_a_runtime_error(pooled: Any) -> None:
+    native = pooled("4MB").pool._pool
+    with pytest.raises(RuntimeError, match="CUDA"):
+        native._pin_host(0)
+    assert native._host_pinned() is False
+    native.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        native._pin_host(0)
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("pin", [True, None, False])
+def test_pin_memory_unavailable_batches_still_correct(
+    pin: Any, pooled: Any, fresh_pin_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = FieldsDataset(48, fields=3, width=1024)
+    want = expected_batches(ds, 8)
+    fn = pooled("8MB", inband_bytes=0, pin_memory=pin)
+    fn.close()  # a fresh pool for this test
+    attempts: list[Any] = []
+    real = tt._pin_pool
+    monkeypatch.setattr(tt, "_pin_pool", lambda pool, p: (attempts.append(p), real(pool, p))[1])
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=fn, multiprocessing_context="fork")
+    if pin is True:
+        with pytest.warns(RuntimeWarning, match="cannot be pinned") as record:
+            got = list(loader)
+        assert len([w for w in record if "cannot be pinned" in str(w.message)]) == 1  # once, not per batch
+    else:
+        got = list(loader)  # quietly unpinned (filterwarnings=error turns any warning into a failure)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+        assert not g["f0"].is_pinned()
+    assert fn.pinned is False
+    # Asked on every pooled batch unless pin_memory=False; the driver is probed once (then the verdict is kept),
+    # and with pin_memory=None only once torch uses CUDA, which it never does here.
+    assert attempts == ([] if pin is False else [pin] * len(want))
+    assert (tt._pin_problem is None) == (pin is not True)
+    del got, g, loader
+    gc.collect()
+    assert not tt._fences  # unpinned batches go back at once
+    assert fn.pool.stats["used_bytes"] == 0
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event: 'done' once the test says so."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.done = True
+
+
+def test_freed_pinned_batches_wait_for_their_fence(module_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pinned batch freed while a non-blocking copy may still read it goes back to the pool only after the CUDA
+    work queued before it was freed (the fence); the bookkeeping, with fake events."""
+    events: list[FakeEvent] = []
+    monkeypatch.setattr(tt, "_fence", lambda: (events.append(FakeEvent()), events[-1])[1])
+    monkeypatch.setattr(tt, "_host_pinned", lambda pool: True)  # as if the pool were page-locked
+    pool = module_pool.pool
+    assert pool.stats["used_bytes"] == 0
+    handles = [tuple(pool.lease(4096)[0]) for _ in range(3)]
+    used = pool.stats["used_bytes"]
+    for h in handles:
+        tt._release(pool, h, os.getpid())
+    assert len(events) == 3 and len(tt._fences) == 3
+    assert pool.stats["used_bytes"] == used  # nothing given back: no fence has passed
+    events[0].done = True
+    tt._drain_fences()
+    assert len(tt._fences) == 2 and pool.stats["used_bytes"] < used
+    events[2].done = True  # in order: the second still holds the third back
+    tt._drain_fences()
+    assert len(tt._fences) == 2
+    # An unpinned release (or an in-band batch arriving) drains what has passed on the way.
+    events[1].done = True
+    tt._from_bytes(bytearray(b"x"))
+    assert not tt._fences and pool.stats["used_bytes"] == 0
+    # close() waits for the fences still pending.
+    h = tuple(pool.lease(4096)[0])
+    tt._release(pool, h, os.getpid())
+    assert pool.stats["used_bytes"] > 0
+    tt._drain_fences(wait=True)
+    assert events[-1].waited and pool.stats["used_bytes"] == 0
+    # Pinned batches freed before torch used CUDA (no fence), and unpinned ones, go back at once.
+    monkeypatch.setattr(tt, "_fence", lambda: None)
+    h = tuple(pool.lease(4096)[0])
+    tt._release(pool, h, os.getpid())
+    assert pool.stats["used_bytes"] == 0 and not tt._fences
+    monkeypatch.setattr(tt, "_fence", lambda: pytest.fail("an unpinned pool needs no fence"))
+    monkeypatch.setattr(tt, "_host_pinned", lambda pool: False)
+    h = tuple(pool.lease(4096)[0])
+    tt._release(pool, h, os.getpid())
+    assert pool.stats["used_bytes"] == 0 and not tt._fences
+
+
+def test_fence_is_none_until_torch_uses_cuda() -> None:
+    if torch.cuda.is_initialized():
+        pytest.skip("torch has initialised CUDA in this process")
+    assert tt._fence() is None
+
+
+def test_forked_child_drops_the_parents_fences(module_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tt, "_fence", FakeEvent)
+    monkeypatch.setattr(tt, "_host_pinned", lambda pool: True)
+    pool = module_pool.pool
+    h = tuple(pool.lease(4096)[0])
+    tt._release(pool, h, os.getpid())
+    used = pool.stats["used_bytes"]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            tt._fences[0][0].done = True
+            tt._drain_fences(wait=True)  # a child must not give back the parent's blocks
+        finally:
+            os._exit(0 if not tt._fences else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert pool.stats["used_bytes"] == used and len(tt._fences) == 1
+    tt._drain_fences(wait=True)
+    assert pool.stats["used_bytes"] == 0

@@ -54,7 +54,7 @@ from .errors import TensoCacheFullError
 from .frameworks import from_host, map_arrays, to_host
 from .shm import SHM_DIR, process_alive, sweep, unlink_name
 
-__all__ = ["attach", "drop", "lookup", "store", "remove", "deliver", "stats", "default_size", "pool_name"]
+__all__ = ["attach", "attached", "drop", "lookup", "store", "remove", "deliver", "stats", "default_size", "pool_name"]
 
 PREFIX = "tenso_node_"
 DEFAULT_SIZE = 1 << 30
@@ -146,6 +146,15 @@ def attach(scope: str, *, size: int | str | None = None, owner_pid: int | None =
             if retries > _MAX_RETRIES:
                 raise TimeoutError(f"could not attach the node cache {name!r}: it kept changing")
             time.sleep(0.005)
+
+
+def attached(scope: str) -> Optional[TensoCache]:
+    """This process's handle on ``scope``'s pool if :func:`attach` gave it one (None otherwise; attaches nothing)."""
+    with _lock:
+        if _exit_pid != os.getpid():  # handles inherited through fork() are the parent's
+            return None
+        held = _attached.get(scope)
+    return None if held is None else held[0]
 
 
 def _creating(name: str, me: int) -> bool:

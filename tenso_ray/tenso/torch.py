@@ -25,6 +25,10 @@ the batch's one buffer. A pooled batch's memory goes back to the pool when the l
 batch the program keeps keeps its memory and a bounded pool serves an endless epoch. Pin-memory threads, any
 ``prefetch_factor``, ``persistent_workers`` and the fork and spawn contexts work as with ``default_collate``.
 
+With CUDA, ``Collate`` page-locks its pool once in the main process (``pin_memory=None``, the default; see
+:class:`Collate`): pooled batch tensors are pinned memory, a pin-memory thread passes them through without a copy
+and ``.to("cuda", non_blocking=True)`` reads them straight from the pool.
+
 In a worker, ``collate`` returns a :class:`PackedBatch`, which becomes the collated structure when it is
 unpickled in the main process (``PackedBatch.unpack()`` gives it in the worker). With ``num_workers=0`` both
 return the structure at once, in one private buffer.
@@ -37,10 +41,12 @@ by a worker that dies is freed with it.
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -233,6 +239,7 @@ class _InBand:
 
 
 def _from_bytes(data: bytearray) -> Any:
+    _drain_fences()  # batches that come in band (a full pool) still let pinned blocks waiting on fences go back
     if not data:
         return torch.empty(0, dtype=torch.uint8).untyped_storage()
     return torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
@@ -257,18 +264,23 @@ def _identity(obj: Any) -> Any:
 class _Leased:
     """A batch buffer leased from the main process's pool: pickles as a handle, adopted by the receiver."""
 
-    __slots__ = ("scope", "size", "owner_pid", "handle")
+    __slots__ = ("scope", "size", "owner_pid", "handle", "pin")
 
-    def __init__(self, scope: str, size: int, owner_pid: int, handle: tuple[int, ...]) -> None:
-        self.scope, self.size, self.owner_pid, self.handle = scope, size, owner_pid, handle
+    def __init__(
+        self, scope: str, size: int, owner_pid: int, handle: tuple[int, ...], pin: Optional[bool] = False
+    ) -> None:
+        self.scope, self.size, self.owner_pid, self.handle, self.pin = scope, size, owner_pid, handle, pin
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_adopt, (self.scope, self.size, self.owner_pid, self.handle))
+        return (_adopt, (self.scope, self.size, self.owner_pid, self.handle, self.pin))
 
 
-def _adopt(scope: str, size: int, owner_pid: int, handle: tuple[int, ...]) -> Any:
+def _adopt(scope: str, size: int, owner_pid: int, handle: tuple[int, ...], pin: Optional[bool] = False) -> Any:
     """Take the lease over in this process; it goes back to the pool when the last tensor view of it is freed."""
+    _drain_fences()
     pool = _pool(scope, size, owner_pid)
+    if pin is not False:
+        _pin_pool(pool, pin)
     mem = pool.adopt(handle)
     holder = np.frombuffer(mem, dtype=np.uint8)
     # torch.from_numpy keeps `holder` referenced by the storage until the storage is freed; the finalizer then
@@ -284,10 +296,120 @@ def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = Non
         # A forked child freeing its copy of the batch (objects that only another thread of the parent held are
         # freed in the child): the lease is still the parent's, and its batch may be in use there.
         return
+    if _host_pinned(pool):  # now, not when the batch arrived: the pool may have been pinned since
+        fence = _fence()
+        if fence is not None:
+            # A `.to("cuda", non_blocking=True)` of this batch may still be reading it: a copy from pinned memory
+            # returns before the DMA ends, and torch only delays the reuse of pinned blocks it allocated itself.
+            # The block goes back to the pool once the work queued so far on the current stream is done.
+            _fences.append((fence, pool, handle))
+            _drain_fences()
+            return
+    _give_back(pool, handle)
+    _drain_fences()
+
+
+def _host_pinned(pool: TensoCache) -> bool:
+    try:
+        return bool(pool._pool._host_pinned())
+    except Exception:  # noqa: BLE001 - a closed handle (or the interpreter exiting): the release cannot happen anyway
+        return False
+
+
+def _give_back(pool: TensoCache, handle: tuple[int, ...]) -> None:
     try:
         pool.release(handle)
     except Exception:  # noqa: BLE001 - the pool may be gone at interpreter exit; the block dies with it
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pinning the pool in the main process (Collate(pin_memory=...))
+# ---------------------------------------------------------------------------------------------------------------
+# Why pinning is off in this process (set by the first failure, so a missing driver is probed and warned about once).
+_pin_problem: Optional[str] = None
+_pin_warned = False
+# Freed pinned batches whose blocks wait for the CUDA work queued before they were freed: (event, pool, handle).
+_fences: collections.deque[tuple[Any, TensoCache, tuple[int, ...]]] = collections.deque()
+_fences_pid = os.getpid()
+_fences_lock = threading.Lock()
+
+
+def _pin_pool(pool: TensoCache, pin: Optional[bool]) -> bool:
+    """Page-lock ``pool``'s mapping in this process once (True if it is).
+
+    ``pin=None`` waits until torch has initialised CUDA in this process (then no CUDA context is made on a device the
+    program does not use, and nothing is locked for a program that trains on the CPU) and quietly skips when it
+    cannot; ``pin=True`` pins at once and warns once when it cannot. Either way batches stay correct."""
+    global _pin_problem, _pin_warned
+    if _host_pinned(pool):
+        return True
+    if pin is None and not torch.cuda.is_initialized():
+        return False
+    if _pin_problem is None:
+        try:
+            pool._pool._pin_host(_cuda_ordinal())
+            return True
+        except RuntimeError as e:
+            _pin_problem = str(e)
+    if pin is True and not _pin_warned:
+        _pin_warned = True
+        warnings.warn(
+            f"tenso.torch.Collate(pin_memory=True): the pool cannot be pinned ({_pin_problem}); batches arrive "
+            "in pageable memory",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return False
+
+
+def _cuda_ordinal() -> int:
+    """The device whose primary context takes the registration (torch's current one; the registration is portable,
+    so the pool counts as pinned for every device)."""
+    try:
+        if torch.cuda.is_available():
+            return int(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - torch's CUDA unusable: the engine still can (device 0)
+        pass
+    return 0
+
+
+def _fence() -> Any:
+    """A CUDA event after the work queued so far on torch's current stream, or None when torch has not used CUDA
+    in this process (then no copy from the pool can be in flight)."""
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+    except Exception:  # noqa: BLE001 - CUDA torn down at exit: nothing is in flight any more
+        return None
+
+
+def _drain_fences(wait: bool = False) -> None:
+    """Give back the blocks whose fences have passed (all of them, waiting, with ``wait``)."""
+    global _fences_pid
+    if _fences_pid != os.getpid():  # a forked child: the parent's fences and leases are not its own
+        _fences.clear()
+        _fences_pid = os.getpid()
+        return
+    if not _fences or not _fences_lock.acquire(blocking=False):
+        return  # nothing pending, or another thread (or a finalizer interrupting this one) is draining
+    try:
+        while _fences:
+            event, pool, handle = _fences[0]
+            try:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    break
+            except Exception:  # noqa: BLE001 - CUDA torn down at exit
+                pass
+            _fences.popleft()
+            _give_back(pool, handle)
+    finally:
+        _fences_lock.release()
 
 
 def _pool(scope: str, size: int, owner_pid: int) -> TensoCache:
@@ -337,7 +459,7 @@ def _pack(batch: Any, allocate: Callable[[int], tuple[Any, Any]]) -> tuple[Any, 
         _fill(slots, storage, buf)
     except BaseException:
         if isinstance(buf, _Leased):
-            _release(_pool(buf.scope, buf.size, buf.owner_pid), buf.handle)
+            _give_back(_pool(buf.scope, buf.size, buf.owner_pid), buf.handle)
         raise
     return skeleton, kept, total
 
@@ -385,14 +507,47 @@ class Collate:
         it sends the batch through the result pipe instead. A batch larger than the pool goes that way at once.
     inband_bytes : int
         Batches under this size always go through the pipe (default :data:`INBAND_BYTES`).
+    pin_memory : bool or None
+        Page-lock the pool for CUDA in the process that receives the batches (the main process), once, with
+        ``cuMemHostRegister`` through tenso's own engine (``tenso.gpu``; torch's CUDA build is not needed for it):
+        batch tensors are then pinned memory (``is_pinned()`` is True), ``DataLoader(pin_memory=True)``'s
+        pin-memory thread passes them through without a copy (``Tensor.pin_memory()`` returns a pinned tensor
+        itself), and ``.to("cuda", non_blocking=True)`` is a DMA straight out of the pool. ``None`` (the default):
+        once torch has initialised CUDA in this process (the batches before that arrive unpinned; a program that
+        trains on the CPU never locks anything or makes a CUDA context), in torch's current device's context;
+        ``True``: from the first batch, warning once (RuntimeWarning) and going on unpinned when it cannot;
+        ``False``: never. Batches that do not go through the pool (small, or a
+        full pool) are ordinary memory, which a pin-memory thread copies as usual. A pinned batch freed while torch
+        has used CUDA goes back to the pool only once the work queued on torch's current stream has finished, so a
+        non-blocking copy of it still in flight is never overwritten by the next batch (a copy queued on another
+        stream: keep the batch until that stream is synchronised).
     """
 
-    def __init__(self, pool: Any = "256MB", *, wait: float = 1.0, inband_bytes: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        pool: Any = "256MB",
+        *,
+        wait: float = 1.0,
+        inband_bytes: Optional[int] = None,
+        pin_memory: Optional[bool] = None,
+    ) -> None:
+        if pin_memory is not None and not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be True, False or None, got {pin_memory!r}")
         self.size = parse_size(pool)
         self.wait = float(wait)
         self.inband_bytes = INBAND_BYTES if inband_bytes is None else int(inband_bytes)
+        self.pin_memory = pin_memory
         self.owner_pid = os.getpid()
         self.scope = f"torch-{self.owner_pid}"
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the pool is page-locked in this process (see ``pin_memory``: it happens when a pooled batch
+        arrives)."""
+        from .nodecache import attached
+
+        held = attached(self.scope)
+        return held is not None and _host_pinned(held)
 
     @property
     def pool(self) -> TensoCache:
@@ -424,16 +579,19 @@ class Collate:
         # The worker writes the batch through this view; the lease passes to the main process on adoption (or
         # is freed with this process if it dies first).
         storage = torch.from_numpy(np.frombuffer(mem, dtype=np.uint8)).untyped_storage()
-        return storage, _Leased(self.scope, self.size, self.owner_pid, handle)
+        return storage, _Leased(self.scope, self.size, self.owner_pid, handle, self.pin_memory)
 
     def close(self) -> None:
         """Remove the pool now (in the process that made this object, once its loaders are done).
 
-        Batches still alive keep their memory mapped; a later ``Collate`` of this process makes a new pool.
+        Batches still alive keep their memory mapped (and pinned: the pool is unregistered from CUDA just before
+        its last mapping in this process goes, never while a batch can use it); a later ``Collate`` of this
+        process makes a new pool.
         """
         from .nodecache import drop
 
+        _drain_fences(wait=True)
         drop(self.scope)
 
     def __repr__(self) -> str:
-        return f"Collate(pool={self.size}, wait={self.wait}, scope={self.scope!r})"
+        return f"Collate(pool={self.size}, wait={self.wait}, pin_memory={self.pin_memory}, scope={self.scope!r})"

@@ -9,6 +9,7 @@ use cudarc::driver::{result, sys, DriverError};
 
 use crate::copy::{CopyEngine, DevPtr, DeviceBuf, DeviceMemory};
 use crate::pool::{HostAlloc, StagingPool};
+use crate::register::HostRegistrar;
 use crate::{DeviceCount, GpuError};
 
 fn driver(call: &'static str) -> impl FnOnce(DriverError) -> GpuError {
@@ -82,6 +83,45 @@ impl Drop for Primary {
     fn drop(&mut self) {
         // SAFETY: balances the retain in Device::open; torch/CuPy hold their own retains, so their context stays.
         let _ = unsafe { result::primary_ctx::release(self.dev) };
+    }
+}
+
+/// `cuMemHostRegister` / `cuMemHostUnregister` in a device's primary context (see [`crate::register`]), made by
+/// [`Device::host_registrar`]. Registers with `CU_MEMHOSTREGISTER_PORTABLE`, so the range counts as pinned in every
+/// context (torch's, CuPy's, ours), and holds a retain of the primary context so that the unregistration finds the
+/// context the registration was made in.
+///
+/// The pages are locked by the NVIDIA kernel driver, not by `mlock(2)`: `RLIMIT_MEMLOCK` (`ulimit -l`) does not
+/// bound them; what bounds them is physical memory (and, for very large ranges, the driver's per-call limit).
+#[derive(Debug, Clone)]
+pub struct CudaRegistrar {
+    primary: Arc<Primary>,
+}
+
+// SAFETY: a successful cuMemHostRegister page-locks exactly the range given; unregister passes back the base address
+// that register was given, in the same context.
+unsafe impl HostRegistrar for CudaRegistrar {
+    unsafe fn register(&self, ptr: NonNull<u8>, len: usize) -> Result<(), GpuError> {
+        self.primary.bind()?;
+        // SAFETY: the caller guarantees ptr .. ptr + len is mapped host memory kept mapped until unregister; the
+        // driver only pins its pages (it neither reads nor writes them here).
+        unsafe {
+            sys::cuMemHostRegister_v2(
+                ptr.as_ptr().cast::<c_void>(),
+                len,
+                sys::CU_MEMHOSTREGISTER_PORTABLE,
+            )
+        }
+        .result()
+        .map_err(driver("cuMemHostRegister"))
+    }
+
+    unsafe fn unregister(&self, ptr: NonNull<u8>) -> Result<(), GpuError> {
+        self.primary.bind()?;
+        // SAFETY: the caller guarantees ptr is the base of a live registration made by register() in this process.
+        unsafe { sys::cuMemHostUnregister(ptr.as_ptr().cast::<c_void>()) }
+            .result()
+            .map_err(driver("cuMemHostUnregister"))
     }
 }
 
@@ -173,6 +213,13 @@ impl Device {
     /// Makes this device's primary context current on the calling thread.
     pub fn bind(&self) -> Result<(), GpuError> {
         self.primary.bind()
+    }
+
+    /// A registrar for page-locking host memory in this device's primary context (see [`crate::register`]).
+    pub fn host_registrar(&self) -> CudaRegistrar {
+        CudaRegistrar {
+            primary: Arc::clone(&self.primary),
+        }
     }
 
     /// The staging pool (its allocation count proves reuse).
@@ -299,6 +346,41 @@ mod tests {
         let err = Device::open(0, 1 << 20).unwrap_err();
         assert!(matches!(err, GpuError::NoDriver));
         assert!(err.to_string().contains("libcuda"));
+    }
+
+    /// Runs only where a CUDA device exists: page-locks a private anonymous mapping, sees the driver call it host
+    /// memory, and unlocks it before unmapping.
+    #[test]
+    fn registration_pins_and_unpins_a_mapping() {
+        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+            return;
+        }
+        let device = Device::open(0, 1 << 20).unwrap();
+        let mut memory = vec![7u8; 3 << 20];
+        let ptr = NonNull::new(memory.as_mut_ptr()).unwrap();
+        let is_host = |p: NonNull<u8>| {
+            let mut kind: u32 = 0;
+            // SAFETY: queries an attribute of an address; kind is a c_uint as the attribute requires.
+            let r = unsafe {
+                sys::cuPointerGetAttribute(
+                    (&mut kind as *mut u32).cast::<c_void>(),
+                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                    p.as_ptr() as sys::CUdeviceptr,
+                )
+            };
+            r == sys::CUresult::CUDA_SUCCESS && kind == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+        };
+        assert!(!is_host(ptr));
+        {
+            // SAFETY: `memory` outlives the registration (this block).
+            let reg = unsafe {
+                crate::register::HostRegistration::new(device.host_registrar(), ptr, memory.len())
+            }
+            .unwrap();
+            assert!(is_host(reg.ptr()));
+        }
+        assert!(!is_host(ptr));
+        drop(memory);
     }
 
     /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` when cargo is there).

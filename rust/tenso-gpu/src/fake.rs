@@ -217,3 +217,80 @@ impl DeviceMemory for FakeDevice {
         })
     }
 }
+
+/// What the fake registrar was asked to do, in order (addresses as integers for easy comparison).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    Register(usize, usize),
+    Unregister(usize),
+}
+
+#[derive(Debug, Default)]
+struct Registrations {
+    events: Vec<Event>,
+    live: Vec<(usize, usize)>,
+    fail_next: bool,
+}
+
+/// Stands in for cuMemHostRegister / cuMemHostUnregister: records calls, refuses overlapping ranges and
+/// unregistering what is not registered, as the driver does.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FakeRegistrar {
+    state: std::sync::Arc<Mutex<Registrations>>,
+}
+
+impl FakeRegistrar {
+    pub fn events(&self) -> Vec<Event> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    /// Ranges registered now.
+    pub fn live(&self) -> usize {
+        self.state.lock().unwrap().live.len()
+    }
+
+    /// The next register call fails as the driver would without room to lock the pages.
+    pub fn fail_next(&self) {
+        self.state.lock().unwrap().fail_next = true;
+    }
+}
+
+// SAFETY: the fake never touches the memory: register/unregister only record the range.
+unsafe impl crate::register::HostRegistrar for FakeRegistrar {
+    unsafe fn register(&self, ptr: NonNull<u8>, len: usize) -> Result<(), GpuError> {
+        let mut s = self.state.lock().unwrap();
+        let start = ptr.as_ptr() as usize;
+        if std::mem::take(&mut s.fail_next) {
+            return Err(GpuError::Driver {
+                call: "cuMemHostRegister",
+                name: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            });
+        }
+        if s.live
+            .iter()
+            .any(|&(a, n)| start < a + n && a < start + len)
+        {
+            return Err(GpuError::Driver {
+                call: "cuMemHostRegister",
+                name: "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED".into(),
+            });
+        }
+        s.live.push((start, len));
+        s.events.push(Event::Register(start, len));
+        Ok(())
+    }
+
+    unsafe fn unregister(&self, ptr: NonNull<u8>) -> Result<(), GpuError> {
+        let mut s = self.state.lock().unwrap();
+        let start = ptr.as_ptr() as usize;
+        let Some(i) = s.live.iter().position(|&(a, _)| a == start) else {
+            return Err(GpuError::Driver {
+                call: "cuMemHostUnregister",
+                name: "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED".into(),
+            });
+        };
+        s.live.remove(i);
+        s.events.push(Event::Unregister(start));
+        Ok(())
+    }
+}

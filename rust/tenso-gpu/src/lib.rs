@@ -13,6 +13,8 @@
 //!   double-buffered upload/download written against it; [`packet`]: tenso packets streamed between a reader/writer
 //!   and device memory on top of it. Both run unchanged on the CUDA engine and, in the tests, on a fake device whose
 //!   memory is a `Vec<u8>` and whose copies happen only at `sync` (so a buffer reused too early shows).
+//! * [`register`]: [`register::HostRegistration`], page-locking memory allocated elsewhere (the DataLoader pool's
+//!   shared-memory mapping) once, undone once before it is unmapped; generic over [`register::HostRegistrar`].
 //! * [`dlpack`]: the DLPack names of the wire dtypes (the binding builds the capsules with `dlpark`).
 //! * `Device` (feature `cuda`): retains the device's *primary* context, the one torch and CuPy use, so device
 //!   pointers from those frameworks are valid here; copies a reader into device memory and device memory into a
@@ -27,12 +29,13 @@ mod error;
 mod fake;
 pub mod packet;
 pub mod pool;
+pub mod register;
 
 #[cfg(feature = "cuda")]
 mod driver;
 
 #[cfg(feature = "cuda")]
-pub use driver::{CudaBuf, Device, PinnedAlloc};
+pub use driver::{CudaBuf, CudaRegistrar, Device, PinnedAlloc};
 pub use error::GpuError;
 
 /// The number of CUDA devices the driver reports.

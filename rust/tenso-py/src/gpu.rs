@@ -10,6 +10,9 @@
 //!   (`stream=` handshake on our copy stream, so the producer's pending work is ordered first), and streams it
 //!   device -> staging -> `write(memoryview)`.
 //!
+//! * `register_host` (used by `_Pool._pin_host`): `cuMemHostRegister` of a shared-memory mapping, held by the
+//!   mapping object and undone before it unmaps.
+//!
 //! Every entry point checks [`tenso_gpu::available`] first (cudarc panics without libcuda).
 
 use std::collections::HashMap;
@@ -33,7 +36,8 @@ use tenso_gpu::dlpack::{dl_dtype, wire_dtype};
 use tenso_gpu::packet::{
     read_packet, write_packet, DeviceTensor, Outgoing, Received, SourceTensor,
 };
-use tenso_gpu::{CudaBuf, Device, GpuError};
+use tenso_gpu::register::HostRegistration;
+use tenso_gpu::{CudaBuf, CudaRegistrar, Device, GpuError};
 
 use crate::buffers::{wire_dtype as wire_dtype_of, Source};
 use crate::errors::decode_error;
@@ -543,6 +547,34 @@ fn _gpu_to_host<'py>(
     let (dtype, shape) = (imported.tensor.dtype.name(), imported.tensor.shape.clone());
     drop(imported);
     Ok((out, dtype, shape))
+}
+
+/// Page-locks `ptr .. ptr + len` (the DataLoader pool's mapping) in device `device_id`'s primary context; the
+/// registration is undone when the returned value is dropped.
+///
+/// # Safety
+/// As [`HostRegistration::new`]: the range stays mapped until the value is dropped and overlaps no live registration.
+pub(crate) unsafe fn register_host(
+    py: Python<'_>,
+    device_id: i64,
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+) -> PyResult<HostRegistration<CudaRegistrar>> {
+    require_gpu()?;
+    let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
+    let registrar = shared
+        .lock_py_attached(py)
+        .unwrap_or_else(|p| p.into_inner())
+        .host_registrar();
+    // Locking a large range walks every page: without the GIL. The pointer travels as an address (NonNull is not
+    // Send); it is only handed to the driver.
+    let at = ptr.as_ptr() as usize;
+    py.detach(move || {
+        let ptr = std::ptr::NonNull::new(at as *mut u8).expect("non-null above");
+        // SAFETY: forwarded from the caller.
+        unsafe { HostRegistration::new(registrar, ptr, len) }
+    })
+    .map_err(gpu_error)
 }
 
 /// (pinned staging buffers ever allocated, idle now, chunk bytes) of device `device_id`'s pool.

@@ -7,15 +7,19 @@
 //! the codec's encode-into path and decoded as views over it. `tenso-shm` hands out ranges of the mapping and owns
 //! the seqlock retry (`Pool::read`); only `PyMapping` turns ranges into addresses.
 
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, Range};
 use std::sync::Mutex;
 
 use numpy::PyUntypedArray;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 use pyo3::types::{PyDict, PyList, PyMemoryView, PyTuple};
 use pyo3::Py;
 use tenso_format::EncodeOptions;
+use tenso_gpu::register::HostRegistration;
+use tenso_gpu::CudaRegistrar;
 use tenso_shm::pool::{Batched, LeaseHandle, Packet, Park, Pinned, Room};
 use tenso_shm::{Pool, Segment, ShmError};
 
@@ -55,7 +59,33 @@ enum Mapped {
 /// by this process, a segment whose single writer is this process).
 #[pyclass(name = "_Mapping", module = "tenso", frozen, weakref)]
 pub(crate) struct PyMapping {
-    mapped: Mapped,
+    /// Unmapped in `Drop`, after `host` is undone (or left mapped in a forked child: see there).
+    mapped: ManuallyDrop<Mapped>,
+    /// The mapping page-locked for CUDA in this process (`_Pool._pin_host`), at most once; undone in `Drop` before
+    /// `mapped` unmaps.
+    host: Mutex<Option<HostRegistration<CudaRegistrar>>>,
+}
+
+impl Drop for PyMapping {
+    fn drop(&mut self) {
+        let host = self
+            .host
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if host.as_ref().is_some_and(|h| !h.made_in_this_process()) {
+            // A fork()ed child dropping the parent's pinned mapping. A driver may keep page-locked ranges out of
+            // children (MADV_DONTFORK), in which case a mapping the child made since may sit at this very address:
+            // leave the range alone (the child's pages of a shared segment cost nothing; they go when it exits).
+            std::mem::forget(host);
+            return;
+        }
+        // Unregister first, then unmap: the pages are never unmapped while the driver holds them locked. Nothing can
+        // still read the memory: this object is the base of every view of it, and it is going away.
+        drop(host);
+        // SAFETY: `mapped` is dropped exactly once, here, and `self` is not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.mapped) };
+    }
 }
 
 impl PyMapping {
@@ -67,7 +97,7 @@ impl PyMapping {
                 self.len()
             )));
         }
-        let base = match &self.mapped {
+        let base = match &*self.mapped {
             Mapped::Segment(s) => s.as_ptr(),
             Mapped::Pool(p) => p.segment().as_ptr(),
         };
@@ -125,14 +155,14 @@ impl PyMapping {
     }
 
     fn len(&self) -> usize {
-        match &self.mapped {
+        match &*self.mapped {
             Mapped::Segment(s) => s.len(),
             Mapped::Pool(p) => p.segment().len(),
         }
     }
 
     fn pool(&self) -> &Pool {
-        match &self.mapped {
+        match &*self.mapped {
             Mapped::Pool(p) => p,
             Mapped::Segment(_) => unreachable!("a _Pool always maps a pool"),
         }
@@ -142,7 +172,7 @@ impl PyMapping {
 #[pymethods]
 impl PyMapping {
     fn __repr__(&self) -> String {
-        let name = match &self.mapped {
+        let name = match &*self.mapped {
             Mapped::Segment(s) => s.name(),
             Mapped::Pool(p) => p.name(),
         };
@@ -162,7 +192,13 @@ struct Handle {
 impl Handle {
     fn new(py: Python<'_>, mapped: Mapped, what: &'static str) -> PyResult<Self> {
         Ok(Handle {
-            mapping: Mutex::new(Some(Py::new(py, PyMapping { mapped })?)),
+            mapping: Mutex::new(Some(Py::new(
+                py,
+                PyMapping {
+                    mapped: ManuallyDrop::new(mapped),
+                    host: Mutex::new(None),
+                },
+            )?)),
             what,
         })
     }
@@ -862,6 +898,42 @@ impl PyPool {
             .pool()
             .release(lease_handle(handle))
             .map_err(shm_error)
+    }
+
+    /// Page-locks the whole mapping for CUDA (in device `device_id`'s primary context, portable to every context),
+    /// once per mapping and process: views of it are then pinned memory for torch (`is_pinned()`) and the copy
+    /// engine. Returns False if it already was. Undone when the mapping goes away (the last view and this handle
+    /// gone, or at exit), never before. Raises RuntimeError without a CUDA driver or device.
+    fn _pin_host(&self, py: Python<'_>, device_id: i64) -> PyResult<bool> {
+        let mapping = self.handle.get(py)?;
+        let m = mapping.get();
+        let mut host = m
+            .host
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner());
+        if host.is_some() {
+            return Ok(false);
+        }
+        let ptr = m.address(&(0..0))?;
+        let ptr =
+            std::ptr::NonNull::new(ptr).ok_or_else(|| PyRuntimeError::new_err("null mapping"))?;
+        // SAFETY: the range is this whole mapping, which stays mapped until `m` drops; the registration is stored in
+        // `m` and undone in its Drop before the mapping is unmapped. A mapping is registered at most once (checked
+        // under the lock above), and two mappings of this process never overlap.
+        *host = Some(unsafe { crate::gpu::register_host(py, device_id, ptr, m.len()) }?);
+        Ok(true)
+    }
+
+    /// Whether this handle's mapping is page-locked in this process (`_pin_host`).
+    fn _host_pinned(&self, py: Python<'_>) -> PyResult<bool> {
+        let mapping = self.handle.get(py)?;
+        let pinned = mapping
+            .get()
+            .host
+            .lock_py_attached(py)
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        Ok(pinned)
     }
 
     /// Drops this handle's mapping; views already handed out keep theirs.
