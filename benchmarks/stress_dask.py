@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -72,11 +73,16 @@ _STATE_MODULE = "_tenso_stress_dask_state"
 # ---------------------------------------------------------------------------------------------------------------
 # Values: a function of (seed, index), cheap to make and to check
 # ---------------------------------------------------------------------------------------------------------------
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def spec_for(seed: int, index: int) -> tuple[Any, ...]:
     """(index, dtype, shape, order, torch, mult, off): what value ``index`` is."""
     rng = np.random.default_rng([seed, index])
-    use_torch = bool(rng.random() < 0.1)
-    dtype_name = str(rng.choice(TORCH_DTYPES if use_torch else DTYPES))
+    use_torch = bool(rng.random() < 0.1) and _have("torch")
+    names = TORCH_DTYPES if use_torch else DTYPES
+    dtype_name = str(rng.choice([n for n in names if n != "bfloat16" or _have("ml_dtypes")]))
     itemsize = 2 if dtype_name == "bfloat16" else np.dtype(dtype_name).itemsize
     nbytes = int(math.exp(rng.uniform(math.log(MIN_BYTES), math.log(MAX_BYTES))))
     count = max(nbytes // itemsize, MIN_BYTES // itemsize)
@@ -296,9 +302,12 @@ def _is_ours(name: str, scope: str, pids: set[int]) -> bool:
 
 def shm_diff(start: dict[str, Any], end: dict[str, Any], scope: str, pids: set[int]) -> dict[str, Any]:
     """/dev/shm at the end against the start. ``strict_ok``: no new name and no more bytes used (issue #11's bar,
-    for a host nobody else uses); ``ours_ok``: none of this run's names is left (a host shared with other jobs)."""
+    for a host nobody else uses); ``ours_ok``: none of this run's names is left and none of its processes still maps
+    an unlinked /dev/shm file (whose bytes would stay used): the bar on a host other jobs share."""
     new = sorted(set(end["names"]) - set(start["names"]))
     ours = [n for n in new if _is_ours(n, scope, pids)]
+    mapped = {pid: files for pid, files in _mapped_deleted().items() if pid in pids}
+    foreign_bytes = sum(end["names"][n] for n in new if n not in ours)
     return {
         "new_names": new,
         "new_names_ours": ours,
@@ -306,8 +315,10 @@ def shm_diff(start: dict[str, Any], end: dict[str, Any], scope: str, pids: set[i
         "gone_names": sorted(set(start["names"]) - set(end["names"])),
         "used_bytes_start": start["used_bytes"],
         "used_bytes_end": end["used_bytes"],
+        "used_bytes_end_less_foreign_names": end["used_bytes"] - foreign_bytes,
+        "unlinked_still_mapped_by_ours": {str(k): v for k, v in mapped.items()},
         "strict_ok": not new and end["used_bytes"] <= start["used_bytes"],
-        "ours_ok": not ours,
+        "ours_ok": not ours and not mapped,
     }
 
 
@@ -369,8 +380,8 @@ def _worker_states(keys: list[Any], dask_worker: Any = None) -> dict[str, Any]:
     return out
 
 
-def _mapped_deleted(scope: str) -> dict[int, list[str]]:
-    """Processes on this host that still map an unlinked /dev/shm file of ``scope`` (its bytes stay used)."""
+def _mapped_deleted() -> dict[int, list[str]]:
+    """Processes on this host that still map an unlinked /dev/shm file (its bytes stay used)."""
     found: dict[int, list[str]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -380,7 +391,6 @@ def _mapped_deleted(scope: str) -> dict[int, list[str]]:
                 hits = {line.split(None, 5)[-1].strip() for line in f if SHM in line and "(deleted)" in line}
         except OSError:
             continue
-        hits = {h for h in hits if not scope or scope in h}
         if hits:
             found[int(pid)] = sorted(hits)
     return found
@@ -433,14 +443,13 @@ def run_stress(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the stress check; a dict of results (``result["ok"]`` is the verdict, ``result["failures"]`` why not)."""
-    import cloudpickle
     from distributed import Client, LocalCluster
 
     import tenso.dask as td
 
-    # This module reaches the workers by value (they cannot import it), also when a test imported it by path.
-    if __name__ != "__main__" and __name__ in sys.modules:
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # Run as a script, this module's functions reach the workers by value (as __main__'s do); imported as a module
+    # (tests/test_dask_stress.py), by name: the workers are spawned with this process's sys.path, so its directory
+    # must be on it then.
 
     t_start = time.monotonic()
     shm_start = shm_snapshot()
@@ -727,10 +736,13 @@ def run_stress(
         time.sleep(0.25)
     out["shm"] = diff
     if not diff["strict_ok"]:
-        out["shm"]["mapped_deleted"] = {str(k): v for k, v in _mapped_deleted("").items()}
+        out["shm"]["unlinked_still_mapped"] = {str(k): v for k, v in _mapped_deleted().items()}
     out["shm_check"] = "strict" if strict_shm else "ours"
     if not diff["ours_ok"]:
-        failures.append(f"/dev/shm: this run's names are left: {diff['new_names_ours']}")
+        failures.append(
+            f"/dev/shm: this run's names are left: {diff['new_names_ours']}, or its unlinked files still mapped: "
+            f"{diff['unlinked_still_mapped_by_ours']}"
+        )
     if strict_shm and not diff["strict_ok"]:
         failures.append(
             f"/dev/shm not back to start: new names {diff['new_names']} (not this run's: "
