@@ -20,11 +20,13 @@ What runs:
   * Cancellations: with probability ``--cancel-p`` per transfer, a decoy (a direct scatter, or a make + a fetching
     task) is cancelled right after it is submitted.
   * Once, half way, one worker is SIGKILLed while a batch is in flight; its nanny restarts it. Transfers that Dask
-    reports as failed (lost scattered data, an erred or cancelled future, a lease reclaimed before a late delivery)
-    are resubmitted and counted by reason; only a value that arrives and differs counts as wrong.
+    reports as failed (lost scattered data, an erred or cancelled future) are resubmitted and counted by reason, and
+    so is a transfer still pending after ``--batch-timeout`` seconds (the scheduler's and the workers' states of its
+    keys go into the report's ``timeouts``); only a value that arrives and differs counts as wrong.
   * At the end: every future is released, the pool's ``used_bytes`` must come back to the baseline taken before the
     run (waiting up to a few claim timeouts), and after ``uninstall`` and the cluster's close the names in
-    ``/dev/shm`` and its used bytes must equal those at the start.
+    ``/dev/shm`` and its used bytes must equal those at the start (``--shm-ours-only``, on a host other jobs share:
+    none of this run's names is left and none of its processes maps an unlinked ``/dev/shm`` file).
 
     .venv/bin/python benchmarks/stress_dask.py [--transfers 10000] [--seed N]
 
@@ -65,8 +67,9 @@ TORCH_DTYPES = ["float32", "int64", "bfloat16"]
 KINDS = ["scatter", "w2w", "gather"]
 MAX_ATTEMPTS = 10
 PLUGIN_NAME = "tenso-stress-drops"
-# Where a process keeps its drop injector: a module in sys.modules, because the functions of this script reach the
-# workers pickled by value, each with a globals dict of its own.
+# Where a process keeps its drop injector (see _drops). Run as a script, this file's functions reach the workers
+# pickled by value (as __main__'s do); imported as a module (tests/test_dask_stress.py), by name: the workers are
+# spawned with the client's sys.path, so the importer keeps benchmarks/ on it while the cluster runs.
 _STATE_MODULE = "_tenso_stress_dask_state"
 
 
@@ -171,12 +174,23 @@ def check_task(x: Any, spec: tuple[Any, ...]) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Drop injection: a message that made leases, serialized and then never delivered
 # ---------------------------------------------------------------------------------------------------------------
-def _state_module() -> types.ModuleType:
+class _Drops:
+    """One process's drop injector: probability, counters, and what it replaced."""
+
+    def __init__(self, p: float, seed: int) -> None:
+        self.p = p
+        self.rng = random.Random(seed)
+        self.drops = 0  # messages dropped
+        self.leases_dropped = 0  # leases those messages carried
+        self.messages = 0  # lease-carrying messages serialized
+        self.restore: Optional[tuple[Any, Any]] = None  # (protocol.dumps, TCP.write) while installed
+
+
+def _drops() -> Optional[_Drops]:
+    # Kept in a module of its own in sys.modules: run as a script, this file's functions reach the workers pickled
+    # by value, each call with a globals dict of its own.
     mod = sys.modules.get(_STATE_MODULE)
-    if mod is None:
-        mod = types.ModuleType(_STATE_MODULE)
-        sys.modules[_STATE_MODULE] = mod
-    return mod
+    return None if mod is None else getattr(mod, "drops", None)
 
 
 def install_drops(p: float, seed: int) -> None:
@@ -188,10 +202,13 @@ def install_drops(p: float, seed: int) -> None:
 
     import tenso.dask as td
 
-    mod = _state_module()
-    if getattr(mod, "installed", False):
-        mod.p = p
+    state = _drops()
+    if state is not None and state.restore is not None:
+        state.p = p
         return
+    state = _Drops(p, seed)
+    mod = sys.modules.setdefault(_STATE_MODULE, types.ModuleType(_STATE_MODULE))
+    setattr(mod, "drops", state)
 
     class InjectedDrop(CommClosedError):
         pass
@@ -199,11 +216,6 @@ def install_drops(p: float, seed: int) -> None:
     orig_dumps = protocol.dumps
     orig_write = TCP.write
     lock = threading.Lock()
-    mod.p = p
-    mod.rng = random.Random(seed)
-    mod.drops = 0
-    mod.leases_dropped = 0
-    mod.messages = 0
 
     def dumps(msg: Any, *args: Any, **kwargs: Any) -> Any:
         context = kwargs.get("context") or {}
@@ -215,10 +227,10 @@ def install_drops(p: float, seed: int) -> None:
             out = orig_dumps(msg, *args, **kwargs)
             made = td.counts()["leases_sent"] - before
             if made:
-                mod.messages += 1
-                if mod.rng.random() < mod.p:
-                    mod.drops += 1
-                    mod.leases_dropped += made
+                state.messages += 1
+                if state.rng.random() < state.p:
+                    state.drops += 1
+                    state.leases_dropped += made
                     raise InjectedDrop(f"tenso stress: dropped a message carrying {made} lease(s)")
         return out
 
@@ -229,33 +241,33 @@ def install_drops(p: float, seed: int) -> None:
             self.abort()  # as if the connection died between serializing and sending
             raise
 
-    protocol.dumps = dumps
-    TCP.write = write  # type: ignore[method-assign]
-    mod.restore = (orig_dumps, orig_write)
-    mod.installed = True
+    state.restore = (orig_dumps, orig_write)
+    setattr(protocol, "dumps", dumps)
+    setattr(TCP, "write", write)
 
 
 def uninstall_drops() -> None:
     import distributed.protocol as protocol
     from distributed.comm.tcp import TCP
 
-    mod = _state_module()
-    if getattr(mod, "installed", False):
-        protocol.dumps, TCP.write = mod.restore
-        mod.installed = False
+    state = _drops()
+    if state is not None and state.restore is not None:
+        setattr(protocol, "dumps", state.restore[0])
+        setattr(TCP, "write", state.restore[1])
+        state.restore = None
 
 
 def process_report(dask_worker: Any = None) -> dict[str, Any]:
     """This process's pid, tenso.dask counters and drop counters."""
     import tenso.dask as td
 
-    mod = _state_module()
+    state = _drops()
     return {
         "pid": os.getpid(),
         "counts": td.counts(),
-        "drops": int(getattr(mod, "drops", 0)),
-        "leases_dropped": int(getattr(mod, "leases_dropped", 0)),
-        "lease_messages": int(getattr(mod, "messages", 0)),
+        "drops": state.drops if state else 0,
+        "leases_dropped": state.leases_dropped if state else 0,
+        "lease_messages": state.messages if state else 0,
     }
 
 
@@ -447,10 +459,6 @@ def run_stress(
 
     import tenso.dask as td
 
-    # Run as a script, this module's functions reach the workers by value (as __main__'s do); imported as a module
-    # (tests/test_dask_stress.py), by name: the workers are spawned with this process's sys.path, so its directory
-    # must be on it then.
-
     t_start = time.monotonic()
     shm_start = shm_snapshot()
     rng = random.Random(seed)
@@ -518,7 +526,7 @@ def run_stress(
             out["pool_bytes"] = int(st.cache.stats["pool_size"])
             counts_start = td.counts()
 
-            queue: list[_Transfer] = [_Transfer(i, KINDS[rng.randrange(3)], spec_for(seed, i)) for i in range(transfers)]
+            queue = [_Transfer(i, KINDS[rng.randrange(3)], spec_for(seed, i)) for i in range(transfers)]
             queue.reverse()  # pop() from the end: index order
             kill_at = transfers // 2 if kill else -1
             started = 0
@@ -561,7 +569,9 @@ def run_stress(
                     # Loose restrictions: a value whose maker's worker was killed is recomputed elsewhere.
                     made = client.submit(make_value, t.spec, workers=[t.src], allow_other_workers=True, pure=False)
                     if t.kind == "w2w":
-                        chk = client.submit(check_task, made, t.spec, workers=[t.dst], allow_other_workers=True, pure=False)
+                        chk = client.submit(
+                            check_task, made, t.spec, workers=[t.dst], allow_other_workers=True, pure=False
+                        )
                         t.futures, t.result_future = [made, chk], chk
                     else:
                         t.futures, t.result_future = [made], made
@@ -801,6 +811,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="transfers in flight together")
     ap.add_argument("--pool-size", default="512MB")
     ap.add_argument("--claim-timeout", type=float, default=2.0)
+    ap.add_argument(
+        "--batch-timeout", type=float, default=15.0, help="seconds before a pending transfer is resubmitted"
+    )
     ap.add_argument("--out", default=os.path.join(RESULTS, "dask-stress-latest.json"))
     ap.add_argument(
         "--shm-ours-only",
@@ -818,6 +831,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         batch=args.batch,
         pool_size=args.pool_size,
         claim_timeout=args.claim_timeout,
+        batch_timeout=args.batch_timeout,
         verbose=args.verbose,
         strict_shm=not args.shm_ours_only,
     )
