@@ -359,6 +359,36 @@ def test_scheduler_materializes_for_a_requester_outside_the_pool(client, tmp_pat
     assert td._state.cache.stats["used_bytes"] <= used_before
 
 
+def _slow_adoption(seconds: float, dask_worker=None) -> None:
+    """Make this worker's next adoption late: it sleeps past the sender's claim timeout first."""
+    import tenso.dask as t
+
+    original = t._lease_receive
+
+    def late(lease):
+        t._lease_receive = original
+        time.sleep(seconds)
+        return original(lease)
+
+    t._lease_receive = late
+
+
+def test_a_lease_lost_before_delivery_is_fetched_again(client):
+    """The sender reclaims a lease its recipient adopts too late: the recipient's error must read as a broken
+    connection (EOFError), so Dask fetches the data again; any other error left the dependent task waiting forever."""
+    a, b = _workers(client)
+    td.install(client, pool_size=POOL, min_bytes=MIN, claim_timeout=0.2)
+    try:
+        x = _big(10)
+        fut = client.scatter(x, workers=[a], direct=True)
+        client.run(_slow_adoption, 1.0, workers=[b])
+        total = client.submit(np.sum, fut, workers=[b], pure=False)
+        assert total.result(timeout=60) == x.sum()
+        assert issubclass(td.LeaseLostError, EOFError) and issubclass(td.LeaseLostError, td.TensoError)
+    finally:
+        td.install(client, pool_size=POOL, min_bytes=MIN)
+
+
 def test_sigkilled_worker_frees_its_leases(client):
     a, b = _workers(client)
     cache = td._state.cache

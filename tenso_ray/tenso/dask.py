@@ -121,6 +121,7 @@ __all__ = [
     "scope_for",
     "TensoWorkerPlugin",
     "TensoSchedulerPlugin",
+    "LeaseLostError",
     "dask_setup",
     "dask_teardown",
     "MIN_BYTES",
@@ -150,6 +151,16 @@ _SWEEP_INTERVAL = 0.5
 _SELF_CHECK_INTERVAL = 1.0
 _SCOPE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MISSING = object()
+
+
+class LeaseLostError(TensoError, EOFError):
+    """A same-host payload that can no longer be delivered: its lease was freed (the sender's claim timeout passed,
+    or it died), or this process or the sender is not in the pool any more.
+
+    It is an ``EOFError`` because that is what Dask's comms treat as a broken connection: the comm is aborted and the
+    transfer takes Dask's network-failure path (a worker fetches the data again, from a new lease or as frames), where
+    any other exception would leave the dependency in error and the dependent task waiting forever.
+    """
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,12 +361,12 @@ def _lease_receive(lease: dict[str, Any]) -> np.ndarray:
     st = _state
     pool = lease.get("pool")
     if st is None or pool != st.pool_name:
-        raise TensoError(
+        raise LeaseLostError(
             f"tenso.dask: a same-host payload in pool {pool!r} reached a process that does not map it "
             "(tenso.dask is not registered here, or was registered with another scope)"
         )
     if not st.verify(lease.get("peer")):
-        raise TensoError(f"tenso.dask: the sender of a same-host payload is not registered in pool {pool!r}")
+        raise LeaseLostError(f"tenso.dask: the sender of a same-host payload is not registered in pool {pool!r}")
     handle = tuple(int(v) for v in lease["h"])
     nbytes = int(lease["n"])
     if len(handle) != 4 or handle[3] != _CTRL + nbytes:
@@ -363,11 +374,11 @@ def _lease_receive(lease: dict[str, Any]) -> np.ndarray:
     try:
         view = st.cache.adopt(handle)
     except (ValueError, OSError) as exc:
-        raise TensoError("tenso.dask: the lease was freed before delivery (claim timeout exceeded?)") from exc
+        raise LeaseLostError("tenso.dask: the lease was freed before delivery (claim timeout exceeded?)") from exc
     raw = np.frombuffer(view, dtype=np.uint8)
     if raw[:16].tobytes() != lease["nonce"]:
         _release_quietly(st.cache, handle)
-        raise TensoError("tenso.dask: lease nonce mismatch")
+        raise LeaseLostError("tenso.dask: lease nonce mismatch (freed before delivery and reused)")
     # Ours now (the sender can no longer free it): tell the sender it may forget the lease before its timeout.
     raw[:_CTRL].view(np.uint64)[_R_WORD] = 1
     # Every view derived from ``raw`` keeps ``raw`` itself alive (NumPy stops collapsing bases at the array whose
