@@ -41,8 +41,9 @@ pub struct PinnedAlloc {
     primary: Arc<Primary>,
 }
 
-// SAFETY: cuMemHostAlloc returns len bytes of fresh, page-locked, process-wide memory, valid until cuMemFreeHost and
-// usable from any thread (PORTABLE), aliased by nothing.
+// SAFETY: cuMemHostAlloc returns len bytes of fresh, page-locked host memory of this process, valid until
+// cuMemFreeHost, aliased by nothing; host memory is usable from any thread (PORTABLE makes it count as pinned for the
+// copies of every context, not only the one it was allocated in).
 unsafe impl HostAlloc for PinnedAlloc {
     fn alloc(&self, len: usize) -> Result<NonNull<u8>, GpuError> {
         let _current = self.primary.bind()?;
