@@ -64,6 +64,44 @@ def test_device_producers_are_refused_without_a_host_copy():
         tenso.dumps(OnCuda())
 
 
+def test_torch_tensors_are_made_exportable_before_the_native_write(monkeypatch):
+    # torch's __dlpack__ refuses tensors that require grad or carry a conj/neg bit (BufferError), and CUDA tensors off
+    # its current device: write_from_device hands the engine detached, resolved tensors, inside a device guard.
+    seen = []
+    monkeypatch.setattr(tenso.gpu, "_require_cuda", lambda what: None)
+    monkeypatch.setattr(tenso.gpu, "_is_cuda_producer", lambda obj: True)
+    monkeypatch.setattr(tenso.gpu, "_gpu_write_from_device", lambda t, write, check: seen.append(t) or 0)
+    grad = torch.ones(3, requires_grad=True)
+    conj = torch.tensor([1 + 2j, 3 - 1j]).conj()
+    tenso.gpu.write_from_device(grad, io.BytesIO())
+    tenso.gpu.write_from_device({"g": grad, "c": conj, "n": torch.arange(3).neg()}, io.BytesIO())
+    single, bundle = seen
+    assert not single.requires_grad and single.data_ptr() == grad.data_ptr()
+    assert list(bundle) == ["g", "c", "n"] and not bundle["g"].requires_grad
+    assert not bundle["c"].is_conj() and torch.equal(bundle["c"], conj)
+    single.__dlpack__(), bundle["c"].__dlpack__()  # what the engine will ask for: no BufferError
+    t, guard = tenso.frameworks._cuda_export(np.arange(3))
+    assert isinstance(t, np.ndarray)
+    with guard:
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_write_from_device_takes_grad_tensors_and_any_device_and_keeps_torchs_current_device():
+    last = torch.cuda.device_count() - 1
+    t = torch.arange(1000, dtype=torch.float32, device=f"cuda:{last}").requires_grad_()
+    out = io.BytesIO()
+    before = torch.cuda.current_device()
+    tenso.gpu.write_from_device(t, out)
+    assert torch.cuda.current_device() == before, "the engine restores the thread's CUDA context"
+    np.testing.assert_array_equal(tenso.loads(out.getvalue()), np.arange(1000, dtype=np.float32))
+    back = tenso.gpu.read_to_device(out.getvalue(), last, framework="torch")
+    assert back.device == t.device and torch.cuda.current_device() == before
+    del back
+    assert torch.cuda.current_device() == before
+
+
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16",
           "uint32", "uint64", "bool", "complex64", "complex128"]
 

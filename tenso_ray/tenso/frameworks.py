@@ -41,6 +41,7 @@ JAX 0.10, checked by tests/test_dlpack.py):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import math
@@ -308,6 +309,24 @@ def to_host(obj: Any) -> Any:
     return np.asarray(obj)  # JAX: a copy from a device, a read-only view on the CPU
 
 
+def _cuda_export(obj: Any) -> tuple[Any, Any]:
+    """``obj`` ready for a CUDA DLPack export, and the context manager to export it in.
+
+    torch's ``__dlpack__`` refuses (BufferError) tensors that require grad or carry a conj/neg bit, and CUDA tensors
+    on a device other than torch's current one: a torch tensor comes back detached with its bits resolved (a view;
+    a copy only where a bit is set) with a guard that makes its device current. Anything else comes back as it is,
+    with a guard that does nothing.
+    """
+    if _kind(obj) != "torch":
+        return obj, contextlib.nullcontext()
+    import torch
+
+    t = obj.detach().resolve_conj().resolve_neg()
+    if t.device.type != "cuda":
+        return t, contextlib.nullcontext()
+    return t, torch.cuda.device(t.device)
+
+
 def torch_bytes(t: Any) -> np.ndarray:
     """The bytes of a torch tensor as a flat ``uint8`` NumPy array, in C order, on the host.
 
@@ -318,11 +337,13 @@ def torch_bytes(t: Any) -> np.ndarray:
     import torch
 
     if _staged() and t.device.type == "cuda" and t.layout is torch.strided and not t.is_quantized:
-        # Gathered on the device if strided, then one copy home through tenso's pinned staging.
-        t = t.detach().resolve_conj().resolve_neg()
+        # Gathered on the device if strided, then one copy home through tenso's pinned staging (exported with the
+        # tensor's device current: torch refuses to export it otherwise).
+        t, on_device = _cuda_export(t)
         if t.numel() == 0:
             return np.empty(0, np.uint8)
-        raw: np.ndarray = _rs._gpu_to_host(t.contiguous().reshape(-1).view(torch.uint8))[0]
+        with on_device:
+            raw: np.ndarray = _rs._gpu_to_host(t.contiguous().reshape(-1).view(torch.uint8))[0]
         return raw
     t = _torch_host(t)
     if t.numel() == 0:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .core import _make_filler, _write_all_raw, write_stream
-from .frameworks import check_device, device_from_dlpack, is_dlpack_producer, map_arrays, to_host
+from .frameworks import _cuda_export, check_device, device_from_dlpack, is_dlpack_producer, map_arrays, to_host
 from .tenso_rs import _gpu_available, _gpu_problem, _gpu_read_to_device, _gpu_staging_stats, _gpu_write_from_device
 
 __all__ = ["available", "read_to_device", "write_from_device", "staging_stats"]
@@ -183,7 +183,16 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
     _require_cuda("write_from_device")
     leaves = list(tensor.values()) if isinstance(tensor, dict) else [tensor]
     if leaves and all(_is_cuda_producer(leaf) for leaf in leaves):
-        return int(_gpu_write_from_device(tensor, _make_writer(dest), check_integrity))
+        # torch tensors detached (with grad or a conj/neg bit torch refuses to export them) and exported with their
+        # device current (torch exports only from the current device); one device per packet, checked natively.
+        if isinstance(tensor, dict):
+            ready = {key: _cuda_export(value) for key, value in tensor.items()}
+            producers: Any = {key: t for key, (t, _) in ready.items()}
+            on_device = next(iter(ready.values()))[1]
+        else:
+            producers, on_device = _cuda_export(tensor)
+        with on_device:
+            return int(_gpu_write_from_device(producers, _make_writer(dest), check_integrity))
     host = map_arrays(tensor, to_host, tensors=True)
     return write_stream(host, dest, check_integrity=check_integrity)
 

@@ -34,9 +34,52 @@ pub fn wire_dtype(dl: DLDataType) -> Option<DType> {
     DType::ALL.into_iter().find(|&d| dl_dtype(d) == dl)
 }
 
+/// Whether a DLPack layout (`strides` in elements, `None` meaning C order) is C-contiguous, as NumPy and torch define
+/// it: the stride of a dimension of size 1 does not matter (torch exports a contiguous `(n, 1)` tensor made by `.t()`
+/// with strides `(1, n)`), and an empty tensor is contiguous whatever its strides.
+pub fn is_c_contiguous(shape: &[i64], strides: Option<&[i64]>) -> bool {
+    let Some(strides) = strides else {
+        return true;
+    };
+    if strides.len() != shape.len() {
+        return false;
+    }
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut expected: i64 = 1;
+    for (&dim, &stride) in shape.iter().zip(strides).rev() {
+        if dim != 1 && stride != expected {
+            return false;
+        }
+        expected = match expected.checked_mul(dim) {
+            Some(e) => e,
+            None => return false,
+        };
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contiguity_ignores_unit_dimensions_as_torch_and_numpy_do() {
+        assert!(is_c_contiguous(&[2, 3], None));
+        assert!(is_c_contiguous(&[2, 3], Some(&[3, 1])));
+        assert!(!is_c_contiguous(&[2, 3], Some(&[1, 2])), "Fortran order");
+        assert!(!is_c_contiguous(&[2, 3], Some(&[6, 2])), "a step");
+        // torch: torch.ones(1, 5).t() is contiguous, exported with strides (1, 5).
+        assert!(is_c_contiguous(&[5, 1], Some(&[1, 5])));
+        assert!(is_c_contiguous(&[1, 2, 3], Some(&[1, 3, 1])));
+        assert!(is_c_contiguous(&[1, 1], Some(&[7, 9])));
+        // torch.ones(4, 5).t()[:1]: not contiguous.
+        assert!(!is_c_contiguous(&[1, 4], Some(&[1, 5])));
+        assert!(is_c_contiguous(&[0, 3], Some(&[9, 9])), "empty");
+        assert!(is_c_contiguous(&[], Some(&[])), "0-d");
+        assert!(!is_c_contiguous(&[2], Some(&[1, 1])), "length mismatch");
+    }
 
     #[test]
     fn every_dtype_round_trips_and_codes_are_distinct() {

@@ -33,17 +33,21 @@ pub(crate) fn available() -> Result<DeviceCount, GpuError> {
 
 /// Page-locked host memory from `cuMemHostAlloc` with `CU_MEMHOSTALLOC_PORTABLE` (pinned for every context) and
 /// *without* `WRITECOMBINED`: write-combined memory is fine for host-to-device but very slow for the CPU to read,
-/// and device-to-host staging is read by the CPU. Needs a current context, which [`Device`] makes sure of.
+/// and device-to-host staging is read by the CPU. `cuMemHostAlloc` and `cuMemFreeHost` need a current context:
+/// each call binds the device's primary context on the calling thread (the pool may first fill, or be dropped, on
+/// any thread) and restores the thread's previous one.
 #[derive(Debug)]
 pub struct PinnedAlloc {
-    _private: (),
+    primary: Arc<Primary>,
 }
 
-// SAFETY: cuMemHostAlloc returns len bytes of fresh, page-locked, process-wide memory, valid until cuMemFreeHost and
-// usable from any thread (PORTABLE), aliased by nothing.
+// SAFETY: cuMemHostAlloc returns len bytes of fresh, page-locked host memory of this process, valid until
+// cuMemFreeHost, aliased by nothing; host memory is usable from any thread (PORTABLE makes it count as pinned for the
+// copies of every context, not only the one it was allocated in).
 unsafe impl HostAlloc for PinnedAlloc {
     fn alloc(&self, len: usize) -> Result<NonNull<u8>, GpuError> {
-        // SAFETY: a plain allocation call; PinnedAlloc only exists inside a Device, which made its context current.
+        let _current = self.primary.bind()?;
+        // SAFETY: a plain allocation call, with the primary context current on this thread (bound above).
         let ptr = unsafe { result::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
             .map_err(driver("cuMemHostAlloc"))?;
         NonNull::new(ptr.cast::<u8>()).ok_or(GpuError::Driver {
@@ -53,6 +57,7 @@ unsafe impl HostAlloc for PinnedAlloc {
     }
 
     unsafe fn free(&self, ptr: NonNull<u8>, _len: usize) {
+        let _current = self.primary.bind();
         // SAFETY: the caller guarantees ptr came from alloc (cuMemHostAlloc) and is no longer used. A failure here
         // (context already torn down at process exit) leaves nothing to do.
         let _ = unsafe { result::free_host(ptr.as_ptr().cast::<c_void>()) };
@@ -63,6 +68,8 @@ unsafe impl HostAlloc for PinnedAlloc {
 #[derive(Debug)]
 struct Primary {
     dev: sys::CUdevice,
+    /// The ordinal `dev` was looked up by (a `CUdevice` is an opaque handle, not promised to equal it).
+    ordinal: i32,
     ctx: sys::CUcontext,
 }
 
@@ -73,9 +80,38 @@ unsafe impl Send for Primary {}
 unsafe impl Sync for Primary {}
 
 impl Primary {
-    fn bind(&self) -> Result<(), GpuError> {
+    /// Makes the primary context current on the calling thread until the returned guard drops, which makes the
+    /// thread's previous context current again. The thread may be torch's or CuPy's, whose current device *is* the
+    /// current context (the runtime API reads it from the driver): leaving ours bound would silently move their
+    /// current device on a machine with several GPUs.
+    fn bind(&self) -> Result<Current, GpuError> {
+        let previous = result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))?;
+        if previous == Some(self.ctx) {
+            return Ok(Current { restore: None });
+        }
         // SAFETY: ctx is the primary context retained in Device::open and not released before Drop.
-        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))?;
+        Ok(Current {
+            restore: Some(previous.unwrap_or(std::ptr::null_mut())),
+        })
+    }
+}
+
+/// The context current on this thread before [`Primary::bind`], made current again on drop (not `Send`: a raw
+/// context handle, and it must be restored on the thread that bound).
+#[must_use = "the context is bound only while the guard lives"]
+#[derive(Debug)]
+pub struct Current {
+    restore: Option<sys::CUcontext>,
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        if let Some(previous) = self.restore {
+            // SAFETY: previous was current on this thread a moment ago (or null: no context), so it is either null or a
+            // context its owner keeps alive while it is current on its thread; binding it again changes nothing else.
+            let _ = unsafe { result::ctx::set_current(previous) };
+        }
     }
 }
 
@@ -102,7 +138,7 @@ pub struct CudaRegistrar {
 // that register was given, in the same context.
 unsafe impl HostRegistrar for CudaRegistrar {
     unsafe fn register(&self, ptr: NonNull<u8>, len: usize) -> Result<(), GpuError> {
-        self.primary.bind()?;
+        let _current = self.primary.bind()?;
         // SAFETY: the caller guarantees ptr .. ptr + len is mapped host memory kept mapped until unregister; the
         // driver only pins its pages (it neither reads nor writes them here).
         unsafe {
@@ -117,7 +153,7 @@ unsafe impl HostRegistrar for CudaRegistrar {
     }
 
     unsafe fn unregister(&self, ptr: NonNull<u8>) -> Result<(), GpuError> {
-        self.primary.bind()?;
+        let _current = self.primary.bind()?;
         // SAFETY: the caller guarantees ptr is the base of a live registration made by register() in this process.
         unsafe { sys::cuMemHostUnregister(ptr.as_ptr().cast::<c_void>()) }
             .result()
@@ -137,7 +173,7 @@ pub struct CudaBuf {
 impl CudaBuf {
     /// The device ordinal.
     pub fn ordinal(&self) -> i32 {
-        self.primary.dev
+        self.primary.ordinal
     }
 }
 
@@ -155,7 +191,7 @@ impl Drop for CudaBuf {
         if self.len == 0 {
             return;
         }
-        let _ = self.primary.bind();
+        let _current = self.primary.bind();
         // SAFETY: ptr came from cuMemAlloc in this primary context and is freed once; the copies that wrote it were
         // synchronised before the buffer was handed out, and its DLPack consumers have released it (the deleter
         // drops the buffer). cuMemFree waits for the device to stop using it.
@@ -191,27 +227,31 @@ impl Device {
         // SAFETY: dev is a valid device handle from cuDeviceGet; the retain is balanced by Primary's Drop.
         let ctx = unsafe { result::primary_ctx::retain(dev) }
             .map_err(driver("cuDevicePrimaryCtxRetain"))?;
+        let primary = Arc::new(Primary { dev, ordinal, ctx });
         let mut device = Self {
             streams: [std::ptr::null_mut(); 2],
             pool: None,
-            primary: Arc::new(Primary { dev, ctx }),
+            primary: Arc::clone(&primary),
         };
-        device.bind()?;
-        for stream in &mut device.streams {
-            *stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-                .map_err(driver("cuStreamCreate"))?;
+        {
+            let _current = primary.bind()?;
+            for stream in &mut device.streams {
+                *stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+                    .map_err(driver("cuStreamCreate"))?;
+            }
         }
-        device.pool = Some(StagingPool::new(PinnedAlloc { _private: () }, chunk)?);
+        device.pool = Some(StagingPool::new(PinnedAlloc { primary }, chunk)?);
         Ok(device)
     }
 
     /// The device ordinal.
     pub fn ordinal(&self) -> i32 {
-        self.primary.dev
+        self.primary.ordinal
     }
 
-    /// Makes this device's primary context current on the calling thread.
-    pub fn bind(&self) -> Result<(), GpuError> {
+    /// Makes this device's primary context current on the calling thread until the returned guard drops (which
+    /// restores the thread's previous context).
+    pub fn bind(&self) -> Result<Current, GpuError> {
         self.primary.bind()
     }
 
@@ -275,7 +315,7 @@ unsafe impl CopyEngine for Device {
     }
 
     unsafe fn h2d(&self, slot: usize, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
-        self.bind()?;
+        let _current = self.bind()?;
         // SAFETY: the caller guarantees the device range and that src (pinned staging) stays valid and unmodified
         // until this slot is synchronised.
         unsafe { result::memcpy_htod_async(dst, src, self.streams[slot]) }
@@ -283,7 +323,7 @@ unsafe impl CopyEngine for Device {
     }
 
     unsafe fn d2h(&self, slot: usize, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
-        self.bind()?;
+        let _current = self.bind()?;
         // SAFETY: the caller guarantees the device range and that dst stays valid and untouched until this slot is
         // synchronised.
         unsafe { result::memcpy_dtoh_async(dst, src, self.streams[slot]) }
@@ -291,7 +331,7 @@ unsafe impl CopyEngine for Device {
     }
 
     fn sync(&self, slot: usize) -> Result<(), GpuError> {
-        self.bind()?;
+        let _current = self.bind()?;
         // SAFETY: the stream belongs to this device and lives as long as it; synchronising has no other precondition.
         unsafe { result::stream::synchronize(self.streams[slot]) }
             .map_err(driver("cuStreamSynchronize"))
@@ -310,7 +350,7 @@ impl DeviceMemory for Device {
                 primary,
             });
         }
-        self.bind()?;
+        let _current = self.bind()?;
         // SAFETY: a plain allocation in the bound primary context; freed by CudaBuf's Drop.
         let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("cuMemAlloc"))?;
         Ok(CudaBuf { ptr, len, primary })
@@ -319,7 +359,7 @@ impl DeviceMemory for Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        let _ = self.bind();
+        let current = self.bind();
         for stream in self.streams {
             if !stream.is_null() {
                 // SAFETY: the stream was created in open on this context; the copies synchronise before returning,
@@ -327,7 +367,8 @@ impl Drop for Device {
                 let _ = unsafe { result::stream::destroy(stream) };
             }
         }
-        // Frees the pinned buffers while the context is still retained (Primary drops after this body).
+        drop(current);
+        // Frees the pinned buffers while the context is still retained (PinnedAlloc holds it, and binds it).
         drop(self.pool.take());
     }
 }

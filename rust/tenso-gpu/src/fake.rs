@@ -68,6 +68,8 @@ struct Memory {
     allocations: Vec<(DevPtr, Vec<u8>)>,
     next: DevPtr,
     queues: [Vec<Pending>; SLOTS],
+    /// Copies that reached `sync` after their device memory was freed (a use after free on a real device).
+    lost: usize,
 }
 
 impl Memory {
@@ -111,6 +113,11 @@ impl FakeDevice {
         self.mem.lock().unwrap().queues.iter().map(Vec::len).sum()
     }
 
+    /// Copies whose device memory was freed while they were still queued (must stay 0).
+    pub fn lost(&self) -> usize {
+        self.mem.lock().unwrap().lost
+    }
+
     /// Live allocations.
     pub fn allocations(&self) -> usize {
         self.mem.lock().unwrap().allocations.len()
@@ -151,21 +158,27 @@ unsafe impl CopyEngine for FakeDevice {
     fn sync(&self, slot: usize) -> Result<(), GpuError> {
         let mut mem = self.mem.lock().unwrap();
         let queue = std::mem::take(&mut mem.queues[slot]);
+        let mut result = Ok(());
         for copy in queue {
-            match copy {
+            // The ranges were checked when the copy was queued: one that is gone now was freed under the copy.
+            let done = match copy {
                 Pending::H2d { dst, src, len } => {
                     // SAFETY: h2d's contract keeps src valid and unmodified until this sync.
                     let host = unsafe { std::slice::from_raw_parts(src, len) };
-                    mem.find(dst, len)?.copy_from_slice(host);
+                    mem.find(dst, len).map(|d| d.copy_from_slice(host))
                 }
                 Pending::D2h { dst, src, len } => {
                     // SAFETY: d2h's contract keeps dst valid and untouched by anyone else until this sync.
                     let host = unsafe { std::slice::from_raw_parts_mut(dst, len) };
-                    host.copy_from_slice(mem.find(src, len)?);
+                    mem.find(src, len).map(|d| host.copy_from_slice(d))
                 }
+            };
+            if let Err(e) = done {
+                mem.lost += 1;
+                result = result.and(Err(e));
             }
         }
-        Ok(())
+        result
     }
 }
 

@@ -35,7 +35,7 @@ pub mod register;
 mod driver;
 
 #[cfg(feature = "cuda")]
-pub use driver::{CudaBuf, CudaRegistrar, Device, PinnedAlloc};
+pub use driver::{CudaBuf, CudaRegistrar, Current, Device, PinnedAlloc};
 pub use error::GpuError;
 
 /// The number of CUDA devices the driver reports.

@@ -337,9 +337,10 @@ fn read_body<E: DeviceMemory + ?Sized, R: Read + ?Sized>(
     let verify = layout.integrity && opts.verify_integrity;
     let mut digest = Digest::new(&layout);
     let is_bool = layout.dtype == DType::Bool;
-    // SAFETY: buf was just allocated with body_len bytes and is ours alone; the caller finishes (drains) the uploader
-    // before the tensor is handed out, and drops the uploader before any buffer (declaration order).
-    unsafe {
+    // SAFETY: buf was just allocated with body_len bytes and is ours alone. On success the caller finishes (drains)
+    // the uploader before the tensor is handed out, and drops the uploader before any buffer (declaration order); on
+    // failure the streams are drained below, before buf is freed on return.
+    let copied = unsafe {
         up.copy(buf.ptr(), layout.body_len, |chunk| {
             src.exact(chunk, total)?;
             if is_bool {
@@ -350,13 +351,21 @@ fn read_body<E: DeviceMemory + ?Sized, R: Read + ?Sized>(
             }
             Ok(())
         })
-    }?;
-    if layout.integrity {
-        let mut footer = [0u8; 8];
-        src.exact(&mut footer, total)?;
-        if verify {
-            digest.check(u64::from_le_bytes(footer))?;
+    };
+    let read = copied.and_then(|()| {
+        if layout.integrity {
+            let mut footer = [0u8; 8];
+            src.exact(&mut footer, total)?;
+            if verify {
+                digest.check(u64::from_le_bytes(footer))?;
+            }
         }
+        Ok(())
+    });
+    if let Err(e) = read {
+        // Chunks of this body may still be queued: no copy may write buf after it is freed.
+        let _ = crate::copy::drain(engine);
+        return Err(e);
     }
     Ok(DeviceTensor {
         dtype: layout.dtype,
@@ -723,7 +732,11 @@ mod tests {
                     Err(GpuError::Format(e)) => assert!(e.is_truncation(), "cut {cut}: {e}"),
                     other => panic!("cut {cut}: {other:?}"),
                 }
-                assert_eq!((dev.allocations(), dev.pending()), (0, 0), "cut {cut}");
+                assert_eq!(
+                    (dev.allocations(), dev.pending(), dev.lost()),
+                    (0, 0, 0),
+                    "cut {cut}"
+                );
             }
         }
         assert_eq!(dev.staging().idle(), 2);
@@ -754,7 +767,7 @@ mod tests {
                     let mut bad = packet.clone();
                     bad[i] ^= flip;
                     let _ = read_all(&dev, &bad); // any answer but a panic
-                    assert_eq!((dev.allocations(), dev.pending()), (0, 0));
+                    assert_eq!((dev.allocations(), dev.pending(), dev.lost()), (0, 0, 0));
                 }
             }
             // A flipped body byte is caught by the footer.
@@ -765,6 +778,7 @@ mod tests {
                 read_all(&dev, &bad),
                 Err(GpuError::Format(FormatError::Integrity { .. }))
             ));
+            assert_eq!(dev.lost(), 0, "no copy outlived the buffer it wrote");
         }
         // A shape over the element limit is refused before any allocation; one under it, on a short stream, is an
         // EOF error that keeps no device memory.

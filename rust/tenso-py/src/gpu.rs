@@ -32,7 +32,7 @@ use pyo3::sync::MutexExt;
 use pyo3::types::{PyDict, PyTuple};
 use tenso_format::{DType, DecodeOptions, EncodeOptions};
 use tenso_gpu::copy::{DeviceBuf, DeviceMemory};
-use tenso_gpu::dlpack::{dl_dtype, wire_dtype};
+use tenso_gpu::dlpack::{dl_dtype, is_c_contiguous, wire_dtype};
 use tenso_gpu::packet::{
     read_packet, write_packet, DeviceTensor, Outgoing, Received, SourceTensor,
 };
@@ -363,7 +363,29 @@ fn import(obj: &Bound<'_, PyAny>, shared: &mut Option<(i32, Shared)>) -> PyResul
             .unwrap_or_else(|p| p.into_inner())
             .stream(0) as usize,
     );
-    let imported = request.import(Some(&stream), None)?;
+    let imported = match request.import(Some(&stream), None) {
+        Ok(imported) => imported,
+        // A producer from before DLPack 1.0 (CuPy 13, torch < 2.4, older JAX) has no `max_version` keyword: ask
+        // again as the array API standard says, with `stream` only, and take the legacy capsule it returns.
+        Err(e) if e.is_instance_of::<PyTypeError>(obj.py()) => {
+            let kwargs = PyDict::new(obj.py());
+            kwargs.set_item("stream", stream.0)?;
+            let capsule = obj.call_method("__dlpack__", (), Some(&kwargs))?;
+            let imported = dlpark::python::from_dlpack(capsule.as_borrowed(), None, None)?;
+            let got = imported
+                .validate()
+                .map_err(|e| PyBufferError::new_err(e.to_string()))?
+                .device();
+            if got != dev {
+                return Err(PyValueError::new_err(format!(
+                    "DLPack device changed during import: cuda:{} became type {} id {}",
+                    dev.device_id, got.device_type.0, got.device_id
+                )));
+            }
+            imported
+        }
+        Err(e) => return Err(e),
+    };
     let tensor = {
         let t = imported
             .validate()
@@ -374,10 +396,7 @@ fn import(obj: &Bound<'_, PyAny>, shared: &mut Option<(i32, Shared)>) -> PyResul
                 t.dtype()
             ))
         })?;
-        if !t
-            .is_compact()
-            .map_err(|e| PyBufferError::new_err(e.to_string()))?
-        {
+        if !is_c_contiguous(t.shape(), t.strides()) {
             return Err(PyBufferError::new_err(
                 "write_from_device needs a C-contiguous tensor (call .contiguous() first)",
             ));
@@ -451,8 +470,8 @@ fn _gpu_write_from_device(
     // The producers ordered their pending writes before stream 0 (the handshake); waiting for it here makes the
     // data ready for both copy streams.
     tenso_gpu::copy::CopyEngine::sync(&*dev, 0).map_err(gpu_error)?;
-    // SAFETY: every SourceTensor points to the compact device memory (N * itemsize bytes, checked by dlpark's
-    // validation) of a tensor whose DLPack export we hold (owners) until this returns, and whose pending writes
+    // SAFETY: every SourceTensor points to the C-contiguous device memory (N * itemsize bytes from ptr: dlpark's
+    // validation and is_c_contiguous in import) of a tensor whose DLPack export we hold (owners) until this returns, and whose pending writes
     // finished (the sync above).
     let n = unsafe {
         write_packet(&*dev, &out, &opts, |chunk| {
