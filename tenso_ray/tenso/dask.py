@@ -414,26 +414,31 @@ def _previous(kind: str, cls: type) -> Any:
     return fn
 
 
-_wants_context: dict[Any, bool] = {}
+_resolved: dict[tuple[str, type], Any] = {}  # (kind, cls) -> (Dask's function, whether it takes context) or None
+
+
+def _resolve(kind: str, cls: type) -> Any:
+    # Every small array goes through here: resolve what our registration replaced once per registration (cleared
+    # by _uninstall_dispatch), not per call; has_keyword is inspect.signature, ~10 us.
+    fn = _previous(kind, cls)
+    found = None if fn is None else (fn, kind == "ser" and bool(has_keyword(fn, "context")))
+    _resolved[(kind, cls)] = found
+    return found
 
 
 def _default_dumps(cls: type, x: Any, context: Optional[dict[str, Any]]) -> tuple[dict[str, Any], list[Any]]:
-    fn = _previous("ser", cls)
-    if fn is None:
+    found = _resolved.get(("ser", cls)) or _resolve("ser", cls)
+    if found is None:
         raise NotImplementedError(cls.__name__)  # Dask moves on to pickle
-    wants = _wants_context.get(fn)
-    if wants is None:
-        wants = _wants_context[fn] = bool(has_keyword(fn, "context"))  # inspect.signature: slow, ask once
-    if wants:
-        return fn(x, context=context)
-    return fn(x)
+    fn, wants = found
+    return fn(x, context=context) if wants else fn(x)
 
 
 def _default_loads(cls: type, header: dict[str, Any], frames: list[Any]) -> Any:
-    fn = _previous("de", cls)
-    if fn is None:
+    found = _resolved.get(("de", cls)) or _resolve("de", cls)
+    if found is None:
         raise TensoError(f"tenso.dask: no deserializer for {cls.__name__} payloads without a tenso header")
-    return fn(header, frames)
+    return found[0](header, frames)
 
 
 def _send_ndarray(st: _State, x: np.ndarray) -> Optional[dict[str, Any]]:
@@ -477,7 +482,7 @@ def _lease_ok(st: Optional[_State], x: np.ndarray, context: Optional[dict[str, A
 
 def _serialize_ndarray(x: np.ndarray, context: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list[Any]]:
     st = _state
-    if st is not None and _lease_ok(st, x, context):
+    if st is not None and x.nbytes >= st.min_bytes and _lease_ok(st, x, context):
         lease = _send_ndarray(st, x)
         if lease is not None:
             return {"tenso": lease}, []
@@ -692,6 +697,7 @@ def _uninstall_dispatch() -> None:
         _saved_lazy.pop((kind, "torch"), None)
     # A saved entry that was missing is dropped above; keep nothing between registrations.
     _saved.clear()
+    _resolved.clear()
 
 
 def _handshake_info(self: Any) -> dict[str, Any]:
