@@ -69,7 +69,7 @@ def test_torch_tensors_are_made_exportable_before_the_native_write(monkeypatch):
     # its current device: write_from_device hands the engine detached, resolved tensors, inside a device guard.
     seen = []
     monkeypatch.setattr(tenso.gpu, "_require_cuda", lambda what: None)
-    monkeypatch.setattr(tenso.gpu, "_is_cuda_producer", lambda obj: True)
+    monkeypatch.setattr(tenso.gpu, "_is_cuda", lambda obj: True)
     monkeypatch.setattr(tenso.gpu, "_gpu_write_from_device", lambda t, write, check: seen.append(t) or 0)
     grad = torch.ones(3, requires_grad=True)
     conj = torch.tensor([1 + 2j, 3 - 1j]).conj()

@@ -20,11 +20,12 @@ Supported objects are NumPy arrays (any dtype the format knows, any layout),
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 from . import tenso_rs as _rs
 from .errors import TensoTruncatedError
@@ -238,6 +239,17 @@ def _write_all_raw(write: Any, part: Union[bytes, memoryview]) -> None:
         view = view[written:]
 
 
+def _writer(dest: Any, who: str) -> Callable[[Union[bytes, memoryview]], Any]:
+    """What writes a whole part to ``dest``: its ``sendall``, or its ``write`` retried on short writes."""
+    sendall = getattr(dest, "sendall", None)
+    if sendall is not None:
+        return sendall
+    write = getattr(dest, "write", None)
+    if write is None:
+        raise TypeError(f"{who} needs a destination with sendall() or write(), got {type(dest).__name__}")
+    return functools.partial(_write_all_raw, write)
+
+
 def write_stream(
     tensor: Any,
     dest: Any,
@@ -280,18 +292,9 @@ def write_stream(
         Whatever the destination raises.
     """
     parts = _parts(tensor, strict, check_integrity, protocol)
-    sendall = getattr(dest, "sendall", None)
-    if sendall is not None:
-        for part in parts:
-            sendall(part)
-    else:
-        write = getattr(dest, "write", None)
-        if write is None:
-            raise TypeError(
-                f"write_stream needs a destination with sendall() or write(), got {type(dest).__name__}"
-            )
-        for part in parts:
-            _write_all_raw(write, part)
+    write_all = _writer(dest, "write_stream")
+    for part in parts:
+        write_all(part)
     return sum(len(p) for p in parts)
 
 

@@ -255,17 +255,14 @@ class _State:
             if p.ctrl[_R_WORD] != 0:
                 self._forget(nonce)
             elif now - p.since >= self.claim_timeout:
-                self._reclaim(nonce, p)
+                # The pool lets only the lease's holder free it: this succeeds exactly when the recipient has not
+                # adopted it (the pool lock orders the two), and nobody writes into the block to find out.
+                _release_quietly(self.cache, p.handle)
                 self._forget(nonce)
 
     def _forget(self, nonce: bytes) -> None:
         with self.lock:
             self.pending.pop(nonce, None)
-
-    def _reclaim(self, nonce: bytes, p: _Pending) -> None:
-        # The pool lets only the lease's holder free it: this succeeds exactly when the recipient has not adopted
-        # it (the pool lock orders the two), and nobody writes into the block to find out.
-        _release_quietly(self.cache, p.handle)
 
     def start_reaper(self) -> None:
         with self.lock:
@@ -482,7 +479,7 @@ def _lease_ok(st: Optional[_State], x: np.ndarray, context: Optional[dict[str, A
 
 def _serialize_ndarray(x: np.ndarray, context: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list[Any]]:
     st = _state
-    if st is not None and x.nbytes >= st.min_bytes and _lease_ok(st, x, context):
+    if st is not None and _lease_ok(st, x, context):
         lease = _send_ndarray(st, x)
         if lease is not None:
             return {"tenso": lease}, []

@@ -480,9 +480,7 @@ def torch_from_bytes(
     if raw.size != expected:
         raise ValueError(f"{raw.size} bytes cannot hold a {tdtype} tensor of shape {shape} ({expected} bytes)")
     if target is not None and target.type == "cuda" and _staged():
-        # One copy into pinned staging, DMA into memory tenso allocates, handed to torch through DLPack.
-        flat = device_from_dlpack(_rs._gpu_from_host(np.ascontiguousarray(raw), target.index), "torch")
-        return flat.view(tdtype).reshape(shape)
+        return _staged_to_device(raw, target.index, "torch").view(tdtype).reshape(shape)
     if target is None and not zero_copy:
         # One copy into fresh memory the tensor owns (huge pages, several threads, GIL released).
         raw = _owned_copy(raw)

@@ -28,13 +28,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .core import _make_filler, _write_all_raw, write_stream
-from .frameworks import _cuda_export, check_device, device_from_dlpack, is_dlpack_producer, map_arrays, to_host
+from .core import _make_filler, _writer, write_stream
+from .frameworks import _cuda_export, _is_cuda, check_device, device_from_dlpack, map_arrays, to_host
 from .tenso_rs import _gpu_available, _gpu_problem, _gpu_read_to_device, _gpu_staging_stats, _gpu_write_from_device
 
 __all__ = ["available", "read_to_device", "write_from_device", "staging_stats"]
 
-_DL_CUDA = 2  # DLDeviceType kDLCUDA
 
 _FRAMEWORKS = ("cupy", "torch", "jax")
 
@@ -148,10 +147,6 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
     return device_from_dlpack(obj, name)
 
 
-def _is_cuda_producer(obj: Any) -> bool:
-    return is_dlpack_producer(obj) and int(obj.__dlpack_device__()[0]) == _DL_CUDA
-
-
 def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> int:
     """Write CUDA tensors as one packet, copied through pinned staging while the destination is written.
 
@@ -182,7 +177,7 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
     """
     _require_cuda("write_from_device")
     leaves = list(tensor.values()) if isinstance(tensor, dict) else [tensor]
-    if leaves and all(_is_cuda_producer(leaf) for leaf in leaves):
+    if leaves and all(_is_cuda(leaf) for leaf in leaves):
         # torch tensors detached (with grad or a conj/neg bit torch refuses to export them) and exported with their
         # device current (torch exports only from the current device); one device per packet, checked natively.
         if isinstance(tensor, dict):
@@ -192,20 +187,9 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
         else:
             producers, on_device = _cuda_export(tensor)
         with on_device:
-            return int(_gpu_write_from_device(producers, _make_writer(dest), check_integrity))
+            return int(_gpu_write_from_device(producers, _writer(dest, "write_from_device"), check_integrity))
     host = map_arrays(tensor, to_host, tensors=True)
     return write_stream(host, dest, check_integrity=check_integrity)
-
-
-def _make_writer(dest: Any) -> Any:
-    """``write(view)`` that writes all of ``view`` to a socket-like or file-like destination."""
-    sendall = getattr(dest, "sendall", None)
-    if sendall is not None:
-        return sendall
-    write = getattr(dest, "write", None)
-    if write is None:
-        raise TypeError(f"write_from_device needs a destination with sendall() or write(), got {type(dest).__name__}")
-    return functools.partial(_write_all_raw, write)
 
 
 def staging_stats(device_id: int = 0) -> dict[str, int]:

@@ -528,13 +528,17 @@ mod tests {
             .collect()
     }
 
-    fn dense(dtype: DType, shape: &[u64], data: &[u8], opts: &EncodeOptions) -> Vec<u8> {
-        let item = Item::Dense {
+    /// A dense leaf over `data`.
+    fn leaf<'a>(dtype: DType, shape: &[u64], data: &'a [u8]) -> Item<'a> {
+        Item::Dense {
             dtype,
             shape: shape.to_vec(),
             body: BodySrc::Bytes(data),
-        };
-        encode(&item, opts).unwrap()
+        }
+    }
+
+    fn dense(dtype: DType, shape: &[u64], data: &[u8], opts: &EncodeOptions) -> Vec<u8> {
+        encode(&leaf(dtype, shape, data), opts).unwrap()
     }
 
     fn read_all(
@@ -628,22 +632,8 @@ mod tests {
             let a = body(DType::Float32, 30);
             let b = body(DType::BFloat16, 7);
             let tree = Item::Bundle(vec![
-                (
-                    "weights",
-                    Item::Dense {
-                        dtype: DType::Float32,
-                        shape: vec![5, 6],
-                        body: BodySrc::Bytes(&a),
-                    },
-                ),
-                (
-                    "ß",
-                    Item::Dense {
-                        dtype: DType::BFloat16,
-                        shape: vec![7],
-                        body: BodySrc::Bytes(&b),
-                    },
-                ),
+                ("weights", leaf(DType::Float32, &[5, 6], &a)),
+                ("ß", leaf(DType::BFloat16, &[7], &b)),
             ]);
             let packet = encode(&tree, &opts).unwrap();
             let mut stream = packet.clone();
@@ -705,22 +695,8 @@ mod tests {
         };
         let a = body(DType::Int64, 9);
         let tree = Item::Bundle(vec![
-            (
-                "a",
-                Item::Dense {
-                    dtype: DType::Int64,
-                    shape: vec![9],
-                    body: BodySrc::Bytes(&a),
-                },
-            ),
-            (
-                "b",
-                Item::Dense {
-                    dtype: DType::Int64,
-                    shape: vec![9],
-                    body: BodySrc::Bytes(&a),
-                },
-            ),
+            ("a", leaf(DType::Int64, &[9], &a)),
+            ("b", leaf(DType::Int64, &[9], &a)),
         ]);
         for packet in [
             encode(&tree, &opts).unwrap(),
@@ -750,14 +726,7 @@ mod tests {
             ..EncodeOptions::default()
         };
         let a = body(DType::Float32, 12);
-        let tree = Item::Bundle(vec![(
-            "k",
-            Item::Dense {
-                dtype: DType::Float32,
-                shape: vec![3, 4],
-                body: BodySrc::Bytes(&a),
-            },
-        )]);
+        let tree = Item::Bundle(vec![("k", leaf(DType::Float32, &[3, 4], &a))]);
         for packet in [
             encode(&tree, &opts).unwrap(),
             dense(DType::Float32, &[3, 4], &a, &opts),
@@ -819,11 +788,7 @@ mod tests {
         let packet = encode(&nested, &EncodeOptions::default()).unwrap();
         let err = read_all(&dev, &packet).unwrap_err();
         assert!(err.to_string().contains("nested"), "{err}");
-        let z = Item::Dense {
-            dtype: DType::UInt8,
-            shape: vec![64],
-            body: BodySrc::Bytes(&[0; 64]),
-        };
+        let z = leaf(DType::UInt8, &[64], &[0; 64]);
         let packet = encode(
             &z,
             &EncodeOptions {
