@@ -192,13 +192,21 @@ def test_registered_everywhere(client):
 
 def test_writeable_result_owns_its_lease(client):
     x = np.arange(1 << 18, dtype=np.float64)
+    views = td.counts()["private_views"]
     y = _round_trip(client, x)
     y[0] = -1.0  # writeable, and nobody else's memory
     assert y[0] == -1.0 and x[0] == 0.0
     used = td._state.cache.stats["used_bytes"]
+    view = y[1:]
     del y
     gc.collect()
-    assert td._state.cache.stats["used_bytes"] < used  # released when the last view went away
+    assert view[0] == 1.0
+    if td.counts()["private_views"] > views:
+        # A private view of its lease: the reference is held while any view of the array lives.
+        assert td._state.cache.stats["used_bytes"] == used
+        del view
+        gc.collect()
+        assert td._state.cache.stats["used_bytes"] < used  # released when the last view went away
 
 
 def test_matmul_on_and_off(client):
@@ -366,10 +374,10 @@ def _slow_adoption(seconds: float, dask_worker=None) -> None:
 
     original = t.leases._lease_receive
 
-    def late(lease):
+    def late(lease, **kwargs):
         t.leases._lease_receive = original
         time.sleep(seconds)
-        return original(lease)
+        return original(lease, **kwargs)
 
     t.leases._lease_receive = late
 
@@ -409,7 +417,9 @@ def test_sigkilled_worker_frees_its_leases(client):
         dask_worker._tenso_test_hold = (sent, kept)
         return st.cache.stats["used_bytes"]
 
-    assert client.run(hold, workers=[a])[a] >= baseline + 8 * (1 << 20)
+    # The four sent are held by this worker until adopted; the four kept too where they are private views of their
+    # leases (copied out of them, and released, where this machine has no route to a private mapping).
+    assert client.run(hold, workers=[a])[a] >= baseline + 4 * (1 << 20)
     pid = client.run(os.getpid, workers=[a])[a]
     os.kill(pid, signal.SIGKILL)
     _wait_restarted(client, pid)

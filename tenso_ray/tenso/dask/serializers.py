@@ -70,12 +70,16 @@ def _send_ndarray(st: _State, x: np.ndarray) -> Optional[dict[str, Any]]:
     order: Literal["C", "F"] = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
     dtype = x.dtype
     shape = x.shape
+    lease = None
+    if x.flags.c_contiguous or x.flags.f_contiguous:
+        lease = leases._lease_forward(st, x)  # an array that arrived through the pool goes on by reference
 
     def fill(body: np.ndarray) -> None:
         dst = body.view(dtype).reshape(shape, order=order)
         np.copyto(dst, x, casting="no")
 
-    lease = leases._lease_send(st, x.nbytes, fill)
+    if lease is None:
+        lease = leases._lease_send(st, x.nbytes, fill)
     if lease is None:
         return None
     lease.update(dtype=_dtype_desc(dtype), shape=list(shape), order=order, w=bool(x.flags.writeable))
@@ -85,12 +89,13 @@ def _send_ndarray(st: _State, x: np.ndarray) -> Optional[dict[str, Any]]:
 def _receive_ndarray(h: dict[str, Any]) -> np.ndarray:
     dtype = _dtype_from(h["dtype"])
     shape = tuple(int(s) for s in h["shape"])
-    body = leases._lease_receive(h)
+    writeable = bool(h.get("w", True))
+    body = leases._lease_receive(h, writeable=writeable)
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count * dtype.itemsize != body.nbytes:
         raise TensoError("tenso.dask: lease size does not match shape and dtype")
     out = body.view(dtype).reshape(shape, order="F" if h.get("order") == "F" else "C")
-    if not h.get("w", True):
+    if not writeable:
         out.flags.writeable = False
     return out
 

@@ -26,11 +26,6 @@ HANDSHAKE_KEY = "tenso-dask"
 POOL_SIZE_ENV = "TENSO_DASK_POOL_SIZE"
 
 _PEER_PREFIX = "tenso.dask.peer."
-# Control block at the start of every lease: nonce (16 bytes), then the recipient's "adopted" word (a hint that lets
-# the sender forget the lease early; only the pool decides who frees it). The body starts 64 bytes in, so it keeps
-# the pool's 64-byte alignment.
-_CTRL = 64
-_R_WORD = 3  # index of the recipient's word in the control block viewed as uint64
 _VERIFY_TTL = 5.0  # seconds a verified peer token is trusted before it is looked up again
 _SWEEP_INTERVAL = 0.5
 _SELF_CHECK_INTERVAL = 1.0
@@ -54,11 +49,12 @@ class LeaseLostError(TensoError, EOFError):
 # Per-process state
 # ---------------------------------------------------------------------------------------------------------------
 class _Pending:
-    __slots__ = ("handle", "ctrl", "since")
+    """A reference this process sent and the recipient may not have adopted yet."""
 
-    def __init__(self, handle: tuple[int, ...], ctrl: np.ndarray, since: float) -> None:
+    __slots__ = ("handle", "since")
+
+    def __init__(self, handle: tuple[int, ...], since: float) -> None:
         self.handle = handle
-        self.ctrl = ctrl
         self.since = since
 
 
@@ -74,7 +70,7 @@ class _State:
         self.claim_timeout = float(claim_timeout)
         self.options = options
         self.lock = threading.Lock()
-        self.pending: dict[bytes, _Pending] = {}
+        self.pending: dict[tuple[int, ...], _Pending] = {}  # by handle
         self.verified: dict[str, float] = {}
         self.next_sweep = 0.0
         self.next_self_check = 0.0
@@ -131,25 +127,19 @@ class _State:
 
     # -- leases in flight --------------------------------------------------------------------------------------
     def sweep(self, force: bool = False) -> None:
-        """Forget leases the recipient claimed; free those nobody claimed within ``claim_timeout``."""
+        """Give up the references sent that nobody adopted within ``claim_timeout``."""
         now = time.monotonic()
         if not force and now < self.next_sweep:
             return
         self.next_sweep = now + _SWEEP_INTERVAL
         with self.lock:
-            items = list(self.pending.items())
-        for nonce, p in items:
-            if p.ctrl[_R_WORD] != 0:
-                self._forget(nonce)
-            elif now - p.since >= self.claim_timeout:
-                # The pool lets only the lease's holder free it: this succeeds exactly when the recipient has not
-                # adopted it (the pool lock orders the two), and nobody writes into the block to find out.
-                _release_quietly(self.cache, p.handle)
-                self._forget(nonce)
-
-    def _forget(self, nonce: bytes) -> None:
-        with self.lock:
-            self.pending.pop(nonce, None)
+            expired = [h for h, p in self.pending.items() if now - p.since >= self.claim_timeout]
+            for h in expired:
+                del self.pending[h]
+        for h in expired:
+            # The pool lets only a reference's holder drop it: this succeeds exactly when the recipient has not
+            # adopted it (the pool lock orders the two); the block itself lives on while anyone else references it.
+            _release_quietly(self.cache, h)
 
     def start_reaper(self) -> None:
         with self.lock:
@@ -175,7 +165,14 @@ _forwarding = False  # this process is a scheduler that forwards same-host lease
 _forwarder_registered = False  # the scheduler plug-in registered this process (and unregisters it when removed)
 _token: Optional[tuple[int, str]] = None  # (pid, token): one per process, kept across register/unregister
 #: Transfers by this process since it started: leases sent and received, arrays sent as Dask's frames.
-_counts = {"leases_sent": 0, "leases_received": 0, "frames_sent": 0}
+_counts = {
+    "leases_sent": 0,  # lease headers sent (copied into a new lease, or forwarded)
+    "leases_forwarded": 0,  # of which forwarded by reference: no copy
+    "leases_received": 0,
+    "private_views": 0,  # received arrays that are copy-on-write views of their lease
+    "received_copies": 0,  # received arrays copied out of their lease (no route to a private view)
+    "frames_sent": 0,
+}
 
 
 def _process_token() -> str:
