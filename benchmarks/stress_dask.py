@@ -765,6 +765,8 @@ def run_stress(
     out["leases_dropped"] = sum(r.get("leases_dropped", 0) for r in reports.values())
     out["leases_sent"] = sum(r["counts"]["leases_sent"] for r in reports.values())
     out["leases_received"] = sum(r["counts"]["leases_received"] for r in reports.values())
+    # Of the leases sent, those that handed on a block the sender held (a new reference, no copy).
+    out["leases_forwarded"] = sum(r["counts"].get("leases_forwarded", 0) for r in reports.values())
     out["frames_sent"] = sum(r["counts"]["frames_sent"] for r in reports.values())
     out["done"] = sum(v["done"] for v in out["by_kind"].values())
     if out["wrong"]:
@@ -789,7 +791,8 @@ def summary(r: dict[str, Any]) -> str:
         f"(seed {r['seed']}, drop p={r['drop_p']}, claim timeout {r['claim_timeout_s']} s)",
         "  by kind: " + ", ".join(f"{k} {v['done']} ({v['wrong']} wrong)" for k, v in r["by_kind"].items()),
         f"  wrong values: {r['wrong']}",
-        f"  leases sent {r['leases_sent']}, received {r['leases_received']}, frames sent {r['frames_sent']}",
+        f"  leases sent {r['leases_sent']} ({r['leases_forwarded']} by reference), received {r['leases_received']}, "
+        f"frames sent {r['frames_sent']}",
         f"  drops injected {r['drops_injected']} (messages carrying {r['leases_dropped']} leases), "
         f"cancelled decoys {r['cancelled_decoys']}, workers SIGKILLed {r['kills']}",
         f"  resubmitted: {r['retries'] or 0}; scatter retries: {r['scatter_retries'] or 0}",

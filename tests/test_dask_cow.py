@@ -255,12 +255,14 @@ def test_without_a_route_arrays_are_copied_and_right(client):
         fut = client.scatter(x, workers=[a], direct=True)
         out = client.submit(_write_first, fut, -2.0, workers=[b], pure=False)
         assert out.result() == -2.0
-        y = client.gather(fut, direct=True)
+        y = client.run(_stored, fut.key, workers=[a])[a]
         assert y.flags.writeable
         np.testing.assert_array_equal(y, x)
         y[0] = 7.0
-        np.testing.assert_array_equal(client.gather(fut, direct=True), x)
+        np.testing.assert_array_equal(client.run(_stored, fut.key, workers=[a])[a], x)
+        assert client.submit(_first, fut, workers=[a], pure=False).result() == x[0]
         assert _counts()["received_copies"] > before
+        assert client.run(_counts, workers=[b])[b]["received_copies"] >= 1
     finally:
         client.run(_routes, None)
         _routes(None)

@@ -4,8 +4,10 @@ Dask already sends contiguous NumPy arrays as zero-copy frames, so a serializer 
 cannot beat it: the time goes into the socket (two copies through the kernel, plus the reader's allocation). When the
 sender and the recipient of a message share a host, this plug-in copies the body once into *leased* memory of the
 host's node pool (:func:`tenso.nodecache.attach`: recycled, pre-faulted shared memory) and sends a header of about
-200 bytes; the recipient adopts the lease and gets a zero-copy view of it. Everywhere else (another host, an
-unregistered peer, spilling to disk, small or object arrays) Dask's own serializers run unchanged.
+200 bytes; the recipient adopts the lease and gets a copy-on-write (``MAP_PRIVATE``) view of it. An array that
+arrived this way is sent on (to the next worker, back to the client, through the scheduler) by reference: the block
+gains a holder, nothing is copied. Everywhere else (another host, an unregistered peer, spilling to disk, small or
+object arrays) Dask's own serializers run unchanged.
 
 Usage::
 
@@ -37,8 +39,13 @@ Types
 * dicts, lists and tuples: Dask splits them before dispatch, so every array inside takes the paths above (the
   default serializer list is fixed, and only per-type registrations reach worker-to-worker transfers).
 
-Arrays that arrive through the pool are writeable exactly when the sender's were (as Dask's own), and own their
-lease: nobody else writes that memory while they live.
+Shared bytes are immutable: a lease is written once, by the process that made it, before its header goes out, and
+never again. Arrays that arrive through the pool are writeable exactly when the sender's were (as Dask's own): a
+writeable one is a private mapping of the block (a write copies the pages it touches into the writer's own memory,
+seen by nobody else), a read-only one a view of the block itself. Where this process has no route to a private
+mapping (``tenso_rs._private_view`` returns None) the body is copied out of the lease instead, counted in
+``counts()["received_copies"]``, with one warning. A holder sends an array on by reference only while its pages were
+never written here (``/proc/self/pagemap``); a written one is copied into a new lease.
 
 Same-host proof
 ---------------
@@ -46,8 +53,8 @@ Each registered process generates a random token and writes it, with its pid, in
 ``{pool name, token}`` in the handshake of every connection it opens or accepts afterwards (on connections that
 deserialize what they receive). A sender uses the pool only if the recipient's token is present in the sender's own
 mapping of that pool, written by a live process: only a process that maps the same shared memory can have put it
-there. The recipient checks the sender's token the same way before it touches the lease, and checks a 16-byte nonce
-the sender wrote into the lease. IP addresses are never compared. Connections opened before ``register()`` keep
+there. The recipient checks the sender's token the same way before it adopts the lease, and the pool checks that
+the handle names a live reference (entry slot, stamp and the reference's own tag). IP addresses are never compared. Connections opened before ``register()`` keep
 Dask's frames; ``install`` closes the idle ones of the client and of each worker, so that the next transfer opens
 one that advertises.
 
@@ -61,16 +68,18 @@ longer than a claim timeout never names a lease.
 
 Lifetime (who frees each lease)
 -------------------------------
-A lease belongs to the sender until the recipient adopts it, and to the recipient afterwards; the pool frees the
-leases of a process that dies (SIGKILL included) at its next allocation.
+A block lives as long as its references (``tenso-shm`` counts them under the pool lock). A sender makes a reference
+for the recipient (a new lease, or a ``share`` of a block it holds) and holds it until the recipient adopts it; the
+pool drops the references of a process that dies (SIGKILL included) and frees a block with its last reference.
 
-* Delivered: the recipient adopts it and releases it when the last view of the array is garbage-collected.
-* Dropped before delivery, or never deserialized (a closed comm, a dead recipient): the sender releases it after
-  ``claim_timeout`` seconds (60 by default). The pool lets only a lease's holder free it, and adopting and
-  releasing both run under its lock, so exactly one side frees it when a late recipient races the sender: the
+* Delivered: the recipient adopts the reference and drops it when the last view of the array is garbage-collected.
+* Dropped before delivery, or never deserialized (a closed comm, a dead recipient): the sender drops the reference
+  after ``claim_timeout`` seconds (60 by default). The pool lets only a reference's holder drop it, and adopting and
+  releasing both run under its lock, so exactly one side drops it when a late recipient races the sender: the
   sender's release is refused once the recipient adopted, and a recipient that comes after the release raises
-  :class:`tenso.TensoError` rather than reading reused memory. Neither side writes into a block it does not hold.
-* Sender or recipient SIGKILLed, worker restarted by its nanny: the pool frees what that process held.
+  :class:`LeaseLostError` rather than reading freed memory. The block itself stays while anyone else holds it.
+* Sender, recipient or an earlier holder SIGKILLed, worker restarted by its nanny: the pool drops what that process
+  held; the others' arrays stay right.
 * The pool itself has a fixed size (``pool_size``, or the node pool's default), is reserved when the first process
   of the cluster attaches, and is removed when its owner exits (:func:`tenso.nodecache.attach`; ``install`` makes
   the client the owner, the preload makes the worker's nanny the owner). ``/dev/shm`` never grows with traffic; a
@@ -83,7 +92,8 @@ without a ``context`` and therefore writes Dask's ordinary frames to disk; the s
 the in-memory object is dropped.
 
 Layout of the package (one module per concern): :mod:`~tenso.dask.state` (options, this process's token, the peer
-registry, leases in flight), :mod:`~tenso.dask.leases` (sending and adopting one lease),
+registry, references in flight), :mod:`~tenso.dask.leases` (sending a body by a new lease or by reference, adopting
+it as a private view),
 :mod:`~tenso.dask.serializers` (NumPy, torch and tenso packets), :mod:`~tenso.dask.dispatch` (Dask's dispatch
 tables), :mod:`~tenso.dask.handshake` (the connection handshake), :mod:`~tenso.dask.scheduler` (the forwarding
 scheduler) and :mod:`~tenso.dask.plugins` (the public API and plug-ins). Everything public is re-exported here:
