@@ -186,7 +186,10 @@ def _private_view(view: memoryview, keep: Any) -> Optional[np.ndarray]:
     fn = getattr(tenso_rs, "_private_view", None)
     if fn is None:
         return None
-    out: Optional[np.ndarray] = fn(view, keep)
+    try:
+        out: Optional[np.ndarray] = fn(view, keep)
+    except (ValueError, OSError, BufferError, TypeError):
+        return None  # not a view of one shared file mapping after all: the caller copies
     return out
 
 
