@@ -22,8 +22,8 @@ Operations (worker A holds the input, B computes):
                   A sends the block it holds by reference (no copy). Target: >= 0.9 of the zero-copy ceiling (Dask's
                   default at 64 MiB over Dask's own task round trip with a 1 KiB input), column ``of_ceiling``
   via_scheduler   client.scatter(x, workers=[A]) then client.gather(future), both through the scheduler (the
-                  scatter leg stays Dask's frames by design: see integrations/dask/README.md; the gather leg goes
-                  by reference)
+                  client -> scheduler leg stays Dask's frames by design, see integrations/dask/README.md; the
+                  scheduler leases it for A; the gather leg goes by reference)
   result          x is scattered to A (not timed), then future.result(): worker -> scheduler -> client, the path
                   of every compute() result
 
@@ -34,7 +34,7 @@ After the timing, each 64 MiB cell runs once more in tenso mode with the counter
 included) read around its timed part: ``pool_copies`` is how many times its bytes were copied into or out of the pool
 (new leases filled + received arrays copied out of a lease), ``forwarded`` how many hops went by reference. Expected:
 scatter_gather 1 copy (the scatter's) + 1 by reference; task_in and result 0 copies + 1 by reference; via_scheduler
-1 copy (the scatter leg arrives as Dask's frames, so the gather leg leases it once).
+1 copy (the scheduler's, after the client's frames reached it) + 1 by reference.
 
     .venv/bin/python benchmarks/bench_dask.py [--reps 7] [--quick] [--smoke]
 

@@ -9,7 +9,8 @@ What runs:
     through a lease.
   * Transfers, in batches, of three kinds: ``scatter`` (client -> worker, ``scatter(direct=True)``, checked by a task
     on that worker), ``w2w`` (a task on worker A makes the value, a task on worker B takes it as input and checks
-    it) and ``gather`` (a task on a worker makes it, ``gather(direct=True)``, checked in the client). Every value is
+    it) and ``gather`` (a task on worker A makes it, a task on worker B returns it as is, ``gather(direct=True)``
+    from B, checked in the client: B hands on the block it received by reference). Every value is
     a function of (seed, index) (a per-index multiplier and offset drawn from ``default_rng([seed, index])``, the
     index in the first word), so a value delivered to the wrong place, stale or torn is caught: *wrong values*.
   * Random drops: in the client and in every worker (a worker plugin, so restarted workers too), the comm's
@@ -164,6 +165,11 @@ def same_value(x: Any, spec: tuple[Any, ...]) -> Optional[str]:
     if not np.array_equal(x.view(bits), want.view(bits)):
         return f"#{index}: {dtype_name} bits differ"
     return None
+
+
+def pass_on(x: Any) -> Any:
+    """A task that returns its input as is (an array that arrived through the pool goes on by reference)."""
+    return x
 
 
 def check_task(x: Any, spec: tuple[Any, ...]) -> Optional[str]:
@@ -574,7 +580,10 @@ def run_stress(
                         )
                         t.futures, t.result_future = [made, chk], chk
                     else:
-                        t.futures, t.result_future = [made], made
+                        # Through the other worker: it receives the value and returns that very object, which
+                        # then travels on to the client by reference to its block (no copy).
+                        fwd = client.submit(pass_on, made, workers=[t.dst], allow_other_workers=True, pure=False)
+                        t.futures, t.result_future = [made, fwd], fwd
                 for dst, group in to_scatter.items():
                     futs = scatter([make_value(t.spec) for t in group], dst)
                     for j, t in enumerate(group):

@@ -169,9 +169,9 @@ def test_a_written_array_is_copied_not_forwarded(client):
         return y
 
     doubled = client.submit(write_in_place, fut, workers=[b], pure=False)  # B's private view, written
-    np.testing.assert_array_equal(client.gather(doubled, direct=True), 2 * x)
+    np.testing.assert_array_equal(client.gather(doubled, direct=True), 2 * x)  # B's own bytes, not the block's
     np.testing.assert_array_equal(client.gather(out, direct=True), -x)
-    np.testing.assert_array_equal(client.gather(fut, direct=True), x)
+    np.testing.assert_array_equal(client.run(_stored, fut.key, workers=[a])[a], x)  # A's replica: the block
 
 
 def test_forwarded_block_outlives_its_first_holder(client):
@@ -293,3 +293,17 @@ def test_written_pages_of_a_private_mapping_are_seen():
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def test_scatter_through_the_scheduler_reaches_the_worker_as_a_lease(client):
+    """The client's scatter without direct=True reaches the scheduler as Dask's frames; the scheduler hands each
+    large value to the worker as a lease (it keeps none), and the result comes back by reference."""
+    a, _ = _workers(client)
+    x = _x(7)
+    received = client.run(_counts, workers=[a])[a]["leases_received"]
+    fut = client.scatter(x, workers=[a])
+    assert client.run(_counts, workers=[a])[a]["leases_received"] == received + 1
+    np.testing.assert_array_equal(client.run(_stored, fut.key, workers=[a])[a], x)
+    np.testing.assert_array_equal(fut.result(), x)
+    small = np.arange(10.0)
+    np.testing.assert_array_equal(client.scatter(small, workers=[a]).result(), small)  # frames, as before

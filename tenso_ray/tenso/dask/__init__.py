@@ -63,8 +63,9 @@ forwarder for *results*: on the connections the scheduler opens to workers (``ge
 ``client.gather()``, ``run`` for ``client.run``) it advertises its own proven token with a ``fwd`` flag, so a worker
 replies with a lease; the scheduler passes the header on when the requesting client proves it maps the same pool,
 and otherwise adopts the lease itself and sends Dask's frames. Connections that clients open to the scheduler never
-advertise (``scatter`` without ``direct=True``, queues and variables stay Dask's frames): what the scheduler may keep
-longer than a claim timeout never names a lease.
+advertise (queues and variables stay Dask's frames): what the scheduler may keep longer than a claim timeout never
+names a lease. A ``scatter`` without ``direct=True`` reaches the scheduler as frames too; its wrapped ``scatter``
+handler, which passes the data to workers at once, sends each large value on to a proven worker as a lease.
 
 Lifetime (who frees each lease)
 -------------------------------

@@ -1,4 +1,6 @@
-"""The scheduler as a same-host forwarder of results (``TensoSchedulerPlugin``)."""
+"""The scheduler as a same-host forwarder (``TensoSchedulerPlugin``): of results (``gather``, ``broadcast``: the
+worker's lease header goes on to a proven client), and of a client's ``scatter`` through it (the data arrives as
+Dask's frames; the scheduler puts each large value into a lease for the worker it sends it to, at once)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from .state import CLAIM_TIMEOUT, HANDSHAKE_KEY, MIN_BYTES, PLUGIN_NAME
 
 
 _FORWARDED_HANDLERS = ("gather", "broadcast")
+_SCATTER_HANDLER = "scatter"
 _LEASE_KEYS = ("tenso", "tenso-torch", "tenso-packet")
 
 
@@ -72,11 +75,52 @@ def _forward_or_materialize(original: Callable[..., Any]) -> Callable[..., Any]:
     return handler
 
 
+def _frames_nbytes(frames: Any) -> int:
+    return sum(memoryview(f).nbytes for f in frames) if isinstance(frames, (list, tuple)) else 0
+
+
+def _for_workers(value: Any) -> Any:
+    """A large value a client scattered through the scheduler, as an object that our serializer sends to a proven
+    same-host worker as a lease (one copy instead of the scheduler -> worker socket); anything else as it came."""
+    from distributed.protocol.serialize import Serialized, deserialize, to_serialize
+
+    st = state._state
+    if (
+        st is None
+        or not isinstance(value, Serialized)
+        or _carries_lease(value.header)
+        or _frames_nbytes(value.frames) < st.min_bytes
+    ):
+        return value
+    try:
+        obj = deserialize(value.header, value.frames)
+    except Exception:  # noqa: BLE001 - a type this process cannot load (the client's own classes): frames
+        return value
+    return to_serialize(obj)
+
+
+def _lease_scatter(original: Callable[..., Any]) -> Callable[..., Any]:
+    # The scheduler hands scattered data to workers within this call (and keeps none of it), so a lease made
+    # here is adopted at once or left to the claim timeout like any other.
+    async def handler(comm: Any, **kwargs: Any) -> Any:
+        data = kwargs.get("data")
+        if isinstance(data, dict):
+            kwargs["data"] = {k: _for_workers(v) for k, v in data.items()}
+        result = original(**kwargs)
+        if hasattr(result, "__await__"):
+            result = await result
+        return result
+
+    handler._tenso_original = original  # type: ignore[attr-defined]
+    return handler
+
+
 def _start_forwarding(scheduler: Any) -> None:
-    for name in _FORWARDED_HANDLERS:
+    for name in _FORWARDED_HANDLERS + (_SCATTER_HANDLER,):
         current = scheduler.handlers.get(name)
         if current is not None and not hasattr(current, "_tenso_original"):
-            scheduler.handlers[name] = _forward_or_materialize(current)
+            wrap = _lease_scatter if name == _SCATTER_HANDLER else _forward_or_materialize
+            scheduler.handlers[name] = wrap(current)
     state._forwarding = True
     # The scheduler's own idle connections to workers were opened without the forwarder's entry.
     scheduler.rpc.collect()
@@ -86,7 +130,7 @@ def _stop_forwarding(dask_scheduler: Any = None) -> None:
     """Undo the scheduler plugin (``uninstall`` runs it on the scheduler)."""
     state._forwarding = False
     if dask_scheduler is not None:
-        for name in _FORWARDED_HANDLERS:
+        for name in _FORWARDED_HANDLERS + (_SCATTER_HANDLER,):
             current = dask_scheduler.handlers.get(name)
             original = getattr(current, "_tenso_original", None)
             if original is not None:
