@@ -307,3 +307,35 @@ def test_scatter_through_the_scheduler_reaches_the_worker_as_a_lease(client):
     np.testing.assert_array_equal(fut.result(), x)
     small = np.arange(10.0)
     np.testing.assert_array_equal(client.scatter(small, workers=[a]).result(), small)  # frames, as before
+
+
+def test_pool_lease_references_from_python():
+    """The _Pool lease methods tenso.dask builds on: a block counts its references; a writeable view of an adopted
+    block only for its sole reference; the last release frees it."""
+    from tenso import TensoCache
+
+    cache = TensoCache(4 << 20, name=f"tenso-dask-cow-refs-{os.getpid()}", create=True)
+    try:
+        base = cache.stats["used_bytes"]
+        first, mem = cache.lease(1000)
+        np.frombuffer(mem, dtype=np.uint8)[:] = 7  # the maker's one write, before the handle goes out
+        del mem
+        second = cache.share(first)
+        assert cache._pool._references(first) == 2
+        shared = cache.adopt(second)  # another holder exists: read-only
+        assert shared.readonly and bytes(shared[:3]) == b"\7\7\7"
+        cache.release(first)
+        assert cache._pool._references(second) == 1
+        with pytest.raises(ValueError):
+            cache.release(first)
+        third = cache.share(second)
+        cache.release(second)
+        assert cache.adopt(third, writeable=False).readonly
+        assert not cache.adopt(third).readonly  # the sole reference may write
+        cache.release(third)
+        assert cache._pool._references(third) == 0
+        assert cache.stats["used_bytes"] == base
+        del shared
+    finally:
+        cache.close()
+        cache.unlink()
