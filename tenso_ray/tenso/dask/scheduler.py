@@ -88,8 +88,8 @@ def _for_workers(value: Any) -> Any:
     if (
         st is None
         or not isinstance(value, Serialized)
+        or _frames_nbytes(value.frames) < st.min_bytes  # small values (most of them) stop here
         or _carries_lease(value.header)
-        or _frames_nbytes(value.frames) < st.min_bytes
     ):
         return value
     try:
