@@ -29,19 +29,33 @@ def test_native_probe_agrees_with_the_driver():
 
 
 @pytest.mark.skipif(tenso.gpu.available(), reason="this machine has CUDA")
-def test_without_cuda_every_call_is_a_clear_runtime_error_and_reads_nothing():
+def test_without_cuda_every_call_is_a_clear_runtime_error_after_the_packet_is_checked():
+    # Issue #18: read_to_device reads and checks the packet before it looks for a GPU (so a bad packet is a
+    # ValueError and an empty stream None on any machine; tests/test_gpu_cpu.py), then says what is missing.
     problem = tenso.gpu._cuda_problem()
     assert problem and ("libcuda" in problem or "no CUDA device" in problem or "macOS" in problem)
-    src = io.BytesIO(bytes(tenso.dumps(np.arange(4))))
+    packet = bytes(tenso.dumps(np.arange(4)))
+    src = io.BytesIO(packet + packet)
+
+    class OnCuda:
+        def __dlpack__(self, **kwargs):
+            raise AssertionError("not exported")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
     for call in (
         lambda: tenso.gpu.read_to_device(src, 0, framework="torch"),
-        lambda: tenso.gpu.write_from_device(torch.zeros(3), io.BytesIO()),
+        lambda: tenso.gpu.write_from_device(OnCuda(), io.BytesIO()),
         lambda: tenso.gpu.staging_stats(0),
     ):
         with pytest.raises(RuntimeError, match="needs a CUDA GPU") as info:
             call()
         assert problem in str(info.value)
-    assert src.tell() == 0, "the stream is untouched"
+    assert src.tell() == len(packet), "exactly one packet was read"
+    # Host tensors need no GPU: written as write_stream writes them.
+    out = io.BytesIO()
+    assert tenso.gpu.write_from_device(torch.zeros(3), out) == len(out.getvalue()) == len(tenso.dumps(np.zeros(3, np.float32)))
     # The native entry points check too (cudarc would panic on a missing libcuda).
     with pytest.raises(RuntimeError, match="CUDA"):
         tenso_rs._gpu_read_to_device(bytes(tenso.dumps(np.arange(4))), 0)

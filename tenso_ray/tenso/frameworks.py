@@ -218,7 +218,11 @@ _STAGED: Optional[bool] = None
 
 
 def _staged() -> bool:
-    """Whether device copies go through tenso's pinned staging: the driver reports a CUDA device."""
+    """Whether device copies go through tenso's pinned staging: the driver reports a CUDA device.
+
+    The first call initialises CUDA in this process (``cuInit``): call it only for a tensor already known to be on a
+    CUDA device (or a CUDA target), never for CPU data, which must convert in processes that never touch CUDA
+    (``tests/test_gpu_cpu.py`` counts the calls)."""
     global _STAGED
     if _STAGED is None:
         _STAGED = bool(_rs._gpu_available())
@@ -287,11 +291,14 @@ def to_host(obj: Any) -> Any:
     kind = _kind(obj)
     if kind is None:
         return obj
-    if kind == "torch" and _staged() and obj.device.type == "cuda" and obj.layout is _torch().strided:
+    # The device is looked at before _staged(): only a CUDA tensor may make this process initialise CUDA.
+    if kind == "torch" and obj.device.type == "cuda" and obj.layout is _torch().strided and _staged():
         # Every dtype, through its bytes (torch_bytes stages CUDA tensors); a C-contiguous copy.
         return torch_bytes(obj).view(numpy_dtype_of(obj.dtype)).reshape(tuple(obj.shape))
-    if kind != "torch" and _staged() and _is_cuda(obj):
-        host = _staged_to_host(obj)
+    if kind != "torch" and _is_cuda(obj) and _staged():
+        producer, on_device = _cuda_export(obj)  # CuPy exports on its current device: make it the array's
+        with on_device:
+            host = _staged_to_host(producer)
         if host is not None:
             return host
     if kind == "torch":
@@ -314,10 +321,17 @@ def _cuda_export(obj: Any) -> tuple[Any, Any]:
 
     torch's ``__dlpack__`` refuses (BufferError) tensors that require grad or carry a conj/neg bit, and CUDA tensors
     on a device other than torch's current one: a torch tensor comes back detached with its bits resolved (a view;
-    a copy only where a bit is set) with a guard that makes its device current. Anything else comes back as it is,
-    with a guard that does nothing.
+    a copy only where a bit is set) with a guard that makes its device current. A CuPy array gets a guard that makes
+    its device current (its ``stream=`` handshake records the ordering event on the *current* device's stream, which
+    must be the array's). JAX exports from the array's own device whatever is current (its DLPack export names the
+    device and orders on it), so JAX arrays and anything else come back as they are, with a guard that does
+    nothing.
     """
-    if _kind(obj) != "torch":
+    kind = _kind(obj)
+    if kind == "cupy":
+        cupy = sys.modules["cupy"]
+        return obj, cupy.cuda.Device(int(obj.device.id))
+    if kind != "torch":
         return obj, contextlib.nullcontext()
     import torch
 
@@ -336,7 +350,7 @@ def torch_bytes(t: Any) -> np.ndarray:
     """
     import torch
 
-    if _staged() and t.device.type == "cuda" and t.layout is torch.strided and not t.is_quantized:
+    if t.device.type == "cuda" and t.layout is torch.strided and not t.is_quantized and _staged():
         # Gathered on the device if strided, then one copy home through tenso's pinned staging (exported with the
         # tensor's device current: torch refuses to export it otherwise).
         t, on_device = _cuda_export(t)

@@ -37,6 +37,7 @@ __all__ = [
     "_lz4_decompress",
     "_kernel_paths",
     "_gpu_available",
+    "_gpu_init_calls",
     "_gpu_problem",
     "_gpu_read_to_device",
     "_gpu_write_from_device",
@@ -195,6 +196,7 @@ def _kernel_paths() -> dict[str, str]:
     """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
     "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
 def _gpu_available() -> bool: ...
+def _gpu_init_calls() -> int: ...
 def _gpu_problem() -> Optional[str]:
     """Why CUDA cannot be used here (no driver, no device, built without CUDA), or None."""
 

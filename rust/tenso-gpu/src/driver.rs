@@ -381,7 +381,7 @@ mod tests {
     fn without_driver_open_is_an_error_not_a_panic() {
         // SAFETY: see available().
         if unsafe { sys::is_culib_present() } {
-            return; // a machine with a driver: covered by the GPU tests (scripts/gpu-check.sh)
+            return; // a machine with a driver: covered by the hardware tests below (scripts/gpu-check.sh runs them)
         }
         assert!(matches!(available(), Err(GpuError::NoDriver)));
         let err = Device::open(0, 1 << 20).unwrap_err();
@@ -400,6 +400,8 @@ mod tests {
         let mut memory = vec![7u8; 3 << 20];
         let ptr = NonNull::new(memory.as_mut_ptr()).unwrap();
         let is_host = |p: NonNull<u8>| {
+            // Device::open restored the thread's previous context (none): every driver call needs ours bound.
+            let _current = device.bind().expect("bind the primary context");
             let mut kind: u32 = 0;
             // SAFETY: queries an attribute of an address; kind is a c_uint as the attribute requires.
             let r = unsafe {
@@ -424,7 +426,7 @@ mod tests {
         drop(memory);
     }
 
-    /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` when cargo is there).
+    /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` and fails on it).
     #[test]
     fn round_trip_through_staging_reuses_buffers() {
         if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
@@ -434,8 +436,10 @@ mod tests {
         let device = Device::open(0, chunk).unwrap();
         let len = 5 * chunk + 12_345; // several chunks and a ragged tail
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        // SAFETY: a plain device allocation in the current (primary) context, freed below.
-        let dptr = unsafe { result::malloc_sync(len) }.unwrap();
+        // Through DeviceMemory::alloc, which binds the primary context (Device::open left none bound on this thread);
+        // freed by the buffer's Drop, which binds it again.
+        let buf = device.alloc(len).unwrap();
+        let dptr = buf.ptr();
         for _ in 0..3 {
             let mut fed = 0usize;
             // SAFETY: dptr holds len bytes and nothing else uses it.
@@ -464,7 +468,26 @@ mod tests {
             2,
             "steady state allocates no pinned memory"
         );
-        // SAFETY: allocated above, no copy in flight.
-        unsafe { result::free_sync(dptr) }.unwrap();
+        drop(buf);
+        // The driver reports its errors where they happen, not at the next call: nothing was left pending.
+        device.sync(0).unwrap();
+    }
+
+    /// Runs only where a CUDA device exists: after open, the thread's context is what it was before (none), so a
+    /// bare driver call fails as it would in a thread of the caller's, and our calls bind for themselves.
+    #[test]
+    fn open_leaves_the_thread_as_it_found_it() {
+        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+            return;
+        }
+        let device = Device::open(0, 1 << 20).unwrap();
+        assert_eq!(result::ctx::get_current().unwrap(), None);
+        {
+            let _current = device.bind().unwrap();
+            assert!(result::ctx::get_current().unwrap().is_some());
+        }
+        assert_eq!(result::ctx::get_current().unwrap(), None);
+        let buf = device.alloc(4096).unwrap();
+        assert_eq!(buf.len(), 4096);
     }
 }

@@ -15,7 +15,6 @@
 //!
 //! Every entry point checks [`tenso_gpu::available`] first (cudarc panics without libcuda).
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -36,6 +35,7 @@ use tenso_gpu::dlpack::{dl_dtype, is_c_contiguous, wire_dtype};
 use tenso_gpu::packet::{
     read_packet, write_packet, DeviceTensor, Outgoing, Received, SourceTensor,
 };
+use tenso_gpu::process::ProcessCache;
 use tenso_gpu::register::HostRegistration;
 use tenso_gpu::{CudaBuf, CudaRegistrar, Device, GpuError};
 
@@ -49,19 +49,17 @@ const CHUNK: usize = 8 << 20;
 
 type Shared = Arc<Mutex<Device>>;
 
-/// One `Device` (primary context, streams, staging pool) per ordinal, for the life of the process.
+/// One `Device` (primary context, streams, staging pool) per ordinal, for the life of the process that opened it; a
+/// forked child gets `GpuError::Forked` (its copy of the parent's handles is not valid in it) instead.
 fn device(ordinal: i32) -> Result<Shared, GpuError> {
-    static DEVICES: OnceLock<Mutex<HashMap<i32, Shared>>> = OnceLock::new();
+    static DEVICES: OnceLock<Mutex<ProcessCache<i32, Shared>>> = OnceLock::new();
     let mut devices = DEVICES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(d) = devices.get(&ordinal) {
-        return Ok(Arc::clone(d));
-    }
-    let d = Arc::new(Mutex::new(Device::open(ordinal, CHUNK)?));
-    devices.insert(ordinal, Arc::clone(&d));
-    Ok(d)
+    devices.get_or_make(ordinal, || {
+        Ok(Arc::new(Mutex::new(Device::open(ordinal, CHUNK)?)))
+    })
 }
 
 fn gpu_error(err: GpuError) -> PyErr {
@@ -127,25 +125,27 @@ fn with_view<'py, R>(
     Ok(out)
 }
 
-/// `io::Read` over a Python `fill(view) -> int` callable (with the GIL).
-struct PyFill<'a, 'py> {
-    fill: &'a Bound<'py, PyAny>,
+/// `io::Read` over a Python `fill(view) -> int` callable, run without the GIL: each read attaches for the call only,
+/// so the copies and stream waits between reads let other Python threads run.
+struct PyFill {
+    fill: Py<PyAny>,
 }
 
-impl io::Read for PyFill<'_, '_> {
+impl io::Read for PyFill {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let py = self.fill.py();
-        with_view(py, buf.as_mut_ptr(), buf.len(), true, |view| {
-            let n = self.fill.call1((view,))?;
-            if n.is_none() {
-                return Err(pyo3::exceptions::PyBlockingIOError::new_err(
-                    "source is non-blocking and has no data ready",
-                ));
-            }
-            n.extract::<usize>()
+        Python::attach(|py| {
+            with_view(py, buf.as_mut_ptr(), buf.len(), true, |view| {
+                let n = self.fill.bind(py).call1((view,))?;
+                if n.is_none() {
+                    return Err(pyo3::exceptions::PyBlockingIOError::new_err(
+                        "source is non-blocking and has no data ready",
+                    ));
+                }
+                n.extract::<usize>()
+            })
         })
         .map_err(carry)
     }
@@ -291,10 +291,13 @@ fn _gpu_read_to_device<'py>(
     let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
     let opts = DecodeOptions::default();
     let received = if source.is_callable() {
-        let dev = shared
-            .lock_py_attached(py)
-            .unwrap_or_else(|p| p.into_inner());
-        read_packet(&*dev, &mut PyFill { fill: source }, &opts)
+        let mut fill = PyFill {
+            fill: source.clone().unbind(),
+        };
+        py.detach(|| {
+            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+            read_packet(&*dev, &mut fill, &opts)
+        })
     } else {
         let bytes = Source::new(source)?;
         let slice = bytes.bytes();
@@ -464,24 +467,29 @@ fn _gpu_write_from_device(
         integrity: check_integrity,
         ..EncodeOptions::default()
     };
-    let dev = shared
-        .lock_py_attached(py)
-        .unwrap_or_else(|p| p.into_inner());
-    // The producers ordered their pending writes before stream 0 (the handshake); waiting for it here makes the
-    // data ready for both copy streams.
-    tenso_gpu::copy::CopyEngine::sync(&*dev, 0).map_err(gpu_error)?;
-    // SAFETY: every SourceTensor points to the C-contiguous device memory (N * itemsize bytes from ptr: dlpark's
-    // validation and is_c_contiguous in import) of a tensor whose DLPack export we hold (owners) until this returns, and whose pending writes
-    // finished (the sync above).
-    let n = unsafe {
-        write_packet(&*dev, &out, &opts, |chunk| {
-            with_view(py, chunk.as_ptr().cast_mut(), chunk.len(), false, |v| {
-                write.call1((v,)).map(drop)
-            })
-            .map_err(|e| GpuError::Io(carry(e)))
+    let write = write.clone().unbind();
+    // Without the GIL for the whole copy (stream waits included): only each chunk's write(view) attaches.
+    let n = py
+        .detach(|| {
+            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+            // The producers ordered their pending writes before stream 0 (the handshake); waiting for it here makes
+            // the data ready for both copy streams.
+            tenso_gpu::copy::CopyEngine::sync(&*dev, 0)?;
+            // SAFETY: every SourceTensor points to the C-contiguous device memory (N * itemsize bytes from ptr:
+            // dlpark's validation and is_c_contiguous in import) of a tensor whose DLPack export we hold (owners)
+            // until this returns, and whose pending writes finished (the sync above).
+            unsafe {
+                write_packet(&*dev, &out, &opts, |chunk| {
+                    Python::attach(|py| {
+                        with_view(py, chunk.as_ptr().cast_mut(), chunk.len(), false, |v| {
+                            write.bind(py).call1((v,)).map(drop)
+                        })
+                    })
+                    .map_err(|e| GpuError::Io(carry(e)))
+                })
+            }
         })
-    }
-    .map_err(gpu_error)?;
+        .map_err(gpu_error)?;
     drop(owners);
     Ok(n)
 }
@@ -608,6 +616,13 @@ fn _gpu_staging_stats(py: Python<'_>, device_id: i64) -> PyResult<(u64, usize, u
     Ok((pool.allocations(), pool.idle(), pool.chunk()))
 }
 
+/// How many times this process asked the CUDA driver to initialise (`cuInit`, or the probe for it where no driver is
+/// installed): tests prove with it that converting CPU tensors never reaches for CUDA.
+#[pyfunction]
+fn _gpu_init_calls() -> u64 {
+    tenso_gpu::init_calls()
+}
+
 /// Whether the NVIDIA driver loads here and reports at least one CUDA device; never raises, never panics
 /// (libcuda is dlopen'ed and checked before any driver call).
 #[pyfunction]
@@ -630,6 +645,7 @@ fn _gpu_problem(py: Python<'_>) -> Option<String> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDeviceTensor>()?;
     m.add_function(wrap_pyfunction!(_gpu_available, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_init_calls, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_problem, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_read_to_device, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_write_from_device, m)?)?;
