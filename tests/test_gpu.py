@@ -208,6 +208,11 @@ def test_bundles_errors_and_strided_tensors():
 @pytest.mark.parametrize("framework", ["cupy", "jax"])
 def test_other_frameworks_share_the_device_memory(framework):
     fw = pytest.importorskip(framework)
+    if framework == "jax":
+        try:
+            fw.devices("cuda")
+        except RuntimeError as e:  # a CPU-only jaxlib (no jax-cuda plugin): nothing of ours to test
+            pytest.skip(f"JAX has no CUDA backend here ({e})")
     packet = bytes(tenso.dumps(np.arange(1000, dtype=np.float32).reshape(10, 100)))
     back = tenso.gpu.read_to_device(packet, 0, framework=framework)
     np.testing.assert_array_equal(np.asarray(back.get() if framework == "cupy" else back),

@@ -109,7 +109,8 @@ def _device(framework: str, device_id: int) -> str:
 def _as_stream(source: Any) -> Any:
     """``source`` as :func:`tenso.read_stream` takes it (a bytes-like object is read from memory)."""
     if isinstance(source, (bytes, bytearray, memoryview, np.ndarray, mmap.mmap)):
-        return io.BytesIO(memoryview(source).cast("B"))
+        view: memoryview = memoryview(source)  # type: ignore[arg-type]  # mmap and ndarray are buffers
+        return io.BytesIO(view.cast("B"))
     return source
 
 

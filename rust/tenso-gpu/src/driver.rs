@@ -377,6 +377,19 @@ impl Drop for Device {
 mod tests {
     use super::*;
 
+    /// Whether the hardware tests below run: a CUDA device is there. With `TENSO_GPU_REQUIRE_DEVICE` set (as
+    /// scripts/gpu-check.sh sets it) a missing device fails the test instead of skipping it, so that a GPU check
+    /// cannot pass without having run them.
+    fn hardware() -> bool {
+        let found = available();
+        let present = matches!(found, Ok(DeviceCount(n)) if n > 0);
+        assert!(
+            present || std::env::var_os("TENSO_GPU_REQUIRE_DEVICE").is_none(),
+            "TENSO_GPU_REQUIRE_DEVICE is set, but no CUDA device can be used: {found:?}"
+        );
+        present
+    }
+
     #[test]
     fn without_driver_open_is_an_error_not_a_panic() {
         // SAFETY: see available().
@@ -393,7 +406,7 @@ mod tests {
     /// memory, and unlocks it before unmapping.
     #[test]
     fn registration_pins_and_unpins_a_mapping() {
-        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+        if !hardware() {
             return;
         }
         let device = Device::open(0, 1 << 20).unwrap();
@@ -429,7 +442,7 @@ mod tests {
     /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` and fails on it).
     #[test]
     fn round_trip_through_staging_reuses_buffers() {
-        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+        if !hardware() {
             return;
         }
         let chunk = 1 << 20;
@@ -477,7 +490,7 @@ mod tests {
     /// bare driver call fails as it would in a thread of the caller's, and our calls bind for themselves.
     #[test]
     fn open_leaves_the_thread_as_it_found_it() {
-        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+        if !hardware() {
             return;
         }
         let device = Device::open(0, 1 << 20).unwrap();
