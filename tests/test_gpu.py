@@ -12,7 +12,7 @@ import pytest
 
 import tenso
 import tenso.gpu
-from tenso import tenso_rs
+from tenso import frameworks, tenso_rs
 
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -393,3 +393,82 @@ def test_a_pinned_batch_freed_during_its_copy_goes_back_after_the_copy():
     assert fn.pool.stats["used_bytes"] == 0
     assert torch.equal(out.cpu(), torch.full((4, 1024, 1024), 3.0))
     fn.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue #19 on the device: consumer allocator (3), forked child (6), multi-GPU guards (7)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_torch_tensors_live_in_torchs_caching_allocator():
+    # Counted and reused by torch (memory_allocated), freed into its cache (no cuMemFree, no device-wide sync).
+    packet = bytes(tenso.dumps(np.arange(1 << 20, dtype=np.float32)))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(0)
+    t = tenso.gpu.read_to_device(packet, 0, framework="torch")
+    assert torch.cuda.memory_allocated(0) - before >= 4 << 20
+    assert torch.equal(t.cpu(), torch.arange(1 << 20, dtype=torch.float32))
+    reserved = torch.cuda.memory_reserved(0)
+    del t
+    assert torch.cuda.memory_allocated(0) == before
+    for _ in range(3):  # the cached block is reused: nothing new reserved
+        assert tenso.gpu.read_to_device(packet, 0, framework="torch").shape == (1 << 20,)
+    assert torch.cuda.memory_reserved(0) == reserved
+    # On a side stream: the copy waits for that stream's pending work on the block, and the result is right.
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        busy = torch.ones(4 << 20, device="cuda")
+        busy.mul_(2)
+        del busy  # its block may be handed to the read below while the multiply still runs
+        x = torch.from_numpy(np.arange(12, dtype=np.int64).reshape(3, 4)).to("cuda")
+        y = frameworks.from_host(np.arange(12, dtype=np.int64).reshape(3, 4), "torch:cuda:0")
+    side.synchronize()
+    assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_a_forked_child_is_refused_with_a_clear_error():
+    import os
+
+    packet = bytes(tenso.dumps(np.arange(4, dtype=np.float32)))
+    tenso.gpu.read_to_device(packet, 0, framework="torch")  # the device is opened in this process
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            tenso.tenso_rs._gpu_read_to_device(packet, 0)
+            msg = b"no error"
+        except RuntimeError as e:
+            msg = str(e).encode()[:500]
+        except BaseException as e:  # noqa: BLE001
+            msg = repr(e).encode()[:500]
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    msg = os.read(r, 1000).decode()
+    os.waitpid(pid, 0)
+    assert "forked" in msg and "spawn" in msg, msg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_non_current_device_export_under_their_guard():
+    packet = bytes(tenso.dumps(np.arange(1000, dtype=np.float32)))
+    assert torch.cuda.current_device() == 0
+    t = tenso.gpu.read_to_device(packet, 1, framework="torch")
+    assert t.device.index == 1
+    out = io.BytesIO()
+    tenso.gpu.write_from_device(t, out)
+    assert out.getvalue() == packet
+    try:
+        import cupy
+    except ImportError:
+        return
+    a = tenso.gpu.read_to_device(packet, 1, framework="cupy")
+    assert a.device.id == 1 and cupy.cuda.Device().id == 0
+    out = io.BytesIO()
+    tenso.gpu.write_from_device(a, out)
+    assert out.getvalue() == packet
+    assert np.array_equal(frameworks.to_host(a), np.arange(1000, dtype=np.float32))

@@ -233,11 +233,59 @@ def _wire(array: np.ndarray) -> bool:
     return array.dtype in _WIRE_DTYPES or array.dtype.name == "bfloat16"
 
 
+# alloc(nbytes) -> (device address, owner, consumer stream handle): see _consumer_alloc.
+_Alloc = Callable[[int], tuple[int, Any, int]]
+
+
+def _consumer_alloc(framework: str, index: int) -> Optional[_Alloc]:
+    """An allocator of device memory in ``framework``'s own caching allocator on CUDA device ``index``, or None for
+    a framework without one that tenso can use (JAX: tenso allocates, and the memory goes through DLPack).
+
+    Each call returns an empty ``uint8`` tensor's address, the tensor (its owner: the memory goes back to the
+    framework's pool when it is freed, stream-ordered, with no ``cuMemFree`` and no device-wide synchronisation),
+    and the framework's current stream on that device, which the native copy waits for (on the device) before it
+    writes: the pool may hand out a block that work queued earlier on that stream still uses.
+    """
+    if framework == "torch":
+        torch = _torch()
+        device = torch.device("cuda", index)
+        stream = int(torch.cuda.current_stream(device).cuda_stream)
+
+        def torch_alloc(nbytes: int) -> tuple[int, Any, int]:
+            t = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            return int(t.data_ptr()), t, stream
+
+        return torch_alloc
+    if framework == "cupy":
+        cupy = sys.modules["cupy"]
+        with cupy.cuda.Device(index):
+            cupy_stream = int(cupy.cuda.get_current_stream().ptr)
+
+        def cupy_alloc(nbytes: int) -> tuple[int, Any, int]:
+            with cupy.cuda.Device(index):
+                a = cupy.empty(nbytes, dtype=cupy.uint8)
+            return int(a.data.ptr), a, cupy_stream
+
+        return cupy_alloc
+    return None
+
+
+def _consumed(owner: Any, dtype: str, shape: Sequence[int], framework: str) -> Any:
+    """The ``uint8`` tensor that ``_consumer_alloc`` made, seen as the packet's dtype and shape (a view)."""
+    if framework == "torch":
+        return owner.view(getattr(_torch(), dtype)).reshape(tuple(shape))
+    return owner.view(np.dtype(dtype)).reshape(tuple(shape))
+
+
 def _staged_to_device(array: np.ndarray, index: int, framework: str) -> Any:
-    """``array`` on CUDA device ``index`` as a ``framework`` tensor: one copy into pinned staging, DMA to memory tenso
-    allocated, handed over through DLPack."""
+    """``array`` on CUDA device ``index`` as a ``framework`` tensor: one copy into pinned staging, DMA to memory of
+    the framework's own allocator (torch, CuPy), or memory tenso allocated handed over through DLPack (JAX)."""
     contiguous = np.ascontiguousarray(array)  # a no-op for C-contiguous input (the common case)
-    return device_from_dlpack(_rs._gpu_from_host(contiguous, index), framework)
+    alloc = _consumer_alloc(framework, index)
+    if alloc is None:
+        return device_from_dlpack(_rs._gpu_from_host(contiguous, index), framework)
+    owner = _rs._gpu_from_host(contiguous, index, alloc)
+    return _consumed(owner, contiguous.dtype.name, contiguous.shape, framework)
 
 
 def _staged_to_host(obj: Any) -> Optional[np.ndarray]:

@@ -33,7 +33,16 @@ from typing import Any, Optional
 import numpy as np
 
 from .core import _make_filler, _writer, read_stream, write_stream
-from .frameworks import _cuda_export, _is_cuda, check_device, device_from_dlpack, map_arrays, to_host
+from .frameworks import (
+    _consumed,
+    _consumer_alloc,
+    _cuda_export,
+    _is_cuda,
+    check_device,
+    device_from_dlpack,
+    map_arrays,
+    to_host,
+)
 from .tenso_rs import _gpu_available, _gpu_problem, _gpu_read_to_device, _gpu_staging_stats, _gpu_write_from_device
 
 __all__ = ["BACKEND", "available", "read_to_device", "write_from_device", "staging_stats"]
@@ -167,6 +176,13 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
             return None
         _require_cuda("read_to_device")
     check_device(target)  # the framework and its CUDA support, before the stream is consumed
+    alloc = _consumer_alloc(name, device_id)
+    if alloc is not None:
+        # torch and CuPy: each tensor in the framework's own caching allocator (no cuMemFree when it goes).
+        got = _gpu_read_to_device(_feed(source), device_id, alloc)
+        if isinstance(got, dict):
+            return {key: _consumed(*value, name) for key, value in got.items()}
+        return None if got is None else _consumed(*got, name)
     obj = _gpu_read_to_device(_feed(source), device_id)
     if obj is None:
         return None

@@ -6,7 +6,7 @@ with ``_`` is private to the :mod:`tenso` package. Constants mirror
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Optional, TypeAlias, Union, final
+from typing import Any, Final, Optional, TypeAlias, Union, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -221,14 +221,25 @@ class DeviceTensor:
     @property
     def nbytes(self) -> int: ...
 
+# alloc(nbytes) -> (device address, owner tensor, consumer stream handle): memory of the consumer's allocator.
+_GpuAlloc = Callable[[int], tuple[int, Any, int]]
+
+@overload
 def _gpu_read_to_device(
-    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int
+    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int, alloc: None = None
 ) -> Union[None, DeviceTensor, dict[str, DeviceTensor]]: ...
+@overload
+def _gpu_read_to_device(
+    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int, alloc: _GpuAlloc
+) -> Union[None, tuple[Any, str, list[int]], dict[str, tuple[Any, str, list[int]]]]: ...
 def _gpu_write_from_device(
     tensors: Any, write: Callable[[memoryview], object], check_integrity: bool = False
 ) -> int: ...
 def _gpu_staging_stats(device_id: int) -> tuple[int, int, int]: ...
-def _gpu_from_host(array: npt.NDArray[Any], device_id: int) -> DeviceTensor: ...
+@overload
+def _gpu_from_host(array: npt.NDArray[Any], device_id: int, alloc: None = None) -> DeviceTensor: ...
+@overload
+def _gpu_from_host(array: npt.NDArray[Any], device_id: int, alloc: _GpuAlloc) -> Any: ...
 def _gpu_to_host(tensor: Any) -> tuple[npt.NDArray[np.uint8], str, list[int]]: ...
 def _process_alive(pid: int) -> bool: ...
 

@@ -274,6 +274,40 @@ impl Device {
         self.streams[slot % 2]
     }
 
+    /// Makes both copy streams wait, on the device and without blocking the host, for the work queued so far on
+    /// `stream`: memory that a consumer's stream-ordered allocator (torch's, CuPy's) just handed out on `stream`
+    /// may still be in use by that work, and our copies into it must come after.
+    ///
+    /// # Safety
+    /// `stream` (a `CUstream` handle as the integer Python frameworks report, e.g. torch's `cuda_stream`) is a live
+    /// stream of this device's primary context (0: the legacy default stream).
+    pub unsafe fn wait_for(&self, stream: usize) -> Result<(), GpuError> {
+        let stream = stream as sys::CUstream;
+        let _current = self.bind()?;
+        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(driver("cuEventCreate"))?;
+        let waited = (|| {
+            // SAFETY: event was just created in the bound context; the caller guarantees the stream.
+            unsafe { result::event::record(event, stream) }.map_err(driver("cuEventRecord"))?;
+            for ours in self.streams {
+                // SAFETY: our stream and the event live in the bound context; the wait is queued on the device.
+                unsafe {
+                    result::stream::wait_event(
+                        ours,
+                        event,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                }
+                .map_err(driver("cuStreamWaitEvent"))?;
+            }
+            Ok(())
+        })();
+        // SAFETY: created above and used by nothing else; the driver defers the destruction of a recorded event
+        // until the waits queued on it are done.
+        let _ = unsafe { result::event::destroy(event) };
+        waited
+    }
+
     /// Copies `len` bytes produced by `fill` into device memory at `dst` (see [`crate::copy::upload`]).
     ///
     /// # Safety

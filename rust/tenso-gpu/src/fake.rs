@@ -70,6 +70,8 @@ struct Memory {
     queues: [Vec<Pending>; SLOTS],
     /// Copies that reached `sync` after their device memory was freed (a use after free on a real device).
     lost: usize,
+    /// Device-wide synchronisations: every free counts as one (`cuMemFree` may wait for the whole device).
+    device_syncs: usize,
 }
 
 impl Memory {
@@ -116,6 +118,12 @@ impl FakeDevice {
     /// Copies whose device memory was freed while they were still queued (must stay 0).
     pub fn lost(&self) -> usize {
         self.mem.lock().unwrap().lost
+    }
+
+    /// Device-wide synchronisations so far (each free of a fake allocation counts, as `cuMemFree` may wait for
+    /// the whole device).
+    pub fn device_syncs(&self) -> usize {
+        self.mem.lock().unwrap().device_syncs
     }
 
     /// Live allocations.
@@ -211,6 +219,7 @@ impl Drop for FakeBuf {
     fn drop(&mut self) {
         let mut mem = self.mem.lock().unwrap();
         mem.allocations.retain(|(base, _)| *base != self.ptr);
+        mem.device_syncs += 1;
     }
 }
 

@@ -30,7 +30,7 @@ use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 use pyo3::types::{PyDict, PyTuple};
 use tenso_format::{DType, DecodeOptions, EncodeOptions};
-use tenso_gpu::copy::{DeviceBuf, DeviceMemory};
+use tenso_gpu::copy::{DeviceBuf, DeviceMemory, ExternalMemory};
 use tenso_gpu::dlpack::{dl_dtype, is_c_contiguous, wire_dtype};
 use tenso_gpu::packet::{
     read_packet, write_packet, DeviceTensor, Outgoing, Received, SourceTensor,
@@ -280,44 +280,118 @@ fn require_gpu() -> PyResult<()> {
     }
 }
 
-/// Reads one packet into fresh device memory on `device_id`: None, a DeviceTensor, or a dict of them (bundle).
-#[pyfunction]
-fn _gpu_read_to_device<'py>(
-    py: Python<'py>,
-    source: &Bound<'py, PyAny>,
-    device_id: i64,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    require_gpu()?;
-    let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
-    let opts = DecodeOptions::default();
-    let received = if source.is_callable() {
-        let mut fill = PyFill {
-            fill: source.clone().unbind(),
-        };
-        py.detach(|| {
-            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
-            read_packet(&*dev, &mut fill, &opts)
-        })
-    } else {
-        let bytes = Source::new(source)?;
-        let slice = bytes.bytes();
-        py.detach(|| {
-            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
-            read_packet(&*dev, &mut &slice[..], &opts)
-        })
+/// Device memory from the consumer's allocator (`alloc(nbytes) -> (address, owner, stream)`, tenso.gpu's torch and
+/// CuPy allocators): `owner` (an empty uint8 tensor) owns it and gives it back to its allocator when it goes.
+#[derive(Debug)]
+struct Consumed {
+    ptr: u64,
+    len: usize,
+    owner: Py<PyAny>,
+}
+
+impl DeviceBuf for Consumed {
+    fn ptr(&self) -> u64 {
+        self.ptr
     }
-    .map_err(gpu_error)?;
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// One tensor's memory from the consumer: its allocator is called (with the GIL), and our copy streams are made to
+/// wait for the consumer's stream, on which the memory may still be in use by work queued before it was freed.
+fn consume(dev: &Device, alloc: &Py<PyAny>, len: usize) -> Result<Consumed, GpuError> {
+    let (ptr, owner, stream) = Python::attach(|py| {
+        alloc
+            .bind(py)
+            .call1((len,))?
+            .extract::<(u64, Py<PyAny>, usize)>()
+    })
+    .map_err(|e| GpuError::Io(carry(e)))?;
+    if len > 0 {
+        // SAFETY: the stream is the consumer's current stream on this device (tenso.gpu passes the handle its
+        // framework reports for the device the memory was allocated on), alive while its framework runs.
+        unsafe { dev.wait_for(stream) }?;
+    }
+    Ok(Consumed { ptr, len, owner })
+}
+
+/// `(owner, wire dtype name, shape)` of a tensor read into consumer memory.
+fn consumed_tuple<'py>(py: Python<'py>, t: DeviceTensor<Consumed>) -> PyResult<Bound<'py, PyAny>> {
+    (t.buf.owner.bind(py).clone(), t.dtype.name(), t.shape)
+        .into_pyobject(py)
+        .map(Bound::into_any)
+}
+
+fn received_to_py<'py, B>(
+    py: Python<'py>,
+    received: Option<Received<B>>,
+    one: impl Fn(Python<'py>, DeviceTensor<B>) -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
     Ok(match received {
         None => None,
-        Some(Received::Dense(t)) => Some(Bound::new(py, PyDeviceTensor::new(t)?)?.into_any()),
+        Some(Received::Dense(t)) => Some(one(py, t)?),
         Some(Received::Bundle(entries)) => {
             let dict = PyDict::new(py);
             for (key, t) in entries {
-                dict.set_item(key, Bound::new(py, PyDeviceTensor::new(t)?)?)?;
+                dict.set_item(key, one(py, t)?)?;
             }
             Some(dict.into_any())
         }
     })
+}
+
+/// Reads one packet into device memory on `device_id`: None, a tensor, or a dict of them (bundle). Without `alloc`
+/// each tensor is a DeviceTensor over memory tenso allocated; with `alloc` (see [`Consumed`]) each is
+/// `(owner, dtype name, shape)` in memory of the consumer's allocator.
+#[pyfunction]
+#[pyo3(signature = (source, device_id, alloc=None))]
+fn _gpu_read_to_device<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    device_id: i64,
+    alloc: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    require_gpu()?;
+    let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
+    let opts = DecodeOptions::default();
+    let alloc = alloc.map(|a| a.clone().unbind());
+    let mut fill;
+    let bytes;
+    let mut slice: &[u8];
+    let reader: &mut (dyn io::Read + Send) = if source.is_callable() {
+        fill = PyFill {
+            fill: source.clone().unbind(),
+        };
+        &mut fill
+    } else {
+        bytes = Source::new(source)?;
+        slice = bytes.bytes();
+        &mut slice
+    };
+    match alloc {
+        None => {
+            let received = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    read_packet(&*dev, reader, &opts)
+                })
+                .map_err(gpu_error)?;
+            received_to_py(py, received, |py, t| {
+                Ok(Bound::new(py, PyDeviceTensor::new(t)?)?.into_any())
+            })
+        }
+        Some(alloc) => {
+            let received = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let consumer = ExternalMemory::new(&*dev, |len| consume(&dev, &alloc, len));
+                    read_packet(&consumer, reader, &opts)
+                })
+                .map_err(gpu_error)?;
+            received_to_py(py, received, consumed_tuple)
+        }
+    }
 }
 
 /// Our copy stream, handed to producers in the `stream=` handshake.
@@ -494,13 +568,16 @@ fn _gpu_write_from_device(
     Ok(n)
 }
 
-/// A C-contiguous, native-endian host array copied into fresh device memory on `device_id` through the pinned
-/// staging (one staging copy; the GIL is released for the copy).
+/// A C-contiguous, native-endian host array copied into device memory on `device_id` through the pinned staging (one
+/// staging copy; the GIL is released for the copy): a DeviceTensor over memory tenso allocated, or with `alloc` (see
+/// [`Consumed`]) the owner of memory from the consumer's allocator.
 #[pyfunction]
+#[pyo3(signature = (array, device_id, alloc=None))]
 fn _gpu_from_host<'py>(
     array: &Bound<'py, PyUntypedArray>,
     device_id: i64,
-) -> PyResult<Bound<'py, PyDeviceTensor>> {
+    alloc: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
     require_gpu()?;
     let py = array.py();
     let (dtype, swap) = wire_dtype_of(&array.dtype())?;
@@ -513,23 +590,46 @@ fn _gpu_from_host<'py>(
     let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
     let source = Source::new(array.as_any())?;
     let bytes = source.bytes();
-    let buf = py
-        .detach(|| {
-            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let buf = dev.alloc(bytes.len())?;
-            let mut at = 0;
-            // SAFETY: buf was just allocated with bytes.len() bytes and is ours alone; upload drains before returning.
-            unsafe {
-                tenso_gpu::copy::upload(&*dev, buf.ptr(), bytes.len(), |chunk| {
-                    chunk.copy_from_slice(&bytes[at..at + chunk.len()]);
-                    at += chunk.len();
-                    Ok(())
+    let alloc = alloc.map(|a| a.clone().unbind());
+    let upload = |dev: &Device, dst: u64| -> Result<(), GpuError> {
+        let mut at = 0;
+        // SAFETY: dst holds bytes.len() bytes of device memory that is ours alone (just allocated); upload drains
+        // before returning.
+        unsafe {
+            tenso_gpu::copy::upload(dev, dst, bytes.len(), |chunk| {
+                chunk.copy_from_slice(&bytes[at..at + chunk.len()]);
+                at += chunk.len();
+                Ok(())
+            })
+        }
+    };
+    match alloc {
+        None => {
+            let buf = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let buf = dev.alloc(bytes.len())?;
+                    upload(&dev, buf.ptr())?;
+                    Ok(buf)
                 })
-            }?;
-            Ok(buf)
-        })
-        .map_err(gpu_error)?;
-    Bound::new(py, PyDeviceTensor::new(DeviceTensor { dtype, shape, buf })?)
+                .map_err(gpu_error)?;
+            Ok(
+                Bound::new(py, PyDeviceTensor::new(DeviceTensor { dtype, shape, buf })?)?
+                    .into_any(),
+            )
+        }
+        Some(alloc) => {
+            let buf = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let buf = consume(&dev, &alloc, bytes.len())?;
+                    upload(&dev, buf.ptr())?;
+                    Ok(buf)
+                })
+                .map_err(gpu_error)?;
+            Ok(buf.owner.into_bound(py))
+        }
+    }
 }
 
 /// A CUDA DLPack producer copied to host memory through the pinned staging: (flat uint8 array of its C-order bytes,
