@@ -520,20 +520,21 @@ mod tests {
         device.sync(0).unwrap();
     }
 
-    /// Runs only where a CUDA device exists: after open, the thread's context is what it was before (none), so a
-    /// bare driver call fails as it would in a thread of the caller's, and our calls bind for themselves.
+    /// Runs only where a CUDA device exists: after open and after each bind, the thread's context is what it was
+    /// before (none on a fresh thread), so our calls must bind for themselves, as alloc does here.
     #[test]
     fn open_leaves_the_thread_as_it_found_it() {
         if !hardware() {
             return;
         }
+        let before = result::ctx::get_current().unwrap();
         let device = Device::open(0, 1 << 20).unwrap();
-        assert_eq!(result::ctx::get_current().unwrap(), None);
+        assert_eq!(result::ctx::get_current().unwrap(), before);
         {
             let _current = device.bind().unwrap();
-            assert!(result::ctx::get_current().unwrap().is_some());
+            assert_eq!(result::ctx::get_current().unwrap(), Some(device.primary.ctx));
         }
-        assert_eq!(result::ctx::get_current().unwrap(), None);
+        assert_eq!(result::ctx::get_current().unwrap(), before);
         let buf = device.alloc(4096).unwrap();
         assert_eq!(buf.len(), 4096);
     }
