@@ -16,7 +16,9 @@
 # Exit status: 0 every step passed; 1 a step failed (the table says which); 2 the check cannot start (no Python
 # with torch, tenso neither importable nor in dist/, no way to build or run the tenso-gpu tests); 77 no NVIDIA GPU
 # here (nothing was checked; 77 is the "skipped" status of automake-style test drivers).
-# Needs no pytest-timeout and no network; each step has its own wall-clock limit (`timeout`).
+# Needs no pytest-timeout and no network; each step has its own wall-clock limit (`timeout`), together under 10
+# minutes (build 200 s, crate tests 40, test_gpu 120, test_dlpack 40, benchmark 170; a typical run takes a few
+# minutes). TENSO_GPU_BENCH_SIZES picks the benchmark's packet sizes (default 64M,1G).
 # Python: TENSO_GPU_PYTHON, else the first of python3 and .venv/bin/python that imports torch.
 set -uo pipefail
 
@@ -97,11 +99,11 @@ PYEOF
 # 1. The crate's tests, hardware ones included (they fail rather than skip when TENSO_GPU_REQUIRE_DEVICE is set).
 export TENSO_GPU_REQUIRE_DEVICE=1
 step "building the tenso-gpu tests (cargo, offline)"
-if command -v cargo >/dev/null 2>&1 && timeout 400 cargo test --offline --release -p tenso-gpu --no-run; then
-    run "cargo test -p tenso-gpu (hardware tests on)" 120 cargo test --offline --release -p tenso-gpu
+if command -v cargo >/dev/null 2>&1 && timeout 200 cargo test --offline --release -p tenso-gpu --no-run; then
+    run "cargo test -p tenso-gpu (hardware tests on)" 40 cargo test --offline --release -p tenso-gpu
 elif [[ -x "$TEST_BIN" ]]; then
     echo "(cargo cannot build here offline: running the test binary that --prepare built from this tree)"
-    run "tenso-gpu tests, prebuilt (hardware tests on)" 120 "$TEST_BIN" --test-threads=1
+    run "tenso-gpu tests, prebuilt (hardware tests on)" 40 "$TEST_BIN" --test-threads=1
 else
     echo "gpu-check: cannot run the tenso-gpu tests: no cargo with its crates offline, and no $TEST_BIN (--prepare)"
     exit 2
@@ -120,12 +122,12 @@ filterwarnings =
     ignore:os.fork\(\) was called:RuntimeWarning
 INI
 junit="$OUT_DIR/gpu-check-pytest.xml"
-run "pytest tests/test_gpu.py" 240 bash -c "cd tests && '$PY' -m pytest -q -c '$ini' --rootdir .. --junitxml '$junit' ../tests/test_gpu.py"
-run "pytest tests/test_dlpack.py (JAX on CPU)" 120 bash -c "cd tests && JAX_PLATFORMS=cpu '$PY' -m pytest -q -c '$ini' --rootdir .. ../tests/test_dlpack.py"
+run "pytest tests/test_gpu.py" 120 bash -c "cd tests && '$PY' -m pytest -q -c '$ini' --rootdir .. --junitxml '$junit' ../tests/test_gpu.py"
+run "pytest tests/test_dlpack.py (JAX on CPU)" 40 bash -c "cd tests && JAX_PLATFORMS=cpu '$PY' -m pytest -q -c '$ini' --rootdir .. ../tests/test_dlpack.py"
 rm -f "$ini"
 
 # 3. The benchmark (its rows land in bench_gpu.jsonl as they are measured, so a late failure keeps them).
-run "benchmarks/bench_gpu.py" 300 env OUT="$OUT_DIR" "$PY" benchmarks/bench_gpu.py --require-gpu
+run "benchmarks/bench_gpu.py" 170 env OUT="$OUT_DIR" "$PY" benchmarks/bench_gpu.py --require-gpu --sizes "${TENSO_GPU_BENCH_SIZES:-64M,1G}"
 
 step "summary"
 "$PY" - "$STEPS" "$junit" "$OUT_DIR/bench_gpu.jsonl" <<'PYEOF' || status=1
