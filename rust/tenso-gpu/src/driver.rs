@@ -532,7 +532,10 @@ mod tests {
         assert_eq!(result::ctx::get_current().unwrap(), before);
         {
             let _current = device.bind().unwrap();
-            assert_eq!(result::ctx::get_current().unwrap(), Some(device.primary.ctx));
+            assert_eq!(
+                result::ctx::get_current().unwrap(),
+                Some(device.primary.ctx)
+            );
         }
         assert_eq!(result::ctx::get_current().unwrap(), before);
         let buf = device.alloc(4096).unwrap();

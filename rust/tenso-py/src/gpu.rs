@@ -1,11 +1,12 @@
 //! `tenso.gpu`'s native half: packets streamed between Python sources/destinations and CUDA memory through
 //! `tenso-gpu`'s pinned staging, and the DLPack hand-off of the device memory (`dlpark` capsules).
 //!
-//! * `_gpu_read_to_device(source, device_id)`: `source` is a bytes-like object (read from memory, without the GIL)
-//!   or a `fill(view) -> int` callable (`tenso.core._make_filler`: file, socket). Each tensor gets its own device
-//!   allocation, owned by a [`PyDeviceTensor`] that exports it through `__dlpack__` (versioned or legacy capsule,
-//!   writable: the memory is fresh and nobody else holds it), so torch, CuPy and JAX import it without a copy and
-//!   without any framework-specific allocation here.
+//! * `_gpu_read_to_device(source, device_id, alloc=None)`: `source` is a bytes-like object (read from memory, without
+//!   the GIL) or a `fill(view) -> int` callable (`tenso.core._make_filler`: file, socket). With `alloc` (torch, CuPy:
+//!   `tenso.frameworks._consumer_alloc`) each tensor goes into memory of the framework's own caching allocator
+//!   ([`Consumed`]: no `cuMemFree` later, so no device-wide synchronisation per free); without it (JAX) each tensor
+//!   gets its own device allocation, owned by a [`PyDeviceTensor`] that exports it through `__dlpack__` (versioned
+//!   or legacy capsule, writable: the memory is fresh and nobody else holds it).
 //! * `_gpu_write_from_device(tensors, write, check_integrity)`: imports each DLPack producer on the device
 //!   (`stream=` handshake on our copy stream, so the producer's pending work is ordered first), and streams it
 //!   device -> staging -> `write(memoryview)`.
