@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, DriverError};
 
+use crate::context::{self, Contexts};
 use crate::copy::{CopyEngine, DevPtr, DeviceBuf, DeviceMemory};
 use crate::pool::{HostAlloc, StagingPool};
 use crate::register::HostRegistrar;
@@ -83,36 +84,42 @@ impl Primary {
     /// Makes the primary context current on the calling thread until the returned guard drops, which makes the
     /// thread's previous context current again. The thread may be torch's or CuPy's, whose current device *is* the
     /// current context (the runtime API reads it from the driver): leaving ours bound would silently move their
-    /// current device on a machine with several GPUs.
+    /// current device on a machine with several GPUs (see [`crate::context`], tested there on a strict fake).
     fn bind(&self) -> Result<Current, GpuError> {
-        let previous = result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))?;
-        if previous == Some(self.ctx) {
-            return Ok(Current { restore: None });
-        }
-        // SAFETY: ctx is the primary context retained in Device::open and not released before Drop.
-        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))?;
-        Ok(Current {
-            restore: Some(previous.unwrap_or(std::ptr::null_mut())),
-        })
+        // SAFETY: ctx is the primary context retained in Device::open and released only when the last holder of this
+        // Primary goes; the guard is dropped within a call of such a holder.
+        let bound = unsafe { context::bind(&DRIVER, self.ctx) }?;
+        Ok(Current { _bound: bound })
     }
 }
 
-/// The context current on this thread before [`Primary::bind`], made current again on drop (not `Send`: a raw
-/// context handle, and it must be restored on the thread that bound).
+/// The driver's contexts (`cuCtxGetCurrent` / `cuCtxSetCurrent`), for [`context::bind`].
+#[derive(Debug)]
+struct DriverContexts;
+
+static DRIVER: DriverContexts = DriverContexts;
+
+// SAFETY: set is cuCtxSetCurrent, which makes exactly the given context (or none) current on the calling thread.
+unsafe impl Contexts for DriverContexts {
+    type Ctx = sys::CUcontext;
+
+    fn current(&self) -> Result<Option<sys::CUcontext>, GpuError> {
+        result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))
+    }
+
+    unsafe fn set(&self, ctx: Option<sys::CUcontext>) -> Result<(), GpuError> {
+        // SAFETY: the caller guarantees ctx is a live context of this process (or none: null).
+        unsafe { result::ctx::set_current(ctx.unwrap_or(std::ptr::null_mut())) }
+            .map_err(driver("cuCtxSetCurrent"))
+    }
+}
+
+/// The context current on this thread before [`Primary::bind`], made current again on drop (not `Send`: it must be
+/// restored on the thread that bound).
 #[must_use = "the context is bound only while the guard lives"]
 #[derive(Debug)]
 pub struct Current {
-    restore: Option<sys::CUcontext>,
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        if let Some(previous) = self.restore {
-            // SAFETY: previous was current on this thread a moment ago (or null: no context), so it is either null or a
-            // context its owner keeps alive while it is current on its thread; binding it again changes nothing else.
-            let _ = unsafe { result::ctx::set_current(previous) };
-        }
-    }
+    _bound: context::Bound<'static, DriverContexts>,
 }
 
 impl Drop for Primary {

@@ -316,3 +316,52 @@ unsafe impl crate::register::HostRegistrar for FakeRegistrar {
         Ok(())
     }
 }
+
+/// The driver's error name for a call made without a (or with the wrong) context current on the calling thread.
+pub(crate) const INVALID_CONTEXT: &str = "CUDA_ERROR_INVALID_CONTEXT";
+
+thread_local! {
+    /// The fake's "context current on this thread" (0: none), per thread as the driver keeps it.
+    static FAKE_CURRENT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A strict fake of the driver's contexts: numbered contexts, one current per thread (none on a new thread), and
+/// `driver_call`, which fails with `CUDA_ERROR_INVALID_CONTEXT` unless the given context is current on the calling
+/// thread, as every driver call on a context's resources does.
+#[derive(Debug, Default)]
+pub(crate) struct FakeContexts {
+    next: AtomicUsize,
+}
+
+impl FakeContexts {
+    /// A new context (not made current).
+    pub fn create(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) as u64 + 1
+    }
+
+    /// A driver call on a resource of `ctx` (memory, stream, event).
+    pub fn driver_call(&self, call: &'static str, ctx: u64) -> Result<(), GpuError> {
+        if FAKE_CURRENT.with(std::cell::Cell::get) == ctx {
+            Ok(())
+        } else {
+            Err(GpuError::Driver {
+                call,
+                name: INVALID_CONTEXT.into(),
+            })
+        }
+    }
+}
+
+// SAFETY: set makes exactly ctx current on the calling thread (the thread-local) and nothing else.
+unsafe impl crate::context::Contexts for FakeContexts {
+    type Ctx = u64;
+
+    fn current(&self) -> Result<Option<u64>, GpuError> {
+        Ok(Some(FAKE_CURRENT.with(std::cell::Cell::get)).filter(|&c| c != 0))
+    }
+
+    unsafe fn set(&self, ctx: Option<u64>) -> Result<(), GpuError> {
+        FAKE_CURRENT.with(|c| c.set(ctx.unwrap_or(0)));
+        Ok(())
+    }
+}

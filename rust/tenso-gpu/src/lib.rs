@@ -22,6 +22,8 @@
 //!   copy engine draining the other.
 #![deny(missing_docs)]
 
+#[cfg(any(feature = "cuda", test))]
+mod context;
 pub mod copy;
 pub mod dlpack;
 mod error;
