@@ -75,9 +75,10 @@ mod tests {
 
     #[test]
     fn bind_restores_whatever_was_current() {
-        let api = FakeContexts::default();
+        let api = FakeContexts;
         let (ours, torchs) = (api.create(), api.create());
-        assert_eq!(api.current().unwrap(), None);
+        // SAFETY: fake contexts are plain numbers (the test thread starts with none current).
+        unsafe { api.set(None) }.unwrap();
         {
             // SAFETY: fake contexts are plain numbers.
             let _g = unsafe { bind(&api, ours) }.unwrap();
@@ -105,8 +106,10 @@ mod tests {
         // Issue #19 defect 1: a driver call made after `Device::open` gave the thread back (no context) fails with
         // CUDA_ERROR_INVALID_CONTEXT on the driver; the fake fails the same way, and also on another device's
         // context, and on another thread, which has no context of its own.
-        let api = FakeContexts::default();
+        let api = FakeContexts;
         let ours = api.create();
+        // SAFETY: as below.
+        unsafe { api.set(None) }.unwrap();
         let err = api.driver_call("cuMemAlloc", ours).unwrap_err();
         assert!(err.to_string().contains(INVALID_CONTEXT), "{err}");
         let other = api.create();
@@ -119,5 +122,44 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| assert!(api.driver_call("cuMemFree", ours).is_err()));
         });
+    }
+
+    #[test]
+    fn device_operations_leave_a_foreign_context_current() {
+        use crate::copy::{download, upload, DeviceBuf, DeviceMemory};
+        use crate::fake::FakeDevice;
+        // A thread of torch's with its own context current (say, another device's): every operation of ours binds
+        // our context for itself and gives the thread back as it found it, frees included.
+        let api = FakeContexts;
+        let torchs = api.create();
+        // SAFETY: fake contexts are plain numbers.
+        unsafe { api.set(Some(torchs)) }.unwrap();
+        let dev = FakeDevice::new(16);
+        let buf = dev.alloc(40).unwrap();
+        assert_eq!(api.current().unwrap(), Some(torchs));
+        // SAFETY: buf holds 40 bytes of fake device memory.
+        unsafe {
+            upload(&dev, buf.ptr(), 40, |b| {
+                b.fill(3);
+                Ok(())
+            })
+        }
+        .unwrap();
+        let mut back = Vec::new();
+        // SAFETY: as above.
+        unsafe {
+            download(&dev, buf.ptr(), 40, |b| {
+                back.extend_from_slice(b);
+                Ok(())
+            })
+        }
+        .unwrap();
+        assert_eq!((back, api.current().unwrap()), (vec![3; 40], Some(torchs)));
+        drop(buf);
+        assert_eq!(api.current().unwrap(), Some(torchs));
+        // A call on our resources without binding our context fails like the driver.
+        assert!(api.driver_call("cuMemAlloc", dev.context()).is_err());
+        // SAFETY: as above.
+        unsafe { api.set(None) }.unwrap();
     }
 }

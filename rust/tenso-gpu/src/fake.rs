@@ -87,10 +87,12 @@ impl Memory {
     }
 }
 
-/// A device whose memory is host `Vec<u8>`s at made-up addresses.
+/// A device whose memory is host `Vec<u8>`s at made-up addresses, with a context of its own: like `Device`, each
+/// operation binds it for the call (restoring the thread's previous one) and every "driver call" inside checks it.
 pub(crate) struct FakeDevice {
     pool: StagingPool<Heap>,
     mem: Rc<Mutex<Memory>>,
+    ctx: u64,
 }
 
 impl FakeDevice {
@@ -102,7 +104,24 @@ impl FakeDevice {
         Self {
             pool: StagingPool::new(Heap::default(), chunk).expect("chunk > 0"),
             mem: Rc::new(Mutex::new(mem)),
+            ctx: FakeContexts.create(),
         }
+    }
+
+    /// This device's context.
+    pub fn context(&self) -> u64 {
+        self.ctx
+    }
+
+    /// Binds this device's context for one operation and checks it as the driver would.
+    fn driver(
+        &self,
+        call: &'static str,
+    ) -> Result<crate::context::Bound<'static, FakeContexts>, GpuError> {
+        // SAFETY: fake contexts are plain numbers, valid forever.
+        let bound = unsafe { crate::context::bind(&FakeContexts, self.ctx) }?;
+        FakeContexts.driver_call(call, self.ctx)?;
+        Ok(bound)
     }
 
     /// The bytes at `at .. at + len` (panics outside an allocation).
@@ -142,6 +161,7 @@ unsafe impl CopyEngine for FakeDevice {
     }
 
     unsafe fn h2d(&self, slot: usize, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        let _current = self.driver("cuMemcpyHtoDAsync")?;
         let mut mem = self.mem.lock().unwrap();
         mem.find(dst, src.len())?;
         mem.queues[slot].push(Pending::H2d {
@@ -153,6 +173,7 @@ unsafe impl CopyEngine for FakeDevice {
     }
 
     unsafe fn d2h(&self, slot: usize, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
+        let _current = self.driver("cuMemcpyDtoHAsync")?;
         let mut mem = self.mem.lock().unwrap();
         mem.find(src, dst.len())?;
         mem.queues[slot].push(Pending::D2h {
@@ -164,6 +185,7 @@ unsafe impl CopyEngine for FakeDevice {
     }
 
     fn sync(&self, slot: usize) -> Result<(), GpuError> {
+        let _current = self.driver("cuStreamSynchronize")?;
         let mut mem = self.mem.lock().unwrap();
         let queue = std::mem::take(&mut mem.queues[slot]);
         let mut result = Ok(());
@@ -196,6 +218,7 @@ pub(crate) struct FakeBuf {
     ptr: DevPtr,
     len: usize,
     mem: Rc<Mutex<Memory>>,
+    ctx: u64,
 }
 
 impl std::fmt::Debug for Memory {
@@ -217,6 +240,12 @@ impl DeviceBuf for FakeBuf {
 
 impl Drop for FakeBuf {
     fn drop(&mut self) {
+        // As CudaBuf: a DLPack deleter may run on any thread, with any context current.
+        // SAFETY: fake contexts are plain numbers, valid forever.
+        let _current = unsafe { crate::context::bind(&FakeContexts, self.ctx) };
+        FakeContexts
+            .driver_call("cuMemFree", self.ctx)
+            .expect("the free's context is bound");
         let mut mem = self.mem.lock().unwrap();
         mem.allocations.retain(|(base, _)| *base != self.ptr);
         mem.device_syncs += 1;
@@ -227,6 +256,7 @@ impl DeviceMemory for FakeDevice {
     type Buf = FakeBuf;
 
     fn alloc(&self, len: usize) -> Result<FakeBuf, GpuError> {
+        let _current = self.driver("cuMemAlloc")?;
         let mut mem = self.mem.lock().unwrap();
         let ptr = mem.next;
         // 256-byte aligned like cuMemAlloc, with a gap so that an overrun never lands in a neighbour.
@@ -236,6 +266,7 @@ impl DeviceMemory for FakeDevice {
             ptr,
             len,
             mem: Rc::clone(&self.mem),
+            ctx: self.ctx,
         })
     }
 }
@@ -325,18 +356,18 @@ thread_local! {
     static FAKE_CURRENT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// A strict fake of the driver's contexts: numbered contexts, one current per thread (none on a new thread), and
-/// `driver_call`, which fails with `CUDA_ERROR_INVALID_CONTEXT` unless the given context is current on the calling
-/// thread, as every driver call on a context's resources does.
+/// A strict fake of the driver's contexts: numbered contexts (unique in the process), one current per thread (none
+/// on a new thread), and `driver_call`, which fails with `CUDA_ERROR_INVALID_CONTEXT` unless the given context is
+/// current on the calling thread, as every driver call on a context's resources does.
 #[derive(Debug, Default)]
-pub(crate) struct FakeContexts {
-    next: AtomicUsize,
-}
+pub(crate) struct FakeContexts;
+
+static FAKE_CONTEXTS: AtomicUsize = AtomicUsize::new(0);
 
 impl FakeContexts {
     /// A new context (not made current).
     pub fn create(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed) as u64 + 1
+        FAKE_CONTEXTS.fetch_add(1, Ordering::Relaxed) as u64 + 1
     }
 
     /// A driver call on a resource of `ctx` (memory, stream, event).
