@@ -83,9 +83,14 @@ PY="$(pick_python)"
 [[ -n "$PY" ]] || { echo "gpu-check: no Python with torch (set TENSO_GPU_PYTHON)"; exit 2; }
 
 step "python: $PY"
-if ! "$PY" -c 'import tenso' >/dev/null 2>&1; then
-    wheel="$(ls "$ROOT"/dist/tenso_ray-*.whl 2>/dev/null | head -1)"
-    [[ -n "$wheel" ]] || { echo "gpu-check: tenso is not importable and no wheel is in dist/ (run --prepare, carry dist/)"; exit 2; }
+# The wheel of this tree (dist/, from --prepare) wins over a tenso the Python may already have installed.
+wheel="$(ls "$ROOT"/dist/tenso_ray-*.whl 2>/dev/null | head -1)"
+if [[ -z "$wheel" ]] && ! "$PY" -c 'import tenso' >/dev/null 2>&1; then
+    echo "gpu-check: tenso is not importable and no wheel is in dist/ (run --prepare, carry dist/)"
+    exit 2
+fi
+if [[ -n "$wheel" ]]; then
+    echo "installing $wheel into a temporary site directory (no network)"
     site="$(mktemp -d /tmp/tenso-site.XXXXXX)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel" || exit 2
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
