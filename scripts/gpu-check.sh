@@ -118,7 +118,7 @@ fi
 ini="$(mktemp /tmp/gpu-pytest.XXXXXX.ini)"
 cat >"$ini" <<'INI'
 [pytest]
-addopts = -ra --strict-markers -p no:cacheprovider
+addopts = -ra --strict-markers -p no:cacheprovider -p no:asyncio
 markers =
     gpu: needs an NVIDIA GPU with CUDA
     slow: takes more than a few seconds
@@ -147,7 +147,8 @@ for line in open(steps):
 if os.path.exists(junit):
     skipped = [c.get("name") for c in ET.parse(junit).iter("testcase") if c.find("skipped") is not None]
     ran = sum(1 for _ in ET.parse(junit).iter("testcase"))
-    print(f"test_gpu.py: {ran} tests, {len(skipped)} skipped{': ' + ', '.join(skipped) if skipped else ''}")
+    named = ", ".join(skipped[:12]) + (f", ... ({len(skipped) - 12} more)" if len(skipped) > 12 else "")
+    print(f"test_gpu.py: {ran} tests, {len(skipped)} skipped{': ' + named if skipped else ''}")
 if not os.path.exists(rows):
     print("no benchmark rows")
     sys.exit(0)
