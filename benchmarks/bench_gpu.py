@@ -136,7 +136,10 @@ def _registered_rows(torch: Any, packet: bytes, host: np.ndarray, dev: Any, nbyt
             print(f"registered {nbytes // MiB} MiB: cannot lease {len(packet) // MiB} MiB ({e}); rows skipped")
             return
         np.frombuffer(mem, np.uint8)[:] = np.frombuffer(packet, np.uint8)
-        cache._pool._pin_host(0)
+        t0 = time.perf_counter()
+        cache._pool._pin_host(0)  # the one-time cost of Collate(pin_memory=...): every page of the pool locked
+        print(f"     pool register {cache.stats['pool_size'] // MiB} MiB: "
+              f"{time.perf_counter() - t0:.4f} s", flush=True)
         batch = torch.frombuffer(batch_mem, dtype=torch.float32)
         batch.copy_(torch.from_numpy(host))
         assert batch.is_pinned()
