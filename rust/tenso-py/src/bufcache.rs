@@ -100,7 +100,12 @@ struct State {
     hits: u64,
     misses: u64,
     idle_trims: u64,
-    trimmer: bool,
+    /// The process whose trimmer thread runs (0: none yet). A child forked from it has no such thread: the first
+    /// give-back in the child starts its own.
+    trimmer_pid: u32,
+    /// The trimmer waits without a timeout (nothing was retained): a give-back must wake it. Otherwise it is
+    /// already waiting for an idle deadline, and waking it on every give-back would cost a context switch per packet.
+    trimmer_parked: bool,
 }
 
 #[derive(Debug)]
@@ -131,7 +136,8 @@ fn cache() -> &'static Cache {
                 hits: 0,
                 misses: 0,
                 idle_trims: 0,
-                trimmer: false,
+                trimmer_pid: 0,
+                trimmer_parked: false,
             }),
             wake: Condvar::new(),
         }
@@ -177,12 +183,15 @@ impl Cache {
                     st.retained -= old.len;
                     evicted.push(old);
                 }
-                let was_empty = st.free.is_empty();
                 st.retained += block.len;
                 st.free.push_back(block);
-                if !st.trimmer {
-                    st.trimmer = spawn_trimmer(self);
-                } else if was_empty {
+                let pid = std::process::id();
+                if st.trimmer_pid != pid {
+                    if spawn_trimmer(self) {
+                        st.trimmer_pid = pid;
+                    }
+                } else if st.trimmer_parked {
+                    st.trimmer_parked = false;
                     self.wake.notify_one();
                 }
             }
@@ -206,7 +215,9 @@ impl Cache {
         let mut st = self.lock();
         loop {
             if st.free.is_empty() {
+                st.trimmer_parked = true;
                 st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.trimmer_parked = false;
                 continue;
             }
             let deadline = st.last_use + st.idle;
