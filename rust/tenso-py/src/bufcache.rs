@@ -39,6 +39,7 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(2);
 /// Blocks from this size up are advised for transparent huge pages.
 const HUGEPAGE_FROM: usize = 4 << 20;
 const PAGE: usize = 4096;
+const HUGE_PAGE: usize = 2 << 20;
 
 /// The size class of a request of `n` >= [`MIN_BLOCK`] bytes: `n` rounded up to a multiple of a quarter of its
 /// largest power of two (and of the page size). None when that overflows.
@@ -61,7 +62,9 @@ unsafe impl Send for Block {}
 unsafe impl Sync for Block {}
 
 impl Block {
-    fn map(len: usize) -> Option<Block> {
+    /// Maps `len` bytes for a first request of `used` bytes. Huge pages are advised over whole 2 MiB units of `used`
+    /// only: a huge page under the request's last bytes would fault in up to 2 MiB that nothing uses.
+    fn map(len: usize, used: usize) -> Option<Block> {
         // SAFETY: a fresh anonymous private mapping at an address the kernel chooses; nothing else refers to it.
         let raw = unsafe {
             mm::mmap_anonymous(
@@ -72,10 +75,11 @@ impl Block {
             )
         }
         .ok()?;
-        if len >= HUGEPAGE_FROM {
-            // SAFETY: advice over the whole mapping we just created; it changes no contents. A kernel without THP
-            // refuses it, which changes nothing either.
-            let _ = unsafe { mm::madvise(raw, len, Advice::LinuxHugepage) };
+        let huge = used.min(len) / HUGE_PAGE * HUGE_PAGE;
+        if huge >= HUGEPAGE_FROM {
+            // SAFETY: advice over the start of the mapping we just created; it changes no contents. A kernel without
+            // THP refuses it, which changes nothing either.
+            let _ = unsafe { mm::madvise(raw, huge, Advice::LinuxHugepage) };
         }
         NonNull::new(raw.cast::<u8>()).map(|ptr| Block { ptr, len })
     }
@@ -150,8 +154,8 @@ impl Cache {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A block of `class` bytes: a retained one if there is one, else a fresh mapping.
-    fn take(&self, class: usize) -> Option<Block> {
+    /// A block of `class` bytes for a request of `n`: a retained one if there is one, else a fresh mapping.
+    fn take(&self, class: usize, n: usize) -> Option<Block> {
         {
             let mut st = self.lock();
             st.last_use = Instant::now();
@@ -163,7 +167,7 @@ impl Cache {
             }
             st.misses += 1;
         }
-        Block::map(class)
+        Block::map(class, n)
     }
 
     /// Keeps `block` for a later [`Cache::take`], unmapping the oldest blocks (outside the lock) past the cap.
@@ -297,7 +301,7 @@ pub(crate) fn lease(py: Python<'_>, n: usize) -> PyResult<Option<Bound<'_, Cache
     let Some(class) = size_class(n) else {
         return Ok(None);
     };
-    let Some(block) = cache.take(class) else {
+    let Some(block) = cache.take(class, n) else {
         return Ok(None);
     };
     let owner = CachedBuffer { block: Some(block) };
@@ -398,7 +402,7 @@ mod tests {
 
     #[test]
     fn blocks_map_and_unmap() {
-        let b = Block::map(MIN_BLOCK).unwrap();
+        let b = Block::map(MIN_BLOCK, MIN_BLOCK).unwrap();
         assert_eq!(b.ptr.as_ptr() as usize % PAGE, 0);
         // SAFETY: the block is a fresh, writable private mapping of MIN_BLOCK bytes owned by `b`.
         let bytes = unsafe { std::slice::from_raw_parts_mut(b.ptr.as_ptr(), b.len) };
