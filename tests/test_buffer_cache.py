@@ -4,6 +4,7 @@ to the system after the idle period. Pass/fail on counters and RSS, never on tim
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -60,6 +61,13 @@ def test_block_returns_when_the_last_view_is_freed(fresh_cache):
     np.testing.assert_array_equal(again, x)
 
 
+async def _aread(packet):
+    reader = asyncio.StreamReader()
+    reader.feed_data(packet)
+    reader.feed_eof()
+    return await tenso.aread_stream(reader)
+
+
 def _load(path):
     with open(path, "rb") as f:
         return tenso.load(f)
@@ -73,6 +81,7 @@ def test_every_fresh_buffer_comes_from_the_cache(fresh_cache, tmp_path):
         "loads(copy=True)": lambda: tenso.loads(packet, copy=True)["x"],
         "read_stream": lambda: tenso.read_stream(io.BytesIO(packet))["x"],
         "load": lambda: _load(path)["x"],
+        "aread_stream": lambda: asyncio.run(_aread(packet))["x"],
     }
     path = tmp_path / "p.tenso"
     path.write_bytes(packet)
