@@ -36,6 +36,10 @@ __all__ = [
     "_lz4_compress",
     "_lz4_decompress",
     "_kernel_paths",
+    "_CachedBuffer",
+    "_buffer_cache_configure",
+    "_buffer_cache_stats",
+    "_buffer_cache_clear",
     "_gpu_available",
     "_gpu_init_calls",
     "_gpu_problem",
@@ -199,6 +203,17 @@ def _lz4_decompress(data: _Buffer, size: int) -> npt.NDArray[np.uint8]: ...
 def _kernel_paths() -> dict[str, str]:
     """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
     "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
+@final
+class _CachedBuffer:
+    """Owner of a block of the large-buffer cache: the ``base`` of the arrays over it; gives the block back when
+    freed."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+def _buffer_cache_configure(max_bytes: Optional[int] = None, idle_seconds: Optional[float] = None) -> None: ...
+def _buffer_cache_stats() -> dict[str, Union[int, float]]: ...
+def _buffer_cache_clear() -> int: ...
 def _gpu_available() -> bool: ...
 def _gpu_init_calls() -> int: ...
 def _gpu_problem() -> Optional[str]:
