@@ -24,10 +24,12 @@ What runs:
     reports as failed (lost scattered data, an erred or cancelled future) are resubmitted and counted by reason, and
     so is a transfer still pending after ``--batch-timeout`` seconds (the scheduler's and the workers' states of its
     keys go into the report's ``timeouts``); only a value that arrives and differs counts as wrong.
-  * At the end: every future is released, the pool's ``used_bytes`` must come back to the baseline taken before the
-    run (waiting up to a few claim timeouts), and after ``uninstall`` and the cluster's close the names in
-    ``/dev/shm`` and its used bytes must equal those at the start (``--shm-ours-only``, on a host other jobs share:
-    none of this run's names is left and none of its processes maps an unlinked ``/dev/shm`` file).
+  * At the end: every future is released, the tracebacks kept in Dask's in-memory log records are let go (a failed
+    send's traceback keeps the values it carried alive, pooled arrays included; counted in the report), the pool's
+    ``used_bytes`` must come back to the baseline taken before the run (waiting up to a few claim timeouts), and
+    after ``uninstall`` and the cluster's close the names in ``/dev/shm`` and its used bytes must equal those at the
+    start (``--shm-ours-only``, on a host other jobs share: none of this run's names is left and none of its
+    processes maps an unlinked ``/dev/shm`` file).
 
     .venv/bin/python benchmarks/stress_dask.py [--transfers 10000] [--seed N]
 
@@ -267,10 +269,19 @@ def process_report(dask_worker: Any = None) -> dict[str, Any]:
     """This process's pid, tenso.dask counters and drop counters."""
     import tenso.dask as td
 
+    from tenso.dask import leases
+
     state = _drops()
+    st = td._state
+    held = [h for h in list(leases._held.values()) if h.root() is not None]
     return {
         "pid": os.getpid(),
         "counts": td.counts(),
+        # What this process still holds in the pool: arrays over blocks, references sent and not yet claimed.
+        "blocks_held": len(held),
+        "blocks_held_bytes": sum(h.nbytes for h in held),
+        "held_by": sorted({type(r).__name__ for h in held for r in gc.get_referrers(h.root())})[:10],
+        "references_pending": len(st.pending) if st is not None else 0,
         "drops": state.drops if state else 0,
         "leases_dropped": state.leases_dropped if state else 0,
         "lease_messages": state.messages if state else 0,
@@ -279,6 +290,24 @@ def process_report(dask_worker: Any = None) -> dict[str, Any]:
 
 def _collect_garbage(dask_worker: Any = None) -> int:
     return gc.collect()
+
+
+def _forget_logged_tracebacks(dask_worker: Any = None) -> int:
+    """Drop the tracebacks in this process's in-memory Dask log records; how many there were.
+
+    Dask keeps each process's recent log records (``client.get_worker_logs``, 10,000 by default), tracebacks
+    included, and the traceback of a send that failed (every injected drop) keeps that message's frames alive: the
+    values it carried, among them arrays that arrived through the pool and hold their blocks. The run counts
+    them and lets them go before it checks that the pool is back to its baseline."""
+    from distributed.utils import DequeHandler
+
+    n = 0
+    for handler in list(DequeHandler._instances):
+        for record in list(handler.deque):
+            if record.exc_info:
+                record.exc_info = None
+                n += 1
+    return n
 
 
 def _drop_plugin(p: float, seed: int) -> Any:
@@ -704,6 +733,8 @@ def run_stress(
                     log(f"  {done}/{transfers} transfers done, {time.monotonic() - t_start:.0f} s")
             del todo
 
+            out["logged_tracebacks_dropped"] = sum(client.run(_forget_logged_tracebacks).values())
+            out["logged_tracebacks_dropped"] += _forget_logged_tracebacks()
             gc.collect()
             client.run(_collect_garbage)
             out["run_s"] = round(time.monotonic() - t_start, 1)
