@@ -165,6 +165,21 @@ fn cache() -> &'static Cache {
     })
 }
 
+impl State {
+    /// Moves the oldest retained blocks into `evicted` (to be unmapped outside the lock) until at most `limit`
+    /// bytes stay retained.
+    fn evict_down_to(&mut self, limit: usize, evicted: &mut Vec<Block>) {
+        while self.retained > limit {
+            let old = self
+                .free
+                .pop_front()
+                .expect("retained > 0 means a block is retained");
+            self.retained -= old.len;
+            evicted.push(old);
+        }
+    }
+}
+
 impl Cache {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while the lock was held leaves consistent state (every update is a single push/pop + counter).
@@ -196,14 +211,8 @@ impl Cache {
             if block.len > st.max_bytes {
                 evicted.push(block);
             } else {
-                while st.retained + block.len > st.max_bytes {
-                    let old = st
-                        .free
-                        .pop_front()
-                        .expect("retained > 0 means a block is retained");
-                    st.retained -= old.len;
-                    evicted.push(old);
-                }
+                let room = st.max_bytes - block.len;
+                st.evict_down_to(room, &mut evicted);
                 st.retained += block.len;
                 st.free.push_back(block);
                 let pid = std::process::id();
@@ -370,14 +379,7 @@ fn _buffer_cache_configure(max_bytes: Option<usize>, idle_seconds: Option<f64>) 
         let mut st = cache.lock();
         if let Some(m) = max_bytes {
             st.max_bytes = m;
-            while st.retained > st.max_bytes {
-                let old = st
-                    .free
-                    .pop_front()
-                    .expect("retained > 0 means a block is retained");
-                st.retained -= old.len;
-                evicted.push(old);
-            }
+            st.evict_down_to(m, &mut evicted);
         }
         if let Some(s) = idle_seconds {
             st.idle = Duration::from_secs_f64(s);
