@@ -15,6 +15,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
+import dask  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 
 import tenso.dask as td  # noqa: E402
@@ -63,10 +64,13 @@ def _used(dask_worker=None) -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit="2GiB"
-    ) as lc:
-        yield lc
+    # The active memory manager drops replicas it deems extra: a test that writes B's replica in place (what Dask
+    # hands a task is its worker's stored object) and then reads A's must keep A's.
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}):
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit="2GiB"
+        ) as lc:
+            yield lc
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +128,7 @@ def test_a_recipients_write_is_seen_by_nobody_else(client):
     a, b = _workers(client)
     x = _x(1)
     original = x.copy()
-    fut = client.scatter(x, workers=[a], direct=True)  # the client's one copy into the pool
+    fut = client.scatter(x, workers=[a], direct=True, hash=False)  # the client's one copy into the pool
     # B receives the block (by reference from A) and writes its array in place.
     assert client.submit(_write_first, fut, -1.0, workers=[b], pure=False).result() == -1.0
     # Not the sender, not the holder it came from, not another recipient of the same block, not the next task.
@@ -146,7 +150,7 @@ def test_an_array_from_the_pool_goes_on_by_reference(client):
     a, b = _workers(client)
     for writeable in (False, True) if HAS_PRIVATE_VIEW else (False,):
         x = _x(2, writeable)
-        fut = client.scatter(x, workers=[a], direct=True)
+        fut = client.scatter(x, workers=[a], direct=True, hash=False)
         before = sum(c["leases_forwarded"] for c in client.run(_counts).values())
         out = client.submit(_ident, fut, workers=[b], pure=False)  # A -> B
         np.testing.assert_array_equal(client.gather(out, direct=True), x)  # B -> client
@@ -161,7 +165,7 @@ def test_a_written_array_is_copied_not_forwarded(client):
     """A holder that wrote its private view sends its own bytes (a new lease), not the block's."""
     a, b = _workers(client)
     x = _x(3)
-    fut = client.scatter(x, workers=[a], direct=True)
+    fut = client.scatter(x, workers=[a], direct=True, hash=False)
     out = client.submit(np.negative, fut, out=None, workers=[a], pure=False)  # a fresh array: copied on
 
     def write_in_place(y):
@@ -181,7 +185,7 @@ def test_forwarded_block_outlives_its_first_holder(client):
     gc.collect()
     baseline = _used()
     x = _x(4, writeable=False)
-    fut = client.scatter(x, workers=[a], direct=True)
+    fut = client.scatter(x, workers=[a], direct=True, hash=False)
     on_b = client.submit(_ident, fut, workers=[b], pure=False)
     on_b.result()
     assert client.run(_counts, workers=[b])[b]["leases_received"] >= 1
@@ -204,7 +208,7 @@ def test_sigkilled_holders_references_are_swept(client):
     baseline = _used()
     shm_before = set(os.listdir("/dev/shm"))
     x = _x(5, writeable=False)
-    fut = client.scatter(x, workers=[a], direct=True)
+    fut = client.scatter(x, workers=[a], direct=True, hash=False)
     on_b = client.submit(_ident, fut, workers=[b], pure=False)
     on_b.result()
 
@@ -252,7 +256,7 @@ def test_without_a_route_arrays_are_copied_and_right(client):
     try:
         x = _x(6)
         before = _counts()["received_copies"]
-        fut = client.scatter(x, workers=[a], direct=True)
+        fut = client.scatter(x, workers=[a], direct=True, hash=False)
         out = client.submit(_write_first, fut, -2.0, workers=[b], pure=False)
         assert out.result() == -2.0
         y = client.run(_stored, fut.key, workers=[a])[a]
@@ -301,7 +305,7 @@ def test_scatter_through_the_scheduler_reaches_the_worker_as_a_lease(client):
     a, _ = _workers(client)
     x = _x(7)
     received = client.run(_counts, workers=[a])[a]["leases_received"]
-    fut = client.scatter(x, workers=[a])
+    fut = client.scatter(x, workers=[a], hash=False)
     assert client.run(_counts, workers=[a])[a]["leases_received"] == received + 1
     np.testing.assert_array_equal(client.run(_stored, fut.key, workers=[a])[a], x)
     np.testing.assert_array_equal(fut.result(), x)
