@@ -416,7 +416,11 @@ fn corpus_padding_is_canonical_and_exactly_the_ignored_bytes() {
     let opts = DecodeOptions::default();
     let mut checked = 0;
     for c in cases() {
-        let report = check_padding(&c.bytes, &opts).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let report = match check_padding(&c.bytes, &opts) {
+            // Packets this build cannot decode (compressed or hashed, without the lz4 / xxh3 features).
+            Err(FormatError::Unsupported { .. }) if !FULL => continue,
+            r => r.unwrap_or_else(|e| panic!("{}: {e}", c.name)),
+        };
         assert!(
             report.nonzero.is_empty(),
             "{}: {:?}",
