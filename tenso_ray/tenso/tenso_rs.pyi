@@ -45,6 +45,10 @@ __all__ = [
     "_gpu_to_host",
     "DeviceTensor",
     "_process_alive",
+    "_PrivateMap",
+    "_private_view",
+    "_private_view_stats",
+    "_private_view_routes",
     "_quantize",
     "_pack_int4",
     "_unpack_int4",
@@ -229,6 +233,20 @@ def _gpu_staging_stats(device_id: int) -> tuple[int, int, int]: ...
 def _gpu_from_host(array: npt.NDArray[Any], device_id: int) -> DeviceTensor: ...
 def _gpu_to_host(tensor: Any) -> tuple[npt.NDArray[np.uint8], str, list[int]]: ...
 def _process_alive(pid: int) -> bool: ...
+
+# --- private copy-on-write views (rust/tenso-py/src/private.rs over tenso_shm::private) ---
+@final
+class _PrivateMap:
+    """The base of a private view: a MAP_PRIVATE mapping, and the object keeping its source bytes alive."""
+
+    @property
+    def source(self) -> Any: ...
+
+def _private_view(
+    buffer: Any, keep: Any = None, hint_pids: Sequence[int] = (), populate: bool = False
+) -> Optional[npt.NDArray[np.uint8]]: ...
+def _private_view_stats() -> dict[str, Any]: ...
+def _private_view_routes(routes: Optional[list[str]]) -> None: ...
 
 # --- shared memory (rust/tenso-py/src/shm.rs) ---
 @final

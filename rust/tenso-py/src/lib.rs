@@ -11,6 +11,7 @@ mod encode;
 mod errors;
 mod gpu;
 mod parts;
+mod private;
 mod quant;
 mod shm;
 
@@ -25,6 +26,7 @@ fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     parts::register(m)?;
     shm::register(m)?;
+    private::register(m)?;
     gpu::register(m)?;
     constants(m)?;
     m.add_function(wrap_pyfunction!(_kernel_paths, m)?)?;

@@ -1,5 +1,5 @@
 //! Shared memory for tenso-ray: POSIX segments ([`segment`]), the robust lock word ([`lock`]), the free-space table
-//! ([`alloc`]) and the TensoCache pool ([`pool`]).
+//! ([`alloc`]), the TensoCache pool ([`pool`]) and private copy-on-write views of shared file mappings ([`private`]).
 //!
 //! This is the crate that owns `mmap` and the atomics over shared memory; it has no Python in it. The bindings in
 //! `tenso-py` wrap [`segment::Segment`] as `tenso.TensoShm` and [`pool::Pool`] as `tenso.TensoCache`.
@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod error;
 pub mod lock;
 pub mod pool;
+pub mod private;
 pub mod segment;
 
 pub use error::ShmError;
