@@ -200,6 +200,22 @@ def test_demonstration_rays_own_zero_copy_flag_leaks_writes_and_ours_does_not():
     assert ours == {"wrote": -1.0, "driver": 0.0, "next_task": 0.0}, ours
 
 
+@ray.remote
+def _make(n):
+    return torch.ones(n, dtype=torch.uint8)
+
+
+def test_bodies_ray_keeps_in_the_owners_heap_are_copied_without_a_fallback(cluster):
+    # Up to Ray's inline limit (100 KiB) a task's result lives in the owner's heap, not in the store: nothing to map,
+    # and no fallback to count or warn about (a warning would fail this test: pytest turns it into an error).
+    before = tenso.cow.stats()
+    for n in (70 << 10, 100 << 10):
+        got = ray.get(_make.remote(n))
+        assert got.shape == (n,) and int(got.sum()) == n
+        assert ray.get(_task_reads.remote(got)) == 1.0  # an inlined task argument
+    assert tenso.cow.stats()["copies"] == before["copies"]
+
+
 def test_views_outlive_their_object_ref(cluster):
     x = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB
     ref = ray.put(x)

@@ -40,20 +40,23 @@ _copied_bytes = 0
 _warned = False
 
 
-def private_bytes(buf: Any, *, keep: Any = None, hint_pids: Iterable[int] = ()) -> np.ndarray:
+def private_bytes(
+    buf: Any, *, keep: Any = None, hint_pids: Iterable[int] = (), min_bytes: int = PRIVATE_MIN_BYTES
+) -> np.ndarray:
     """The bytes of ``buf`` as a writeable, flat ``uint8`` array private to this process.
 
     A copy-on-write view of the same pages where ``buf`` lies in a shared file mapping that this process can reopen,
     else a copy (counted; one ``RuntimeWarning`` per process). ``keep`` (default: ``buf``) is held until the last
     view of the result dies; the caller guarantees that the bytes of ``buf`` do not change while it is held.
     ``hint_pids``: processes that keep the file open (Ray's raylet for its object store), a route when the file is
-    already unlinked and ``/proc/self/map_files`` is not readable.
+    already unlinked and ``/proc/self/map_files`` is not readable. Buffers under ``min_bytes`` are copied,
+    uncounted (:data:`PRIVATE_MIN_BYTES`; an adapter raises it where smaller bodies may not be in shared memory).
     """
     raw = buf if isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1 else None
     if raw is None:
         raw = np.frombuffer(buf, dtype=np.uint8)
     n = raw.nbytes
-    if n < PRIVATE_MIN_BYTES:
+    if n < min_bytes:
         return _owned_copy(raw) if n else np.empty(0, np.uint8)
     view: Optional[np.ndarray] = _rs._private_view(raw, buf if keep is None else keep, tuple(hint_pids))
     if view is not None:

@@ -62,7 +62,8 @@ Ray's buffer, so the object stays pinned in the store (not evicted, not spilled 
 last view of it dies -- also after its ``ObjectRef`` is gone. The store keeps its pages in a file that the raylet
 has already unlinked; the route to it (``/proc/self/map_files``, or the raylet's descriptor) is found once per
 mapping. Where none works (another user's store, no ``/proc``, not Linux) each reader gets one copy, as before:
-counted in ``tenso.cow.stats()``, with one ``RuntimeWarning`` per process. Bodies under 64 KiB are always copied.
+counted in ``tenso.cow.stats()``, with one ``RuntimeWarning`` per process. Bodies up to 100 KiB (Ray's inline limit,
+``RAY_max_direct_call_object_size``) are always copied: Ray may keep them in the owner's heap, not in the store.
 
 The header is a small tuple, not a tenso packet header: the payload lives inside one Ray job and is read only by
 this module, and a tuple pickles in about a microsecond. ``PickleBuffer`` needs pickle protocol 5, which is what Ray
@@ -80,7 +81,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .cow import private_bytes
+from .cow import PRIVATE_MIN_BYTES, private_bytes
 from .frameworks import from_host, to_host, torch_bytes, torch_from_bytes
 
 try:
@@ -204,10 +205,17 @@ def _rebuild_strided(buf: Any, descr: str, shape: tuple[int, ...], strides: tupl
     return np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=True)
 
 
+# Ray keeps objects up to max_direct_call_object_size (100 KiB unless RAY_max_direct_call_object_size says otherwise)
+# in the owner's heap and inlines them into tasks: bodies that small may not be in the store at all. They are copied,
+# which costs less than a mapping anyway, and never counted as a fallback. A larger body is always in the store.
+_INLINE_MAX = int(os.environ.get("RAY_max_direct_call_object_size") or 100 * 1024)
+_PRIVATE_MIN = max(PRIVATE_MIN_BYTES, _INLINE_MAX + 1)
+
+
 def _private(buf: Any) -> np.ndarray:
     """A copy-on-write view of an out-of-band body (a copy where no route works): writeable, private, and holding
     Ray's buffer -- so the object stays pinned in the store, its bytes unchanged -- while any view of it lives."""
-    return private_bytes(buf, hint_pids=_hint_pids())
+    return private_bytes(buf, hint_pids=_hint_pids(), min_bytes=_PRIVATE_MIN)
 
 
 _hints: tuple[int, ...] = ()
