@@ -27,15 +27,15 @@ Naming and lifetime (all in ``/dev/shm``)::
   space of ``/dev/shm`` (:func:`default_size`). All of it is reserved at creation.
 
 Entries (:func:`lookup`, :func:`store`, :func:`remove`): an array, or a dict of arrays stored as one entry per array
-(``<key>/0``, ``<key>/1``, ...) plus a manifest written last under the key itself. An entry is never written after
-it is published (a put of a key never rewrites a pinned entry in place: the pool gives it a new block). Reads are
-zero-copy views that **pin** their entries until the views are garbage-collected, and :func:`deliver` hands them
-out as private copy-on-write mappings (:mod:`tenso.cow`) that hold those pins: a reader's write copies the pages it
+(``<key>/0``, ``<key>/1``, ...) plus a manifest written last under the key itself. An entry is never written after it
+is published (a put of a key never rewrites a pinned entry in place: the pool gives it a new block). Reads are
+zero-copy views that **pin** their entries until the views are garbage-collected, and :func:`deliver` hands them out
+as private copy-on-write mappings (:mod:`tenso.cow`) that hold those pins: a reader's write copies the pages it
 touches into its own memory and reaches nobody else. Pins keep the bytes: a put that needs room evicts the least
 recently used entries that no live view pins, so a long job keeps hitting instead of filling the pool, and a view
-handed out is never overwritten. A process that dies holding pins frees them. The pool's size is the bound: only when pinned
-entries fill it does :func:`store` give up (a *fallback*: the caller serves its own value). :func:`stats` adds the
-counters hits, misses and fallbacks (this process) to the pool's own (evictions, pinned, usage).
+handed out is never overwritten. A process that dies holding pins frees them. The pool's size is the bound: only when
+pinned entries fill it does :func:`store` give up (a *fallback*: the caller serves its own value). :func:`stats` adds
+the counters hits, misses and fallbacks (this process) to the pool's own (evictions, pinned, usage).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ Policies
   keep NumPy's own (in-band) pickling.
 * Subclasses: Ray dispatches by exact type. ``numpy.memmap`` is registered and arrives as a plain read-only
   ``numpy.ndarray`` (the file mapping does not travel); ``torch.nn.Parameter`` is registered and arrives as a
-  writeable ``Parameter`` (a copy-on-write view, as tensors below), with ``requires_grad`` kept. Other subclasses keep Ray's default.
+  writeable ``Parameter`` (a copy-on-write view, as tensors below), with ``requires_grad`` kept. Other subclasses keep
+  Ray's default.
 * ``torch.Tensor`` (``include_torch=True``), every dtype (bfloat16, float8, complex, bool) and state dicts of them:
   zero-copy *and* safe. A CPU tensor comes back writeable, over a private copy-on-write mapping of the object
   store's pages (see "Copy-on-write views" below): no copy, and a write stays in the process that made it.

@@ -2,9 +2,9 @@
 
 ``cached_get(ref)`` returns the object behind ``ref`` from this node's :class:`~tenso.TensoCache` pool. The first
 process on the node to ask fetches it with ``ray.get`` and encodes it into the pool once; every later task and actor
-on the node gets zero-copy views of those bytes (private copy-on-write mappings), in microseconds, where ``ray.get`` asks the object store
-again and unpickles the object on every call (and copies torch tensors and ml_dtypes arrays each time). Ray objects
-never change, so the ObjectRef is a key that can never name stale data.
+on the node gets zero-copy views of those bytes (private copy-on-write mappings), in microseconds, where ``ray.get``
+asks the object store again and unpickles the object on every call (and copies torch tensors and ml_dtypes arrays each
+time). Ray objects never change, so the ObjectRef is a key that can never name stale data.
 
 When it applies (``benchmarks/bench_ray_cache.py``; figures in ``integrations/ray/README.md``):
 
