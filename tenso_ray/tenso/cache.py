@@ -95,6 +95,20 @@ def _to_device(value: Any, device: str, zero_copy: bool = False) -> Any:
     return from_host(value, device, zero_copy)
 
 
+def _private_value(a: np.ndarray) -> np.ndarray:
+    """A pool read made private: a copy-on-write view of a pinned view; a value that is already a copy as it is (a
+    pinned read copies when the pin table is full) or copied again if read-only (a bundle's arrays are decoded into
+    NumPy memory: nothing to map)."""
+    if a.flags.writeable:
+        return a
+    base = a
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    if base.base is None:  # NumPy's own memory, not the pool's
+        return a.copy()
+    return private_array(a)
+
+
 class TensoCache:
     """A tensor cache in a single shared-memory pool.
 
@@ -239,8 +253,7 @@ class TensoCache:
         """``key``'s value as copy-on-write views of its pinned entry (see :meth:`get`)."""
         value = self._pool.get(key, False, True)
         if isinstance(value, (np.ndarray, dict)):
-            # A pinned read falls back to a private copy when the pin table is full: that one is already ours.
-            return map_arrays(value, lambda a: a if a.flags.writeable else private_array(a))
+            return map_arrays(value, _private_value)
         return None if value is None else self._pool.get(key, True)
 
     def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
