@@ -95,7 +95,7 @@ def _to_device(value: Any, device: str, zero_copy: bool = False) -> Any:
     return from_host(value, device, zero_copy)
 
 
-def _private_value(a: np.ndarray) -> np.ndarray:
+def private_value(a: np.ndarray) -> np.ndarray:
     """A pool read made private: a copy-on-write view of a pinned view; a value that is already a copy as it is (a
     pinned read copies when the pin table is full) or copied again if read-only (a bundle's arrays are decoded into
     NumPy memory: nothing to map)."""
@@ -228,8 +228,9 @@ class TensoCache:
         ``private=True``: writeable arrays with the semantics of ``copy=True`` at the
         cost of a mapping: copy-on-write views of the pinned entry (reads share the
         pool's pages; a write copies the pages it touches into this process alone).
-        The entry stays pinned while any view lives. Small arrays (under 64 KiB),
-        values other than arrays and dicts of arrays, and systems where the pool
+        The entry stays pinned while any view lives. Small arrays (under 64 KiB), a
+        dict's arrays (a bundle is decoded into NumPy memory), values other than
+        arrays and dicts of arrays, and systems where the pool
         cannot be mapped privately (counted, one ``RuntimeWarning``; see
         :mod:`tenso.cow`) get a copy instead. ``device="torch"`` (CPU) reads this way
         too, without a copy; other devices read the pinned entry once, by their own
@@ -253,7 +254,7 @@ class TensoCache:
         """``key``'s value as copy-on-write views of its pinned entry (see :meth:`get`)."""
         value = self._pool.get(key, False, True)
         if isinstance(value, (np.ndarray, dict)):
-            return map_arrays(value, _private_value)
+            return map_arrays(value, private_value)
         return None if value is None else self._pool.get(key, True)
 
     def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:

@@ -52,8 +52,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .cache import TensoCache, parse_size
-from .cow import private_array
+from .cache import TensoCache, parse_size, private_value
 from .errors import TensoCacheFullError
 from .frameworks import _parse_device, from_host, map_arrays, to_host
 from .shm import SHM_DIR, process_alive, sweep, unlink_name
@@ -457,10 +456,10 @@ def deliver(value: Any, device: Optional[str] = None, copy: bool = False) -> Any
     A view holds the pinned pool view it was made from, so the entry stays pinned -- never evicted, never rewritten
     -- while any view lives; a write through it copies the touched pages into this process only."""
     if device is None:
-        return map_arrays(value, np.array if copy else private_array)
+        return map_arrays(value, np.array if copy else private_value)
     framework, spec = _parse_device(device)
     if not copy and framework == "torch" and spec in ("", "cpu"):
-        return map_arrays(value, lambda a: from_host(private_array(a), device, zero_copy=True))
+        return map_arrays(value, lambda a: from_host(private_value(a), device, zero_copy=True))
     # Other devices read the pinned bytes once, by their own copy (JAX arrays are immutable: a CPU JAX array may
     # alias the pinned entry itself).
     return map_arrays(value, lambda a: from_host(a, device, zero_copy=not copy and framework == "jax"))
