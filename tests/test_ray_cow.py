@@ -189,7 +189,11 @@ def _helper(scenario: str, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+RAY_VERSION = tuple(int(p) for p in ray.__version__.split(".")[:2] if p.isdigit())
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(RAY_VERSION < (2, 53), reason="RAY_ENABLE_ZERO_COPY_TORCH_TENSORS first shipped in Ray 2.53")
 def test_demonstration_rays_own_zero_copy_flag_leaks_writes_and_ours_does_not():
     # A demonstration, in clusters of their own: with RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1, one actor's write to
     # the tensor it got reaches the driver and the next task. This asserts Ray's leak: if a Ray release fixes it,
