@@ -22,7 +22,7 @@ from harness import KiB, MiB, Target, ratio  # noqa: E402
 
 SIZES = [1 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB]
 TENSOS = ["ours", "tenso-0.24.0", "tenso-0.19.4"]
-ALL = TENSOS + ["pickle5", "npy", "safetensors", "arrow", "floor", "xxhash/lz4"]
+ALL = TENSOS + ["pickle5", "npy", "safetensors", "arrow", "floor", "memcpy", "xxhash/lz4"]
 SIZE_FILTER: set[int] = set()  # --sizes
 GROUPS = ["dumps", "loads", "info", "dict", "noncontig", "iter", "stream", "file", "hash", "memory", "import"]
 
@@ -35,7 +35,8 @@ def plan(groups: set[str], quick: bool = False) -> list[tuple[str, str, str, int
         sizes = [n for n in SIZES if n in SIZE_FILTER]
     codecs = TENSOS + ["pickle5", "npy", "safetensors", "arrow", "floor"]
     if "dumps" in groups:
-        P += [("dumps", "dumps", "f32", n, codecs) for n in sizes]
+        # memcpy: the body copied into a preallocated buffer (the floor once packet memory is reused).
+        P += [("dumps", "dumps", "f32", n, codecs + ["memcpy"]) for n in sizes]
     if "loads" in groups:
         P += [("loads", "loads", "f32", n, codecs) for n in sizes]
     if "info" in groups:
@@ -102,6 +103,12 @@ def build_targets(R: dict, probes: dict) -> list[Target]:
         s = H.human_size(n)
         add(Target(f"dumps/copy@{s}", f"dumps({s}) <= 1.25x alloc+one body copy",
                         ratio(get("dumps", "f32", n, "ours"), get("dumps", "f32", n, "floor")), 1.25))
+    for n in (1 * MiB, 64 * MiB):
+        s = H.human_size(n)
+        add(Target(f"dumps/memcpy@{s}", f"dumps({s}) <= 1.1x a memcpy into a preallocated buffer (buffer cache)",
+                   ratio(get("dumps", "f32", n, "ours"), get("dumps", "f32", n, "memcpy")), 1.1))
+        add(Target(f"dumps/arrow@{s}", f"dumps({s}) faster than Arrow IPC write_tensor",
+                   ratio(get("dumps", "f32", n, "ours"), get("dumps", "f32", n, "arrow")), 1.0))
     add(Target("dumps/0.24.0@64M", "dumps(64M) vs tenso 0.24.0; the issue expects ~5x once at the copy floor",
                     ratio(get("dumps", "f32", 64 * MiB, "ours"), get("dumps", "f32", 64 * MiB, "tenso-0.24.0")), 0.2,
                     info=True, detail="derived from dumps/copy: depends on how far 0.24.0 is from the floor here"))
@@ -156,6 +163,18 @@ def build_targets(R: dict, probes: dict) -> list[Target]:
         T.append(Target("dumps 64M peak/payload", "peak extra memory of dumps(64M) <= one payload (+2 MiB slack)",
                         pk["extra_peak"] / pk["payload"] if pk.get("ok") else None, 1.0 + 2 * MiB / (64 * MiB),
                         detail="" if pk.get("ok") else pk.get("error", "")))
+    cl = probes.get("cacheloop")
+    if cl is not None:
+        ok = cl.get("ok")
+        T.append(Target("cache loop peak", f"{cl.get('calls', 100)} x (dumps + loads(copy=True)) of 64M: peak RSS "
+                        "minus the first iteration's, in packets (<= 4)", cl["growth_packets"] if ok else None, 4.0,
+                        unit="pkts", detail=(f"hits={cl['cache']['hits']} misses={cl['cache']['misses']}"
+                                             if ok else cl.get("error", ""))))
+        T.append(Target("cache loop after idle", "RSS after the idle period minus RSS before the loop, in packets "
+                        "(memory given back; <= 0.5)", cl["after_idle_over_base"] / cl["packet"] if ok else None, 0.5,
+                        unit="pkts", detail=(f"held after loop {(cl['held_after_loop'] - cl['base']) / MiB:.0f} MiB, "
+                                             f"after {cl['idle_s']} s idle {(cl['after_idle'] - cl['base']) / MiB:.0f}"
+                                             " MiB" if ok else "")))
     it = probes.get("import")
     if it is not None:
         T.append(Target("import tenso - numpy", "import tenso costs <= 0.1 s more than import numpy (s, medians)",
@@ -200,7 +219,7 @@ def main(argv=None) -> int:
         for v, py in refs.items():
             if py:
                 workers[f"tenso-{v}"] = H.Worker(f"tenso-{v}", py, [f"tenso-{v}"])
-        workers["floor"] = H.Worker("floor", bench_py, ["floor", "xxhash/lz4"])
+        workers["floor"] = H.Worker("floor", bench_py, ["floor", "memcpy", "xxhash/lz4"])
         workers["others"] = H.Worker("others", bench_py, ["pickle5", "npy", "safetensors", "arrow"])
         versions = {}
         for w in workers.values():
@@ -244,6 +263,9 @@ def main(argv=None) -> int:
         probes["peak"] = {}
         for impl, py in (("tenso", ours_py), ("pickle5", bench_py), ("floor", bench_py)):
             probes["peak"][impl] = H.probe(py, "peak", "--impl", impl, "--nbytes", str(64 * MiB))
+        H.log("[memory] buffer-cache loop")
+        probes["cacheloop"] = H.probe(ours_py, "cacheloop", "--calls", "100", "--nbytes", str(64 * MiB), "--idle",
+                                      "1.0")
         if refs.get("0.24.0"):
             probes["peak"]["tenso-0.24.0"] = H.probe(refs["0.24.0"], "peak", "--impl", "tenso", "--nbytes",
                                                      str(64 * MiB))

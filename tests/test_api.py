@@ -531,11 +531,22 @@ def test_async_stream_over_loopback_server():
 
 def test_aread_stream_truncated_and_bad_magic():
     async def main():
-        r = asyncio.StreamReader()
-        r.feed_data(bytes(tenso.dumps(np.arange(10)))[:30])
-        r.feed_eof()
-        with pytest.raises(EOFError):
-            await tenso.aread_stream(r)
+        pkt = bytes(tenso.dumps(np.arange(10)))
+        for cut in (4, 30, len(pkt) - 1):
+            r = asyncio.StreamReader()
+            r.feed_data(pkt[:cut])
+            r.feed_eof()
+            # Both tenso's class and asyncio's: code written for either (or for EOFError) keeps working.
+            with pytest.raises(asyncio.IncompleteReadError) as info:
+                await tenso.aread_stream(r)
+            err = info.value
+            assert isinstance(err, errors.TensoTruncatedError) and isinstance(err, EOFError)
+            assert type(err) is errors.TensoIncompleteReadError is tenso.TensoIncompleteReadError
+            assert err.partial == pkt[:cut] and err.expected > cut
+            assert str(err).startswith("Stream ended during ")
+            back = pickle.loads(pickle.dumps(err))
+            assert type(back) is type(err) and str(back) == str(err)
+            assert (back.partial, back.expected) == (err.partial, err.expected)
         r2 = asyncio.StreamReader()
         r2.feed_data(b"XXXX" + b"\x00" * 100)
         r2.feed_eof()
@@ -729,8 +740,12 @@ def test_exception_hierarchy_and_pickle():
     assert issubclass(E.TensoTruncatedError, E.TensoError) and issubclass(E.TensoTruncatedError, EOFError)
     assert issubclass(E.TensoCacheFullError, E.TensoError) and issubclass(E.TensoCacheFullError, MemoryError)
     assert not issubclass(E.TensoTruncatedError, ValueError)
+    assert issubclass(E.TensoUnknownNameError, E.TensoError)
+    assert issubclass(E.TensoUnknownNameError, ValueError) and issubclass(E.TensoUnknownNameError, KeyError)
+    assert issubclass(E.TensoIncompleteReadError, E.TensoTruncatedError)
+    assert issubclass(E.TensoIncompleteReadError, asyncio.IncompleteReadError)
     for cls in (E.TensoError, E.TensoFormatError, E.TensoIntegrityError, E.TensoTruncatedError,
-                E.TensoCacheFullError):
+                E.TensoCacheFullError, E.TensoUnknownNameError, E.TensoIncompleteReadError):
         mod = __import__(cls.__module__, fromlist=[cls.__name__])
         assert getattr(mod, cls.__name__) is cls
         e = cls("boom 42")
@@ -755,7 +770,7 @@ def test_exceptions_pickle_through_tblib():
         "from tenso import errors as E\n"
         "tblib.pickling_support.install()\n"
         "for cls in (E.TensoError, E.TensoFormatError, E.TensoIntegrityError, E.TensoTruncatedError,\n"
-        "            E.TensoCacheFullError):\n"
+        "            E.TensoCacheFullError, E.TensoUnknownNameError, E.TensoIncompleteReadError):\n"
         "    tblib.pickling_support.install(cls)\n"
         "    e = pickle.loads(pickle.dumps(cls('boom 42')))\n"
         "    assert type(e) is cls and str(e) == 'boom 42', (cls, e)\n"
@@ -807,3 +822,25 @@ def test_native_seed_functions(tmp_path):
         n = tenso_rs.dump_to_fd_rs(arr, f.fileno(), check_integrity=True)
     assert path.read_bytes() == bytes(tenso.dumps(arr, check_integrity=True)) and n == path.stat().st_size
     assert tenso_rs.get_packet_info_rs(bytes(mv))["shape"] in ((10,), [10])
+
+
+@pytest.mark.parametrize("kw", [{"dtype": "qint3"}, {"scheme": "invalid"}], ids=["dtype", "scheme"])
+def test_unknown_quantization_name_is_value_and_key_error(kw):
+    arr = np.ones((4, 8), dtype=np.float32)
+    dtype = kw.get("dtype", "qint8")
+    scheme = kw.get("scheme", "per_tensor")
+    for cls in (ValueError, KeyError, errors.TensoUnknownNameError):
+        with pytest.raises(cls) as info:
+            tenso.QuantizedTensor.quantize(arr, dtype, scheme=scheme)
+    err = info.value
+    bad = next(iter(kw.values()))
+    # The message is shown as it is (KeyError alone would quote it) and names the valid names.
+    assert str(err).startswith("unknown quantiz") and repr(bad) in str(err) and "valid names" in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is errors.TensoUnknownNameError and str(back) == str(err)
+
+
+def test_lazy_error_class_keeps_import_light():
+    code = "import sys, tenso; print('asyncio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr

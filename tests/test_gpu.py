@@ -12,7 +12,7 @@ import pytest
 
 import tenso
 import tenso.gpu
-from tenso import tenso_rs
+from tenso import frameworks, tenso_rs
 
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -29,19 +29,33 @@ def test_native_probe_agrees_with_the_driver():
 
 
 @pytest.mark.skipif(tenso.gpu.available(), reason="this machine has CUDA")
-def test_without_cuda_every_call_is_a_clear_runtime_error_and_reads_nothing():
+def test_without_cuda_every_call_is_a_clear_runtime_error_after_the_packet_is_checked():
+    # Issue #18: read_to_device reads and checks the packet before it looks for a GPU (so a bad packet is a
+    # ValueError and an empty stream None on any machine; tests/test_gpu_cpu.py), then says what is missing.
     problem = tenso.gpu._cuda_problem()
     assert problem and ("libcuda" in problem or "no CUDA device" in problem or "macOS" in problem)
-    src = io.BytesIO(bytes(tenso.dumps(np.arange(4))))
+    packet = bytes(tenso.dumps(np.arange(4)))
+    src = io.BytesIO(packet + packet)
+
+    class OnCuda:
+        def __dlpack__(self, **kwargs):
+            raise AssertionError("not exported")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
     for call in (
         lambda: tenso.gpu.read_to_device(src, 0, framework="torch"),
-        lambda: tenso.gpu.write_from_device(torch.zeros(3), io.BytesIO()),
+        lambda: tenso.gpu.write_from_device(OnCuda(), io.BytesIO()),
         lambda: tenso.gpu.staging_stats(0),
     ):
         with pytest.raises(RuntimeError, match="needs a CUDA GPU") as info:
             call()
         assert problem in str(info.value)
-    assert src.tell() == 0, "the stream is untouched"
+    assert src.tell() == len(packet), "exactly one packet was read"
+    # Host tensors need no GPU: written as write_stream writes them.
+    out = io.BytesIO()
+    assert tenso.gpu.write_from_device(torch.zeros(3), out) == len(out.getvalue()) == len(tenso.dumps(np.zeros(3, np.float32)))
     # The native entry points check too (cudarc would panic on a missing libcuda).
     with pytest.raises(RuntimeError, match="CUDA"):
         tenso_rs._gpu_read_to_device(bytes(tenso.dumps(np.arange(4))), 0)
@@ -194,6 +208,11 @@ def test_bundles_errors_and_strided_tensors():
 @pytest.mark.parametrize("framework", ["cupy", "jax"])
 def test_other_frameworks_share_the_device_memory(framework):
     fw = pytest.importorskip(framework)
+    if framework == "jax":
+        try:
+            fw.devices("cuda")
+        except RuntimeError as e:  # a CPU-only jaxlib (no jax-cuda plugin): nothing of ours to test
+            pytest.skip(f"JAX has no CUDA backend here ({e})")
     packet = bytes(tenso.dumps(np.arange(1000, dtype=np.float32).reshape(10, 100)))
     back = tenso.gpu.read_to_device(packet, 0, framework=framework)
     np.testing.assert_array_equal(np.asarray(back.get() if framework == "cupy" else back),
@@ -374,3 +393,82 @@ def test_a_pinned_batch_freed_during_its_copy_goes_back_after_the_copy():
     assert fn.pool.stats["used_bytes"] == 0
     assert torch.equal(out.cpu(), torch.full((4, 1024, 1024), 3.0))
     fn.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue #19 on the device: consumer allocator (3), forked child (6), multi-GPU guards (7)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_torch_tensors_live_in_torchs_caching_allocator():
+    # Counted and reused by torch (memory_allocated), freed into its cache (no cuMemFree, no device-wide sync).
+    packet = bytes(tenso.dumps(np.arange(1 << 20, dtype=np.float32)))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(0)
+    t = tenso.gpu.read_to_device(packet, 0, framework="torch")
+    assert torch.cuda.memory_allocated(0) - before >= 4 << 20
+    assert torch.equal(t.cpu(), torch.arange(1 << 20, dtype=torch.float32))
+    reserved = torch.cuda.memory_reserved(0)
+    del t
+    assert torch.cuda.memory_allocated(0) == before
+    for _ in range(3):  # the cached block is reused: nothing new reserved
+        assert tenso.gpu.read_to_device(packet, 0, framework="torch").shape == (1 << 20,)
+    assert torch.cuda.memory_reserved(0) == reserved
+    # On a side stream: the copy waits for that stream's pending work on the block, and the result is right.
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        busy = torch.ones(4 << 20, device="cuda")
+        busy.mul_(2)
+        del busy  # its block may be handed to the read below while the multiply still runs
+        x = torch.from_numpy(np.arange(12, dtype=np.int64).reshape(3, 4)).to("cuda")
+        y = frameworks.from_host(np.arange(12, dtype=np.int64).reshape(3, 4), "torch:cuda:0")
+    side.synchronize()
+    assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU (run scripts/gpu-check.sh on one)")
+def test_a_forked_child_is_refused_with_a_clear_error():
+    import os
+
+    packet = bytes(tenso.dumps(np.arange(4, dtype=np.float32)))
+    tenso.gpu.read_to_device(packet, 0, framework="torch")  # the device is opened in this process
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            tenso.tenso_rs._gpu_read_to_device(packet, 0)
+            msg = b"no error"
+        except RuntimeError as e:
+            msg = str(e).encode()[:500]
+        except BaseException as e:  # noqa: BLE001
+            msg = repr(e).encode()[:500]
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    msg = os.read(r, 1000).decode()
+    os.waitpid(pid, 0)
+    assert "forked" in msg and "spawn" in msg, msg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_non_current_device_export_under_their_guard():
+    packet = bytes(tenso.dumps(np.arange(1000, dtype=np.float32)))
+    assert torch.cuda.current_device() == 0
+    t = tenso.gpu.read_to_device(packet, 1, framework="torch")
+    assert t.device.index == 1
+    out = io.BytesIO()
+    tenso.gpu.write_from_device(t, out)
+    assert out.getvalue() == packet
+    try:
+        import cupy
+    except ImportError:
+        return
+    a = tenso.gpu.read_to_device(packet, 1, framework="cupy")
+    assert a.device.id == 1 and cupy.cuda.Device().id == 0
+    out = io.BytesIO()
+    tenso.gpu.write_from_device(a, out)
+    assert out.getvalue() == packet
+    assert np.array_equal(frameworks.to_host(a), np.arange(1000, dtype=np.float32))

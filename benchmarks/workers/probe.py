@@ -6,6 +6,10 @@
       reset through /proc/self/clear_refs ("5") just before the call.
   probe.py growth --calls 1000 --nbytes N
       RSS growth over `calls` calls of each public API (after a warm-up), one line of JSON.
+  probe.py cacheloop --calls 100 --nbytes N [--idle S]
+      `calls` x (dumps + loads(copy=True)) of an N-byte float32 array: RSS at the peak of the first iteration and of
+      the whole loop (sampled after each call), then RSS after the buffer cache's idle period (S seconds, set
+      through tenso.config.set_buffer_cache) with every packet freed.
 """
 
 from __future__ import annotations
@@ -168,14 +172,47 @@ def growth(calls: int, nbytes: int) -> dict:
     return {"ok": True, "calls": calls, "nbytes": nbytes, "growth": out}
 
 
+def cacheloop(calls: int, nbytes: int, idle: float) -> dict:
+    import time
+
+    import tenso
+    from tenso import config
+
+    config.set_buffer_cache(idle_seconds=idle)
+    a = np.empty(nbytes // 4, np.float32)
+    a.fill(1.5)
+    base = status("VmRSS")
+    peaks = []
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        p = tenso.dumps(a)
+        r1 = status("VmRSS")
+        b = tenso.loads(p, copy=True)
+        r2 = status("VmRSS")
+        peaks.append(max(r1, r2))
+    loop_s = time.perf_counter() - t0
+    stats = config.buffer_cache_stats()
+    del p, b
+    held = status("VmRSS")
+    time.sleep(idle * 2 + 0.5)
+    after = status("VmRSS")
+    return {"ok": True, "calls": calls, "packet": nbytes, "base": base, "first_peak": peaks[0], "peak": max(peaks),
+            "held_after_loop": held, "after_idle": after, "idle_s": idle, "loop_s": loop_s, "cache": stats,
+            "growth_packets": (max(peaks) - peaks[0]) / nbytes, "after_idle_over_base": after - base}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["peak", "growth"])
+    ap.add_argument("mode", choices=["peak", "growth", "cacheloop"])
     ap.add_argument("--impl", default="tenso")
     ap.add_argument("--nbytes", type=int, default=64 << 20)
     ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--idle", type=float, default=2.0)
     args = ap.parse_args()
-    res = peak(args.impl, args.nbytes) if args.mode == "peak" else growth(args.calls, args.nbytes)
+    if args.mode == "cacheloop":
+        res = cacheloop(args.calls, args.nbytes, args.idle)
+    else:
+        res = peak(args.impl, args.nbytes) if args.mode == "peak" else growth(args.calls, args.nbytes)
     sys.stdout.write(json.dumps(res) + "\n")
 
 

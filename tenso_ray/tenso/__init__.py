@@ -36,6 +36,7 @@ from .errors import (
     TensoFormatError,
     TensoIntegrityError,
     TensoTruncatedError,
+    TensoUnknownNameError,
 )
 from .quantize import QuantizedTensor
 from .ragged import RaggedArray, StringTensor
@@ -78,11 +79,13 @@ __all__ = [
     "TensoIntegrityError",
     "TensoTruncatedError",
     "TensoCacheFullError",
+    "TensoUnknownNameError",
+    "TensoIncompleteReadError",
     "__version__",
 ]
 
 # Names resolved on first access, so that `import tenso` stays cheap.
-_LAZY = {"read_to_device": "gpu"}
+_LAZY = {"read_to_device": "gpu", "TensoIncompleteReadError": "errors"}
 
 
 def __getattr__(name: str) -> object:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import tenso_rs as _rs
 from .core import _GROWTH_STEP, _INITIAL_CAPACITY, _ended_message, _grow, _loads_owned, _parts
-from .errors import TensoTruncatedError
+from . import errors as _errors
 
 if TYPE_CHECKING:  # asyncio costs ~80 ms to import; only the coroutines need it
     import asyncio
@@ -42,8 +42,11 @@ async def aread_stream(reader: asyncio.StreamReader) -> Optional[Any]:
 
     Raises
     ------
-    tenso.TensoTruncatedError
-        If the stream ends inside a packet (an ``EOFError``).
+    tenso.errors.TensoIncompleteReadError
+        If the stream ends inside a packet: a ``tenso.TensoTruncatedError``
+        (so an ``EOFError``) that is also an ``asyncio.IncompleteReadError``,
+        with the packet's bytes received as ``partial`` and the bytes it needs
+        at least as ``expected``.
     tenso.TensoFormatError
         If the packet is malformed, exceeds a limit or cannot be framed
         (a ``ValueError``).
@@ -68,7 +71,10 @@ async def aread_stream(reader: asyncio.StreamReader) -> Optional[Any]:
             except IncompleteReadError as exc:
                 if have == 0 and not exc.partial:
                     return None
-                raise TensoTruncatedError(_ended_message(have + len(exc.partial), need)) from None
+                got = have + len(exc.partial)
+                raise _errors.TensoIncompleteReadError(
+                    _ended_message(got, need), bytes(buf[:have]) + exc.partial, need
+                ) from None
             buf[have : have + step] = memoryview(chunk)
             have += step
     return _loads_owned(buf[:have])

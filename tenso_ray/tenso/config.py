@@ -38,11 +38,22 @@ Framing
     ``PROTOCOL_VERSION`` (4): the version written by default.
     ``HEADER_SIZE_V3`` (8), ``HEADER_SIZE_V4`` (10): fixed header sizes.
     ``DEFAULT_ALIGNMENT`` (64): body alignment used when none is requested.
+
+Large-buffer cache (not a protocol setting)
+    Every fresh buffer of 256 KiB or more that the codec hands out (``dumps``,
+    ``loads(copy=True)``, ``read_stream`` / ``aread_stream`` / ``load`` targets)
+    comes from a bounded cache of recently freed buffers, so that the next packet
+    of that size reuses memory that is already faulted in. A buffer returns to the
+    cache when the last array or view over it is freed. :func:`set_buffer_cache`
+    changes the cap on retained bytes (``TENSO_BUFFER_CACHE_BYTES``, default
+    512 MiB; 0 turns the cache off) and the idle period after which everything
+    retained is given back to the system (``TENSO_BUFFER_CACHE_IDLE_S``, default
+    2 seconds); :func:`buffer_cache_stats` reports the settings and counters.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Optional, Union
 
 from . import tenso_rs as _rs
 
@@ -74,6 +85,8 @@ __all__ = [
     "HEADER_SIZE_V3",
     "HEADER_SIZE_V4",
     "DEFAULT_ALIGNMENT",
+    "set_buffer_cache",
+    "buffer_cache_stats",
 ]
 
 FLAG_ALIGNED: Final[int] = _rs.FLAG_ALIGNED  #: Body padded to a 64-byte boundary.
@@ -122,3 +135,40 @@ _QDTYPE_NAMES: Final[dict[int, str]] = {
     QDTYPE_QUINT4: "quint4",
 }
 _QDTYPE_FROM_NAME: Final[dict[str, int]] = {name: code for code, name in _QDTYPE_NAMES.items()}
+
+
+def set_buffer_cache(max_bytes: Optional[int] = None, idle_seconds: Optional[float] = None) -> None:
+    """Configure the large-buffer cache of this process.
+
+    Parameters
+    ----------
+    max_bytes : int, optional
+        Most bytes of freed buffers kept for reuse; 0 turns the cache off
+        (fresh buffers come from NumPy's allocator again). A lower cap releases
+        the excess at once. Unchanged if None.
+    idle_seconds : float, optional
+        After this long without a buffer being taken or given back, every
+        retained buffer is returned to the system. Unchanged if None.
+
+    Raises
+    ------
+    ValueError
+        If ``idle_seconds`` is negative or not finite.
+    OverflowError
+        If ``max_bytes`` is negative.
+    """
+    _rs._buffer_cache_configure(max_bytes, idle_seconds)
+
+
+def buffer_cache_stats() -> dict[str, Union[int, float]]:
+    """The large-buffer cache's settings and counters.
+
+    Returns
+    -------
+    dict
+        ``max_bytes``, ``idle_seconds``, ``min_block`` (smallest buffer it
+        serves), ``retained_bytes`` and ``retained_blocks`` (held for reuse
+        now), ``hits`` and ``misses`` (requests served from / not from retained
+        buffers) and ``idle_trims`` (times the idle period released everything).
+    """
+    return _rs._buffer_cache_stats()

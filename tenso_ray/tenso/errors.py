@@ -5,24 +5,37 @@ Every error the package raises on purpose derives from :class:`TensoError`, so
 builtin the seed API promises for that situation, so code written against the
 reference package keeps working:
 
-=========================  ==================  =====================================
-class                      also a              raised when
-=========================  ==================  =====================================
-``TensoFormatError``       ``ValueError``      bytes are not a valid packet, or a
-                                               packet breaks a limit (ndim, elements)
-``TensoIntegrityError``    ``ValueError``      an XXH3 footer does not match
-``TensoTruncatedError``    ``EOFError``        a buffer or stream ends mid-packet
-``TensoCacheFullError``    ``MemoryError``     a cache pool cannot make room
-=========================  ==================  =====================================
+============================  =================================  ==================================
+class                         also a                             raised when
+============================  =================================  ==================================
+``TensoFormatError``          ``ValueError``                     bytes are not a valid packet, or a
+                                                                 packet breaks a limit (ndim, ...)
+``TensoIntegrityError``       ``ValueError``                     an XXH3 footer does not match
+``TensoTruncatedError``       ``EOFError``                       a buffer or stream ends mid-packet
+``TensoIncompleteReadError``  ``TensoTruncatedError`` and        ``aread_stream``'s stream ends
+                              ``asyncio.IncompleteReadError``    inside a packet
+``TensoUnknownNameError``     ``ValueError`` and ``KeyError``    a quantization scheme or dtype
+                                                                 name is not one tenso knows
+``TensoCacheFullError``       ``MemoryError``                    a cache pool cannot make room
+============================  =================================  ==================================
 
-The classes carry only their ``args``, so they pickle by value (Ray sends worker
+Two classes are both of two builtins so that code written for either keeps
+working: an unknown name is the ``ValueError`` tenso raises for bad arguments and
+the ``KeyError`` upstream's dict lookup leaked; a stream that ends inside a
+packet in ``aread_stream`` is tenso's ``TensoTruncatedError`` and the
+``asyncio.IncompleteReadError`` of ``StreamReader.readexactly``.
+``TensoIncompleteReadError`` is built on first access (importing asyncio costs
+tens of milliseconds, which ``import tenso`` does not pay).
+
+The classes carry only their ``args`` (and ``TensoIncompleteReadError`` its
+``partial`` and ``expected``), so they pickle by value (Ray sends worker
 exceptions back to the driver by pickling them) and can be imported from
 ``tenso.errors`` as well as from ``tenso``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 __all__ = [
     "TensoError",
@@ -30,6 +43,8 @@ __all__ = [
     "TensoIntegrityError",
     "TensoTruncatedError",
     "TensoCacheFullError",
+    "TensoUnknownNameError",
+    "TensoIncompleteReadError",
 ]
 
 
@@ -66,3 +81,56 @@ class TensoCacheFullError(TensoError, MemoryError):
     # `cls.__new__(cls, *args)` -- tblib's, which Dask installs in every process -- would then fail on this class.
     def __new__(cls, *args: Any, **kwargs: Any) -> "TensoCacheFullError":
         return Exception.__new__(cls, *args)
+
+
+class TensoUnknownNameError(TensoError, ValueError, KeyError):
+    """A name (quantization scheme, quantized dtype) that tenso does not know.
+
+    Both a :class:`ValueError` (tenso's class for bad arguments) and a
+    :class:`KeyError` (what upstream tenso's dict lookup raises), so handlers
+    written for either catch it.
+    """
+
+    # KeyError shows its argument with repr() (quotes around the message); show the message as it is.
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+def _incomplete_read_error() -> type:
+    """Build ``TensoIncompleteReadError``: a ``TensoTruncatedError`` that is also an ``asyncio.IncompleteReadError``."""
+    from asyncio import IncompleteReadError
+
+    class TensoIncompleteReadError(TensoTruncatedError, IncompleteReadError):
+        """An asyncio stream ended inside a packet (:func:`tenso.aread_stream`).
+
+        Both a :class:`TensoTruncatedError` (so an ``EOFError``) and an
+        :class:`asyncio.IncompleteReadError`, whose ``partial`` (the bytes of the
+        packet that arrived) and ``expected`` (the bytes it needs at least) it
+        carries. The message is tenso's (upstream's words, then the detail).
+        """
+
+        partial: bytes
+        expected: Optional[int]
+
+        def __init__(self, message: str, partial: bytes = b"", expected: Optional[int] = None) -> None:
+            Exception.__init__(self, message)
+            self.partial = partial
+            self.expected = expected
+
+        def __str__(self) -> str:
+            return Exception.__str__(self)
+
+        def __reduce__(self) -> Tuple[Any, ...]:
+            return (type(self), (self.args[0] if self.args else "", self.partial, self.expected))
+
+    TensoIncompleteReadError.__module__ = __name__
+    TensoIncompleteReadError.__qualname__ = "TensoIncompleteReadError"
+    return TensoIncompleteReadError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TensoIncompleteReadError":
+        cls = _incomplete_read_error()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -218,7 +218,11 @@ _STAGED: Optional[bool] = None
 
 
 def _staged() -> bool:
-    """Whether device copies go through tenso's pinned staging: the driver reports a CUDA device."""
+    """Whether device copies go through tenso's pinned staging: the driver reports a CUDA device.
+
+    The first call initialises CUDA in this process (``cuInit``): call it only for a tensor already known to be on a
+    CUDA device (or a CUDA target), never for CPU data, which must convert in processes that never touch CUDA
+    (``tests/test_gpu_cpu.py`` counts the calls)."""
     global _STAGED
     if _STAGED is None:
         _STAGED = bool(_rs._gpu_available())
@@ -229,11 +233,59 @@ def _wire(array: np.ndarray) -> bool:
     return array.dtype in _WIRE_DTYPES or array.dtype.name == "bfloat16"
 
 
+# alloc(nbytes) -> (device address, owner, consumer stream handle): see _consumer_alloc.
+_Alloc = Callable[[int], tuple[int, Any, int]]
+
+
+def _consumer_alloc(framework: str, index: int) -> Optional[_Alloc]:
+    """An allocator of device memory in ``framework``'s own caching allocator on CUDA device ``index``, or None for
+    a framework without one that tenso can use (JAX: tenso allocates, and the memory goes through DLPack).
+
+    Each call returns an empty ``uint8`` tensor's address, the tensor (its owner: the memory goes back to the
+    framework's pool when it is freed, stream-ordered, with no ``cuMemFree`` and no device-wide synchronisation),
+    and the framework's current stream on that device, which the native copy waits for (on the device) before it
+    writes: the pool may hand out a block that work queued earlier on that stream still uses.
+    """
+    if framework == "torch":
+        torch = _torch()
+        device = torch.device("cuda", index)
+        stream = int(torch.cuda.current_stream(device).cuda_stream)
+
+        def torch_alloc(nbytes: int) -> tuple[int, Any, int]:
+            t = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            return int(t.data_ptr()), t, stream
+
+        return torch_alloc
+    if framework == "cupy":
+        cupy = sys.modules["cupy"]
+        with cupy.cuda.Device(index):
+            cupy_stream = int(cupy.cuda.get_current_stream().ptr)
+
+        def cupy_alloc(nbytes: int) -> tuple[int, Any, int]:
+            with cupy.cuda.Device(index):
+                a = cupy.empty(nbytes, dtype=cupy.uint8)
+            return int(a.data.ptr), a, cupy_stream
+
+        return cupy_alloc
+    return None
+
+
+def _consumed(owner: Any, dtype: str, shape: Sequence[int], framework: str) -> Any:
+    """The ``uint8`` tensor that ``_consumer_alloc`` made, seen as the packet's dtype and shape (a view)."""
+    if framework == "torch":
+        return owner.view(getattr(_torch(), dtype)).reshape(tuple(shape))
+    return owner.view(np.dtype(dtype)).reshape(tuple(shape))
+
+
 def _staged_to_device(array: np.ndarray, index: int, framework: str) -> Any:
-    """``array`` on CUDA device ``index`` as a ``framework`` tensor: one copy into pinned staging, DMA to memory tenso
-    allocated, handed over through DLPack."""
+    """``array`` on CUDA device ``index`` as a ``framework`` tensor: one copy into pinned staging, DMA to memory of
+    the framework's own allocator (torch, CuPy), or memory tenso allocated handed over through DLPack (JAX)."""
     contiguous = np.ascontiguousarray(array)  # a no-op for C-contiguous input (the common case)
-    return device_from_dlpack(_rs._gpu_from_host(contiguous, index), framework)
+    alloc = _consumer_alloc(framework, index)
+    if alloc is None:
+        return device_from_dlpack(_rs._gpu_from_host(contiguous, index), framework)
+    owner = _rs._gpu_from_host(contiguous, index, alloc)
+    return _consumed(owner, contiguous.dtype.name, contiguous.shape, framework)
 
 
 def _staged_to_host(obj: Any) -> Optional[np.ndarray]:
@@ -287,11 +339,14 @@ def to_host(obj: Any) -> Any:
     kind = _kind(obj)
     if kind is None:
         return obj
-    if kind == "torch" and _staged() and obj.device.type == "cuda" and obj.layout is _torch().strided:
+    # The device is looked at before _staged(): only a CUDA tensor may make this process initialise CUDA.
+    if kind == "torch" and obj.device.type == "cuda" and obj.layout is _torch().strided and _staged():
         # Every dtype, through its bytes (torch_bytes stages CUDA tensors); a C-contiguous copy.
         return torch_bytes(obj).view(numpy_dtype_of(obj.dtype)).reshape(tuple(obj.shape))
-    if kind != "torch" and _staged() and _is_cuda(obj):
-        host = _staged_to_host(obj)
+    if kind != "torch" and _is_cuda(obj) and _staged():
+        producer, on_device = _cuda_export(obj)  # CuPy exports on its current device: make it the array's
+        with on_device:
+            host = _staged_to_host(producer)
         if host is not None:
             return host
     if kind == "torch":
@@ -314,10 +369,17 @@ def _cuda_export(obj: Any) -> tuple[Any, Any]:
 
     torch's ``__dlpack__`` refuses (BufferError) tensors that require grad or carry a conj/neg bit, and CUDA tensors
     on a device other than torch's current one: a torch tensor comes back detached with its bits resolved (a view;
-    a copy only where a bit is set) with a guard that makes its device current. Anything else comes back as it is,
-    with a guard that does nothing.
+    a copy only where a bit is set) with a guard that makes its device current. A CuPy array gets a guard that makes
+    its device current (its ``stream=`` handshake records the ordering event on the *current* device's stream, which
+    must be the array's). JAX exports from the array's own device whatever is current (its DLPack export names the
+    device and orders on it), so JAX arrays and anything else come back as they are, with a guard that does
+    nothing.
     """
-    if _kind(obj) != "torch":
+    kind = _kind(obj)
+    if kind == "cupy":
+        cupy = sys.modules["cupy"]
+        return obj, cupy.cuda.Device(int(obj.device.id))
+    if kind != "torch":
         return obj, contextlib.nullcontext()
     import torch
 
@@ -336,7 +398,7 @@ def torch_bytes(t: Any) -> np.ndarray:
     """
     import torch
 
-    if _staged() and t.device.type == "cuda" and t.layout is torch.strided and not t.is_quantized:
+    if t.device.type == "cuda" and t.layout is torch.strided and not t.is_quantized and _staged():
         # Gathered on the device if strided, then one copy home through tenso's pinned staging (exported with the
         # tensor's device current: torch refuses to export it otherwise).
         t, on_device = _cuda_export(t)

@@ -9,8 +9,11 @@ reverse: each tensor is imported through DLPack (with the ``stream=`` handshake,
 ordered first), copied device -> staging -> destination chunk by chunk, and the packet's headers and XXH3 footers are
 written around the bodies; the bytes are exactly :func:`tenso.dumps`'s.
 
-These functions need a CUDA GPU. Without one they raise RuntimeError saying what is missing (no NVIDIA driver, no
-device, or a framework built without CUDA) instead of quietly handing back CPU tensors; :func:`available` asks first.
+These functions need a CUDA GPU for device tensors. Without one, :func:`read_to_device` still reads and checks the
+packet (a bad packet is a ``ValueError``, a stream that ends early an ``EOFError``, an empty stream ``None``, as on a
+GPU machine) and then raises RuntimeError saying what is missing (no NVIDIA driver, no device, or a framework built
+without CUDA) instead of quietly handing back CPU tensors; :func:`write_from_device` writes host arrays on any
+machine. :func:`available` asks first.
 For CPU tensors use :func:`tenso.frameworks.from_host` / :func:`tenso.frameworks.to_host` with
 :func:`tenso.read_stream` / :func:`tenso.write_stream`.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import mmap
 import os
 import sys
@@ -28,14 +32,29 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .core import _make_filler, _writer, write_stream
-from .frameworks import _cuda_export, _is_cuda, check_device, device_from_dlpack, map_arrays, to_host
+from .core import _make_filler, _writer, read_stream, write_stream
+from .frameworks import (
+    _consumed,
+    _consumer_alloc,
+    _cuda_export,
+    _is_cuda,
+    check_device,
+    device_from_dlpack,
+    map_arrays,
+    to_host,
+)
 from .tenso_rs import _gpu_available, _gpu_problem, _gpu_read_to_device, _gpu_staging_stats, _gpu_write_from_device
 
-__all__ = ["available", "read_to_device", "write_from_device", "staging_stats"]
+__all__ = ["BACKEND", "available", "read_to_device", "write_from_device", "staging_stats"]
 
 
 _FRAMEWORKS = ("cupy", "torch", "jax")
+
+#: The framework :func:`read_to_device` returns tensors of when its ``framework`` argument is None: ``"cupy"``,
+#: ``"torch"`` or ``"jax"``; None (the default) means the first installed of CuPy, PyTorch, JAX, looked up at each
+#: call. Set it once to fix a process's default (upstream tenso's module attribute of the same name; code and tests
+#: written for it keep working).
+BACKEND: Optional[str] = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,6 +92,8 @@ def _require_cuda(what: str) -> None:
 
 
 def _pick_framework(framework: Optional[str]) -> str:
+    if framework is None:
+        framework = BACKEND
     if framework is not None:
         name = framework.lower()
         if name not in _FRAMEWORKS:
@@ -94,6 +115,14 @@ def _device(framework: str, device_id: int) -> str:
     return f"{framework}:cuda:{device_id}"
 
 
+def _as_stream(source: Any) -> Any:
+    """``source`` as :func:`tenso.read_stream` takes it (a bytes-like object is read from memory)."""
+    if isinstance(source, (bytes, bytearray, memoryview, np.ndarray, mmap.mmap)):
+        view: memoryview = memoryview(source)  # type: ignore[arg-type]  # mmap and ndarray are buffers
+        return io.BytesIO(view.cast("B"))
+    return source
+
+
 def _feed(source: Any) -> Any:
     """What the native reader takes: a bytes-like object as is (read without the GIL), else a ``fill`` callable."""
     if isinstance(source, (bytes, bytearray, memoryview, np.ndarray, mmap.mmap)):
@@ -112,7 +141,8 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
     device_id : int, default 0
         Index of the target CUDA device.
     framework : {"cupy", "torch", "jax"}, optional
-        The tensor type to return; by default the first installed of CuPy, PyTorch, JAX.
+        The tensor type to return; by default :data:`BACKEND`, or when that is None the first installed of CuPy,
+        PyTorch, JAX.
 
     Returns
     -------
@@ -124,8 +154,9 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
     Raises
     ------
     RuntimeError
-        If no CUDA device can be used (no driver, no device, or a framework built without CUDA); checked before
-        reading, so the stream is untouched.
+        If no CUDA device can be used (no driver, no device, or a framework built without CUDA). Without a driver
+        or device the packet is read and checked first (so the errors below come first, and an empty stream
+        returns None); with a device whose framework lacks CUDA support it is raised before reading.
     ImportError
         If the framework is not installed (the message names the extra); checked before reading.
     TypeError
@@ -136,9 +167,22 @@ def read_to_device(source: Any, device_id: int = 0, framework: Optional[str] = N
     tenso.TensoTruncatedError
         If the stream ends inside the packet (an ``EOFError``).
     """
-    _require_cuda("read_to_device")
     name = _pick_framework(framework)
-    check_device(_device(name, device_id))  # the framework and its CUDA support, before the stream is consumed
+    target = _device(name, device_id)
+    if _cuda_problem() is not None:
+        # No GPU: the packet is still read and checked, so that what a caller sees for a bad or missing packet does
+        # not depend on the machine; a valid one then cannot go anywhere.
+        if read_stream(_as_stream(source)) is None:
+            return None
+        _require_cuda("read_to_device")
+    check_device(target)  # the framework and its CUDA support, before the stream is consumed
+    alloc = _consumer_alloc(name, device_id)
+    if alloc is not None:
+        # torch and CuPy: each tensor in the framework's own caching allocator (no cuMemFree when it goes).
+        got = _gpu_read_to_device(_feed(source), device_id, alloc)
+        if isinstance(got, dict):
+            return {key: _consumed(*value, name) for key, value in got.items()}
+        return None if got is None else _consumed(*got, name)
     obj = _gpu_read_to_device(_feed(source), device_id)
     if obj is None:
         return None
@@ -169,15 +213,15 @@ def write_from_device(tensor: Any, dest: Any, check_integrity: bool = False) -> 
     Raises
     ------
     RuntimeError
-        If no CUDA device can be used here (the message says what is missing).
+        If CUDA tensors are given and no CUDA device can be used here (the message says what is missing).
     TypeError
         If the tensor type or dtype is not supported, or ``dest`` cannot be written.
     BufferError
         If a device tensor is not C-contiguous (call ``.contiguous()`` first).
     """
-    _require_cuda("write_from_device")
     leaves = list(tensor.values()) if isinstance(tensor, dict) else [tensor]
     if leaves and all(_is_cuda(leaf) for leaf in leaves):
+        _require_cuda("write_from_device")
         # torch tensors detached (with grad or a conj/neg bit torch refuses to export them) and exported with their
         # device current (torch exports only from the current device); one device per packet, checked natively.
         if isinstance(tensor, dict):

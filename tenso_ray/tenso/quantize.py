@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import tenso_rs as _rs
+from .errors import TensoUnknownNameError
 from .config import (
     QDTYPE_QINT4,
     QDTYPE_QINT8,
@@ -199,15 +200,21 @@ class QuantizedTensor:
 
         Raises
         ------
+        tenso.errors.TensoUnknownNameError
+            If ``dtype`` or ``scheme`` is not a valid name (both a ``ValueError``
+            and a ``KeyError``).
         ValueError
-            If ``dtype`` or ``scheme`` is not a valid name, ``group_size`` is not
-            positive for ``"per_group"``, or ``axis`` is out of range for
-            ``"per_channel"``.
+            If ``group_size`` is not positive for ``"per_group"``, or ``axis``
+            is out of range for ``"per_channel"``.
         """
         if dtype not in _QDTYPE_BY_NAME:
-            raise ValueError(f"unknown quantized dtype {dtype!r}; valid names are {', '.join(_QDTYPE_BY_NAME)}")
+            raise TensoUnknownNameError(
+                f"unknown quantized dtype {dtype!r}; valid names are {', '.join(_QDTYPE_BY_NAME)}"
+            )
         if scheme not in _SCHEME_BY_NAME:
-            raise ValueError(f"unknown quantization scheme {scheme!r}; valid names are {', '.join(_SCHEME_BY_NAME)}")
+            raise TensoUnknownNameError(
+                f"unknown quantization scheme {scheme!r}; valid names are {', '.join(_SCHEME_BY_NAME)}"
+            )
         qdtype_code = _QDTYPE_BY_NAME[dtype]
         scheme_code = _SCHEME_BY_NAME[scheme]
         values = np.ascontiguousarray(tensor, dtype=np.float32)

@@ -6,7 +6,7 @@ with ``_`` is private to the :mod:`tenso` package. Constants mirror
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Optional, TypeAlias, Union, final
+from typing import Any, Final, Optional, TypeAlias, Union, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -36,7 +36,12 @@ __all__ = [
     "_lz4_compress",
     "_lz4_decompress",
     "_kernel_paths",
+    "_CachedBuffer",
+    "_buffer_cache_configure",
+    "_buffer_cache_stats",
+    "_buffer_cache_clear",
     "_gpu_available",
+    "_gpu_init_calls",
     "_gpu_problem",
     "_gpu_read_to_device",
     "_gpu_write_from_device",
@@ -198,7 +203,19 @@ def _lz4_decompress(data: _Buffer, size: int) -> npt.NDArray[np.uint8]: ...
 def _kernel_paths() -> dict[str, str]:
     """The paths of the compute kernels in this process: ``{"xxh3": "avx512" | "avx2" | "portable",
     "gather": "specialized" | "portable"}`` (all ``"portable"`` under ``TENSO_FORCE_PORTABLE=1``)."""
+@final
+class _CachedBuffer:
+    """Owner of a block of the large-buffer cache: the ``base`` of the arrays over it; gives the block back when
+    freed."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+def _buffer_cache_configure(max_bytes: Optional[int] = None, idle_seconds: Optional[float] = None) -> None: ...
+def _buffer_cache_stats() -> dict[str, Union[int, float]]: ...
+def _buffer_cache_clear() -> int: ...
 def _gpu_available() -> bool: ...
+def _gpu_init_calls() -> int: ...
 def _gpu_problem() -> Optional[str]:
     """Why CUDA cannot be used here (no driver, no device, built without CUDA), or None."""
 
@@ -223,14 +240,25 @@ class DeviceTensor:
     @property
     def nbytes(self) -> int: ...
 
+# alloc(nbytes) -> (device address, owner tensor, consumer stream handle): memory of the consumer's allocator.
+_GpuAlloc = Callable[[int], tuple[int, Any, int]]
+
+@overload
 def _gpu_read_to_device(
-    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int
+    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int, alloc: None = None
 ) -> Union[None, DeviceTensor, dict[str, DeviceTensor]]: ...
+@overload
+def _gpu_read_to_device(
+    source: Union[_Buffer, Callable[[memoryview], Optional[int]]], device_id: int, alloc: _GpuAlloc
+) -> Union[None, tuple[Any, str, list[int]], dict[str, tuple[Any, str, list[int]]]]: ...
 def _gpu_write_from_device(
     tensors: Any, write: Callable[[memoryview], object], check_integrity: bool = False
 ) -> int: ...
 def _gpu_staging_stats(device_id: int) -> tuple[int, int, int]: ...
-def _gpu_from_host(array: npt.NDArray[Any], device_id: int) -> DeviceTensor: ...
+@overload
+def _gpu_from_host(array: npt.NDArray[Any], device_id: int, alloc: None = None) -> DeviceTensor: ...
+@overload
+def _gpu_from_host(array: npt.NDArray[Any], device_id: int, alloc: _GpuAlloc) -> Any: ...
 def _gpu_to_host(tensor: Any) -> tuple[npt.NDArray[np.uint8], str, list[int]]: ...
 def _process_alive(pid: int) -> bool: ...
 
@@ -243,7 +271,7 @@ class _PrivateMap:
     def source(self) -> Any: ...
 
 def _private_view(
-    buffer: Any, keep: Any = None, hint_pids: Sequence[int] = (), populate: bool = False
+    buffer: Any, keep: Any = None, hint_pids: Optional[Sequence[int]] = None, populate: bool = False
 ) -> Optional[npt.NDArray[np.uint8]]: ...
 def _private_view_stats() -> dict[str, Any]: ...
 def _private_view_routes(routes: Optional[list[str]]) -> None: ...

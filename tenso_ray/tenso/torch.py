@@ -287,24 +287,28 @@ def _adopt(scope: str, size: int, owner_pid: int, handle: tuple[int, ...], pin: 
     # returns the block. `holder` is referenced nowhere else. (Not frameworks.from_host: the release hangs on
     # exactly this reference, which its conversion does not promise. Samples go through torch.as_tensor, as in
     # default_collate, so the dtypes accepted are default_collate's.)
-    weakref.finalize(holder, _release, pool, handle, os.getpid())
+    # `mem` rides along: it keeps the mapping (and its page-locking) alive until the block's fence has passed, also
+    # when the pool was closed meanwhile and this batch was the mapping's last view.
+    weakref.finalize(holder, _release, pool, handle, os.getpid(), mem)
     return torch.from_numpy(holder).untyped_storage()
 
 
-def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = None) -> None:
+def _release(pool: TensoCache, handle: tuple[int, ...], pid: Optional[int] = None, mem: Any = None) -> None:
     if pid is not None and os.getpid() != pid:
         # A forked child freeing its copy of the batch (objects that only another thread of the parent held are
         # freed in the child): the lease is still the parent's, and its batch may be in use there.
         return
-    if _host_pinned(pool):  # now, not when the batch arrived: the pool may have been pinned since
-        fence = _fence()
-        if fence is not None:
-            # A `.to("cuda", non_blocking=True)` of this batch may still be reading it: a copy from pinned memory
-            # returns before the DMA ends, and torch only delays the reuse of pinned blocks it allocated itself.
-            # The block goes back to the pool once the work queued so far on the current stream is done.
-            _fences.append((fence, pool, handle))
-            _drain_fences()
-            return
+    # Fenced whenever torch has used CUDA, pinned now or not: the pool may have been pinned since the batch arrived,
+    # or closed since (then `_host_pinned` cannot tell, and the mapping is unpinned and unmapped when its last view
+    # goes, which `mem` in the fence delays).
+    fence = _fence()
+    if fence is not None:
+        # A `.to("cuda", non_blocking=True)` of this batch may still be reading it: a copy from pinned memory
+        # returns before the DMA ends, and torch only delays the reuse of pinned blocks it allocated itself.
+        # The block goes back to the pool once the work queued so far on the current stream is done.
+        _fences.append((fence, pool, handle, mem))
+        _drain_fences()
+        return
     _give_back(pool, handle)
     _drain_fences()
 
@@ -329,8 +333,9 @@ def _give_back(pool: TensoCache, handle: tuple[int, ...]) -> None:
 # Why pinning is off in this process (set by the first failure, so a missing driver is probed and warned about once).
 _pin_problem: Optional[str] = None
 _pin_warned = False
-# Freed pinned batches whose blocks wait for the CUDA work queued before they were freed: (event, pool, handle).
-_fences: collections.deque[tuple[Any, TensoCache, tuple[int, ...]]] = collections.deque()
+# Freed batches whose blocks wait for the CUDA work queued before they were freed: (event, pool, handle, the
+# batch's memory, which keeps the mapping mapped and page-locked until the event has passed).
+_fences: collections.deque[tuple[Any, TensoCache, tuple[int, ...], Any]] = collections.deque()
 _fences_pid = os.getpid()
 _fences_lock = threading.Lock()
 
@@ -398,14 +403,17 @@ def _drain_fences(wait: bool = False) -> None:
         return  # nothing pending, or another thread (or a finalizer interrupting this one) is draining
     try:
         while _fences:
-            event, pool, handle = _fences[0]
+            event, pool, handle, _mem = _fences[0]
             try:
                 if wait:
                     event.synchronize()
                 elif not event.query():
                     break
-            except Exception:  # noqa: BLE001 - CUDA torn down at exit
-                pass
+            except Exception:  # noqa: BLE001 - the event cannot be asked now
+                # Stream capture in progress (the copy may be part of a graph replayed later) or a sticky CUDA
+                # error: nobody can say the copy is done, so the block stays out of the pool and its memory mapped;
+                # a later drain asks again.
+                break
             _fences.popleft()
             _give_back(pool, handle)
     finally:

@@ -456,6 +456,41 @@ def flipped_header_bits() -> None:
         add(f"flip_dense4_dtype_{code}", bytes(pkt), FMT, cat, f"dtype code {code}", stream=[FMT])
 
 
+def lz4_frame_tails() -> None:
+    """Compressed bodies whose LZ4 frame is cut before its end (mark or content checksum), or whose content-size
+    field disagrees with what its blocks decode to: the blocks present decode to the right values, but a truncated
+    or tampered frame must not pass."""
+    cat = "lz4frame"
+    body = bytes(range(256)) * 4  # 256 float32
+    configs = {
+        "plain": {},
+        "size": {"store_size": True},
+        "cksum": {"content_checksum": True, "block_checksum": True},
+        "linked": {"block_linked": True, "store_size": True, "content_checksum": True},
+    }
+    for cname, kw in configs.items():
+        frame = lz4.frame.compress(body, **kw)
+        tail = 4 + (4 if kw.get("content_checksum") else 0)
+        for cut in range(1, tail + 1):
+            add(f"lz4_cut_{cname}_{cut}", dense(4, 1, (256,), body=CompressedBody(frame[:-cut]), compress=True),
+                FMT, cat, f"LZ4 frame ({cname}) without its last {cut} bytes (end mark/content checksum)",
+                stream=[FMT])
+    frame = lz4.frame.compress(body)
+    add("lz4_cut_v3", dense(3, 1, (256,), body=CompressedBody(frame[:-2]), compress=True), FMT, cat,
+        "v3 LZ4 frame without the last 2 bytes of its end mark", stream=[FMT])
+    add("lz4_cut_in_bundle_leaf",
+        bundle(4, [("a", dense(4, 1, (256,), body=CompressedBody(frame[:-4]), compress=True))]), FMT, cat,
+        "bundle leaf whose LZ4 frame has no end mark", stream=[FMT])
+    sized = lz4.frame.compress(body, store_size=True)
+    for declared in (len(body) - 4, len(body) + 4, 0):
+        tampered = bytearray(sized)
+        tampered[6:14] = struct.pack("<Q", declared)
+        tampered[14] = (xxhash.xxh32_intdigest(bytes(tampered[4:14])) >> 8) & 0xFF
+        add(f"lz4_content_size_{declared}", dense(4, 1, (256,), body=CompressedBody(bytes(tampered)), compress=True),
+            FMT, cat, f"LZ4 frame whose content-size field says {declared} for {len(body)} decoded bytes",
+            stream=[FMT])
+
+
 TRUNC_BASES = {}
 
 
@@ -487,6 +522,7 @@ def main() -> int:
     OUT.mkdir(parents=True)
     section14()
     flipped_header_bits()
+    lz4_frame_tails()
     truncations()
     manifest = {
         "generator": "tests/hostile/make_hostile.py",

@@ -83,6 +83,21 @@ pub enum FormatError {
         /// What the decompressor reported.
         reason: &'static str,
     },
+    /// An LZ4 frame that stops before its end mark (or before the content checksum its descriptor announces): the
+    /// blocks that are there may decode, but the frame was cut off.
+    Lz4NoEndMark {
+        /// Bytes of the body that hold the frame so far.
+        available: usize,
+        /// Bytes the frame needs at least (up to the next block size word, end mark or checksum).
+        needed: usize,
+    },
+    /// An LZ4 frame whose content-size field disagrees with what its blocks decode to.
+    Lz4ContentSize {
+        /// The value of the frame descriptor's content-size field.
+        declared: u64,
+        /// Bytes the blocks decode to.
+        decoded: usize,
+    },
     /// The decompressed body does not have the size the shape requires.
     DecompressedSize {
         /// `N * itemsize` from the shape.
@@ -250,6 +265,14 @@ impl fmt::Display for FormatError {
                 "integrity check failed: xxh3 mismatch (footer {expected:#018x}, computed {found:#018x})"
             ),
             Lz4 { reason } => write!(f, "lz4 decompression failed: {reason}"),
+            Lz4NoEndMark { available, needed } => write!(
+                f,
+                "lz4 frame is cut off before its end mark: it needs at least {needed} bytes, {available} available"
+            ),
+            Lz4ContentSize { declared, decoded } => write!(
+                f,
+                "lz4 frame's content size field says {declared} bytes but its blocks decode to {decoded}"
+            ),
             DecompressedSize { expected, found } => write!(
                 f,
                 "decompressed body has {found} bytes, the shape requires {expected}"

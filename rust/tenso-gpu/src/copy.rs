@@ -71,6 +71,64 @@ pub trait DeviceMemory: CopyEngine {
     fn alloc(&self, len: usize) -> Result<Self::Buf, GpuError>;
 }
 
+/// A copy engine whose device memory comes from the consumer's own allocator (torch's or CuPy's caching allocator):
+/// `alloc(len)` hands back a buffer the consumer owns, so that freeing it later is the consumer's stream-ordered
+/// bookkeeping, with no `cuMemFree` (which may synchronise the whole device) and memory the consumer counts and
+/// reuses. The copies run on `engine`'s streams; `alloc` orders them after the consumer's pending work on that
+/// memory (e.g. by making the copy streams wait for an event on the consumer's stream).
+#[derive(Debug)]
+pub struct ExternalMemory<'e, E: ?Sized, F> {
+    engine: &'e E,
+    alloc: F,
+}
+
+impl<'e, E: CopyEngine + ?Sized, F> ExternalMemory<'e, E, F> {
+    /// Copies with `engine`, allocates with `alloc`.
+    pub fn new(engine: &'e E, alloc: F) -> Self {
+        Self { engine, alloc }
+    }
+}
+
+// SAFETY: every copy and wait is the wrapped engine's, which upholds the trait's contract.
+unsafe impl<E: CopyEngine + ?Sized, F> CopyEngine for ExternalMemory<'_, E, F> {
+    type Host = E::Host;
+
+    fn staging(&self) -> &StagingPool<E::Host> {
+        self.engine.staging()
+    }
+
+    unsafe fn h2d(&self, slot: usize, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.engine.h2d(slot, dst, src) }
+    }
+
+    unsafe fn d2h(&self, slot: usize, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.engine.d2h(slot, dst, src) }
+    }
+
+    fn sync(&self, slot: usize) -> Result<(), GpuError> {
+        self.engine.sync(slot)
+    }
+}
+
+impl<E, B, F> DeviceMemory for ExternalMemory<'_, E, F>
+where
+    E: CopyEngine + ?Sized,
+    B: DeviceBuf,
+    F: Fn(usize) -> Result<B, GpuError>,
+{
+    type Buf = B;
+
+    fn alloc(&self, len: usize) -> Result<B, GpuError> {
+        let buf = (self.alloc)(len)?;
+        if buf.len() < len {
+            return Err(GpuError::BadLength { len });
+        }
+        Ok(buf)
+    }
+}
+
 /// Waits for both streams, also after an error, so that no copy still reads or writes a staging buffer when it goes
 /// back to the pool; the first failure is reported.
 pub(crate) fn drain<E: CopyEngine + ?Sized>(engine: &E) -> Result<(), GpuError> {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, DriverError};
 
+use crate::context::{self, Contexts};
 use crate::copy::{CopyEngine, DevPtr, DeviceBuf, DeviceMemory};
 use crate::pool::{HostAlloc, StagingPool};
 use crate::register::HostRegistrar;
@@ -83,36 +84,42 @@ impl Primary {
     /// Makes the primary context current on the calling thread until the returned guard drops, which makes the
     /// thread's previous context current again. The thread may be torch's or CuPy's, whose current device *is* the
     /// current context (the runtime API reads it from the driver): leaving ours bound would silently move their
-    /// current device on a machine with several GPUs.
+    /// current device on a machine with several GPUs (see [`crate::context`], tested there on a strict fake).
     fn bind(&self) -> Result<Current, GpuError> {
-        let previous = result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))?;
-        if previous == Some(self.ctx) {
-            return Ok(Current { restore: None });
-        }
-        // SAFETY: ctx is the primary context retained in Device::open and not released before Drop.
-        unsafe { result::ctx::set_current(self.ctx) }.map_err(driver("cuCtxSetCurrent"))?;
-        Ok(Current {
-            restore: Some(previous.unwrap_or(std::ptr::null_mut())),
-        })
+        // SAFETY: ctx is the primary context retained in Device::open and released only when the last holder of this
+        // Primary goes; the guard is dropped within a call of such a holder.
+        let bound = unsafe { context::bind(&DRIVER, self.ctx) }?;
+        Ok(Current { _bound: bound })
     }
 }
 
-/// The context current on this thread before [`Primary::bind`], made current again on drop (not `Send`: a raw
-/// context handle, and it must be restored on the thread that bound).
+/// The driver's contexts (`cuCtxGetCurrent` / `cuCtxSetCurrent`), for [`context::bind`].
+#[derive(Debug)]
+struct DriverContexts;
+
+static DRIVER: DriverContexts = DriverContexts;
+
+// SAFETY: set is cuCtxSetCurrent, which makes exactly the given context (or none) current on the calling thread.
+unsafe impl Contexts for DriverContexts {
+    type Ctx = sys::CUcontext;
+
+    fn current(&self) -> Result<Option<sys::CUcontext>, GpuError> {
+        result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))
+    }
+
+    unsafe fn set(&self, ctx: Option<sys::CUcontext>) -> Result<(), GpuError> {
+        // SAFETY: the caller guarantees ctx is a live context of this process (or none: null).
+        unsafe { result::ctx::set_current(ctx.unwrap_or(std::ptr::null_mut())) }
+            .map_err(driver("cuCtxSetCurrent"))
+    }
+}
+
+/// The context current on this thread before [`Primary::bind`], made current again on drop (not `Send`: it must be
+/// restored on the thread that bound).
 #[must_use = "the context is bound only while the guard lives"]
 #[derive(Debug)]
 pub struct Current {
-    restore: Option<sys::CUcontext>,
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        if let Some(previous) = self.restore {
-            // SAFETY: previous was current on this thread a moment ago (or null: no context), so it is either null or a
-            // context its owner keeps alive while it is current on its thread; binding it again changes nothing else.
-            let _ = unsafe { result::ctx::set_current(previous) };
-        }
-    }
+    _bound: context::Bound<'static, DriverContexts>,
 }
 
 impl Drop for Primary {
@@ -274,6 +281,40 @@ impl Device {
         self.streams[slot % 2]
     }
 
+    /// Makes both copy streams wait, on the device and without blocking the host, for the work queued so far on
+    /// `stream`: memory that a consumer's stream-ordered allocator (torch's, CuPy's) just handed out on `stream`
+    /// may still be in use by that work, and our copies into it must come after.
+    ///
+    /// # Safety
+    /// `stream` (a `CUstream` handle as the integer Python frameworks report, e.g. torch's `cuda_stream`) is a live
+    /// stream of this device's primary context (0: the legacy default stream).
+    pub unsafe fn wait_for(&self, stream: usize) -> Result<(), GpuError> {
+        let stream = stream as sys::CUstream;
+        let _current = self.bind()?;
+        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(driver("cuEventCreate"))?;
+        let waited = (|| {
+            // SAFETY: event was just created in the bound context; the caller guarantees the stream.
+            unsafe { result::event::record(event, stream) }.map_err(driver("cuEventRecord"))?;
+            for ours in self.streams {
+                // SAFETY: our stream and the event live in the bound context; the wait is queued on the device.
+                unsafe {
+                    result::stream::wait_event(
+                        ours,
+                        event,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                }
+                .map_err(driver("cuStreamWaitEvent"))?;
+            }
+            Ok(())
+        })();
+        // SAFETY: created above and used by nothing else; the driver defers the destruction of a recorded event
+        // until the waits queued on it are done.
+        let _ = unsafe { result::event::destroy(event) };
+        waited
+    }
+
     /// Copies `len` bytes produced by `fill` into device memory at `dst` (see [`crate::copy::upload`]).
     ///
     /// # Safety
@@ -377,11 +418,24 @@ impl Drop for Device {
 mod tests {
     use super::*;
 
+    /// Whether the hardware tests below run: a CUDA device is there. With `TENSO_GPU_REQUIRE_DEVICE` set (as
+    /// scripts/gpu-check.sh sets it) a missing device fails the test instead of skipping it, so that a GPU check
+    /// cannot pass without having run them.
+    fn hardware() -> bool {
+        let found = available();
+        let present = matches!(found, Ok(DeviceCount(n)) if n > 0);
+        assert!(
+            present || std::env::var_os("TENSO_GPU_REQUIRE_DEVICE").is_none(),
+            "TENSO_GPU_REQUIRE_DEVICE is set, but no CUDA device can be used: {found:?}"
+        );
+        present
+    }
+
     #[test]
     fn without_driver_open_is_an_error_not_a_panic() {
         // SAFETY: see available().
         if unsafe { sys::is_culib_present() } {
-            return; // a machine with a driver: covered by the GPU tests (scripts/gpu-check.sh)
+            return; // a machine with a driver: covered by the hardware tests below (scripts/gpu-check.sh runs them)
         }
         assert!(matches!(available(), Err(GpuError::NoDriver)));
         let err = Device::open(0, 1 << 20).unwrap_err();
@@ -393,13 +447,15 @@ mod tests {
     /// memory, and unlocks it before unmapping.
     #[test]
     fn registration_pins_and_unpins_a_mapping() {
-        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+        if !hardware() {
             return;
         }
         let device = Device::open(0, 1 << 20).unwrap();
         let mut memory = vec![7u8; 3 << 20];
         let ptr = NonNull::new(memory.as_mut_ptr()).unwrap();
         let is_host = |p: NonNull<u8>| {
+            // Device::open restored the thread's previous context (none): every driver call needs ours bound.
+            let _current = device.bind().expect("bind the primary context");
             let mut kind: u32 = 0;
             // SAFETY: queries an attribute of an address; kind is a c_uint as the attribute requires.
             let r = unsafe {
@@ -424,18 +480,20 @@ mod tests {
         drop(memory);
     }
 
-    /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` when cargo is there).
+    /// Runs only where a CUDA device exists (scripts/gpu-check.sh runs `cargo test -p tenso-gpu` and fails on it).
     #[test]
     fn round_trip_through_staging_reuses_buffers() {
-        if !matches!(available(), Ok(DeviceCount(n)) if n > 0) {
+        if !hardware() {
             return;
         }
         let chunk = 1 << 20;
         let device = Device::open(0, chunk).unwrap();
         let len = 5 * chunk + 12_345; // several chunks and a ragged tail
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        // SAFETY: a plain device allocation in the current (primary) context, freed below.
-        let dptr = unsafe { result::malloc_sync(len) }.unwrap();
+        // Through DeviceMemory::alloc, which binds the primary context (Device::open left none bound on this thread);
+        // freed by the buffer's Drop, which binds it again.
+        let buf = device.alloc(len).unwrap();
+        let dptr = buf.ptr();
         for _ in 0..3 {
             let mut fed = 0usize;
             // SAFETY: dptr holds len bytes and nothing else uses it.
@@ -464,7 +522,30 @@ mod tests {
             2,
             "steady state allocates no pinned memory"
         );
-        // SAFETY: allocated above, no copy in flight.
-        unsafe { result::free_sync(dptr) }.unwrap();
+        drop(buf);
+        // The driver reports its errors where they happen, not at the next call: nothing was left pending.
+        device.sync(0).unwrap();
+    }
+
+    /// Runs only where a CUDA device exists: after open and after each bind, the thread's context is what it was
+    /// before (none on a fresh thread), so our calls must bind for themselves, as alloc does here.
+    #[test]
+    fn open_leaves_the_thread_as_it_found_it() {
+        if !hardware() {
+            return;
+        }
+        let before = result::ctx::get_current().unwrap();
+        let device = Device::open(0, 1 << 20).unwrap();
+        assert_eq!(result::ctx::get_current().unwrap(), before);
+        {
+            let _current = device.bind().unwrap();
+            assert_eq!(
+                result::ctx::get_current().unwrap(),
+                Some(device.primary.ctx)
+            );
+        }
+        assert_eq!(result::ctx::get_current().unwrap(), before);
+        let buf = device.alloc(4096).unwrap();
+        assert_eq!(buf.len(), 4096);
     }
 }

@@ -41,6 +41,12 @@ pub enum GpuError {
         /// Why.
         reason: String,
     },
+    /// This process was forked from one that had opened a device: the parent's contexts, streams and pinned
+    /// memory are not valid here (CUDA does not survive `fork`).
+    Forked {
+        /// The process that opened the device.
+        parent: u32,
+    },
 }
 
 impl fmt::Display for GpuError {
@@ -69,6 +75,11 @@ impl fmt::Display for GpuError {
                 )
             }
             Self::BadTensor { reason } => f.write_str(reason),
+            Self::Forked { parent } => write!(
+                f,
+                "this process was forked from process {parent} after it had used CUDA through tenso; CUDA cannot \
+                 be used in a forked child (start worker processes with the 'spawn' or 'forkserver' method)"
+            ),
         }
     }
 }

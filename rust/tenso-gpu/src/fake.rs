@@ -70,6 +70,8 @@ struct Memory {
     queues: [Vec<Pending>; SLOTS],
     /// Copies that reached `sync` after their device memory was freed (a use after free on a real device).
     lost: usize,
+    /// Device-wide synchronisations: every free counts as one (`cuMemFree` may wait for the whole device).
+    device_syncs: usize,
 }
 
 impl Memory {
@@ -85,10 +87,12 @@ impl Memory {
     }
 }
 
-/// A device whose memory is host `Vec<u8>`s at made-up addresses.
+/// A device whose memory is host `Vec<u8>`s at made-up addresses, with a context of its own: like `Device`, each
+/// operation binds it for the call (restoring the thread's previous one) and every "driver call" inside checks it.
 pub(crate) struct FakeDevice {
     pool: StagingPool<Heap>,
     mem: Rc<Mutex<Memory>>,
+    ctx: u64,
 }
 
 impl FakeDevice {
@@ -100,7 +104,24 @@ impl FakeDevice {
         Self {
             pool: StagingPool::new(Heap::default(), chunk).expect("chunk > 0"),
             mem: Rc::new(Mutex::new(mem)),
+            ctx: FakeContexts.create(),
         }
+    }
+
+    /// This device's context.
+    pub fn context(&self) -> u64 {
+        self.ctx
+    }
+
+    /// Binds this device's context for one operation and checks it as the driver would.
+    fn driver(
+        &self,
+        call: &'static str,
+    ) -> Result<crate::context::Bound<'static, FakeContexts>, GpuError> {
+        // SAFETY: fake contexts are plain numbers, valid forever.
+        let bound = unsafe { crate::context::bind(&FakeContexts, self.ctx) }?;
+        FakeContexts.driver_call(call, self.ctx)?;
+        Ok(bound)
     }
 
     /// The bytes at `at .. at + len` (panics outside an allocation).
@@ -116,6 +137,12 @@ impl FakeDevice {
     /// Copies whose device memory was freed while they were still queued (must stay 0).
     pub fn lost(&self) -> usize {
         self.mem.lock().unwrap().lost
+    }
+
+    /// Device-wide synchronisations so far (each free of a fake allocation counts, as `cuMemFree` may wait for
+    /// the whole device).
+    pub fn device_syncs(&self) -> usize {
+        self.mem.lock().unwrap().device_syncs
     }
 
     /// Live allocations.
@@ -134,6 +161,7 @@ unsafe impl CopyEngine for FakeDevice {
     }
 
     unsafe fn h2d(&self, slot: usize, dst: DevPtr, src: &[u8]) -> Result<(), GpuError> {
+        let _current = self.driver("cuMemcpyHtoDAsync")?;
         let mut mem = self.mem.lock().unwrap();
         mem.find(dst, src.len())?;
         mem.queues[slot].push(Pending::H2d {
@@ -145,6 +173,7 @@ unsafe impl CopyEngine for FakeDevice {
     }
 
     unsafe fn d2h(&self, slot: usize, dst: &mut [u8], src: DevPtr) -> Result<(), GpuError> {
+        let _current = self.driver("cuMemcpyDtoHAsync")?;
         let mut mem = self.mem.lock().unwrap();
         mem.find(src, dst.len())?;
         mem.queues[slot].push(Pending::D2h {
@@ -156,6 +185,7 @@ unsafe impl CopyEngine for FakeDevice {
     }
 
     fn sync(&self, slot: usize) -> Result<(), GpuError> {
+        let _current = self.driver("cuStreamSynchronize")?;
         let mut mem = self.mem.lock().unwrap();
         let queue = std::mem::take(&mut mem.queues[slot]);
         let mut result = Ok(());
@@ -188,6 +218,7 @@ pub(crate) struct FakeBuf {
     ptr: DevPtr,
     len: usize,
     mem: Rc<Mutex<Memory>>,
+    ctx: u64,
 }
 
 impl std::fmt::Debug for Memory {
@@ -209,8 +240,15 @@ impl DeviceBuf for FakeBuf {
 
 impl Drop for FakeBuf {
     fn drop(&mut self) {
+        // As CudaBuf: a DLPack deleter may run on any thread, with any context current.
+        // SAFETY: fake contexts are plain numbers, valid forever.
+        let _current = unsafe { crate::context::bind(&FakeContexts, self.ctx) };
+        FakeContexts
+            .driver_call("cuMemFree", self.ctx)
+            .expect("the free's context is bound");
         let mut mem = self.mem.lock().unwrap();
         mem.allocations.retain(|(base, _)| *base != self.ptr);
+        mem.device_syncs += 1;
     }
 }
 
@@ -218,6 +256,7 @@ impl DeviceMemory for FakeDevice {
     type Buf = FakeBuf;
 
     fn alloc(&self, len: usize) -> Result<FakeBuf, GpuError> {
+        let _current = self.driver("cuMemAlloc")?;
         let mut mem = self.mem.lock().unwrap();
         let ptr = mem.next;
         // 256-byte aligned like cuMemAlloc, with a gap so that an overrun never lands in a neighbour.
@@ -227,6 +266,7 @@ impl DeviceMemory for FakeDevice {
             ptr,
             len,
             mem: Rc::clone(&self.mem),
+            ctx: self.ctx,
         })
     }
 }
@@ -304,6 +344,55 @@ unsafe impl crate::register::HostRegistrar for FakeRegistrar {
         };
         s.live.remove(i);
         s.events.push(Event::Unregister(start));
+        Ok(())
+    }
+}
+
+/// The driver's error name for a call made without a (or with the wrong) context current on the calling thread.
+pub(crate) const INVALID_CONTEXT: &str = "CUDA_ERROR_INVALID_CONTEXT";
+
+thread_local! {
+    /// The fake's "context current on this thread" (0: none), per thread as the driver keeps it.
+    static FAKE_CURRENT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A strict fake of the driver's contexts: numbered contexts (unique in the process), one current per thread (none
+/// on a new thread), and `driver_call`, which fails with `CUDA_ERROR_INVALID_CONTEXT` unless the given context is
+/// current on the calling thread, as every driver call on a context's resources does.
+#[derive(Debug, Default)]
+pub(crate) struct FakeContexts;
+
+static FAKE_CONTEXTS: AtomicUsize = AtomicUsize::new(0);
+
+impl FakeContexts {
+    /// A new context (not made current).
+    pub fn create(&self) -> u64 {
+        FAKE_CONTEXTS.fetch_add(1, Ordering::Relaxed) as u64 + 1
+    }
+
+    /// A driver call on a resource of `ctx` (memory, stream, event).
+    pub fn driver_call(&self, call: &'static str, ctx: u64) -> Result<(), GpuError> {
+        if FAKE_CURRENT.with(std::cell::Cell::get) == ctx {
+            Ok(())
+        } else {
+            Err(GpuError::Driver {
+                call,
+                name: INVALID_CONTEXT.into(),
+            })
+        }
+    }
+}
+
+// SAFETY: set makes exactly ctx current on the calling thread (the thread-local) and nothing else.
+unsafe impl crate::context::Contexts for FakeContexts {
+    type Ctx = u64;
+
+    fn current(&self) -> Result<Option<u64>, GpuError> {
+        Ok(Some(FAKE_CURRENT.with(std::cell::Cell::get)).filter(|&c| c != 0))
+    }
+
+    unsafe fn set(&self, ctx: Option<u64>) -> Result<(), GpuError> {
+        FAKE_CURRENT.with(|c| c.set(ctx.unwrap_or(0)));
         Ok(())
     }
 }

@@ -22,6 +22,8 @@
 //!   copy engine draining the other.
 #![deny(missing_docs)]
 
+#[cfg(any(feature = "cuda", test))]
+mod context;
 pub mod copy;
 pub mod dlpack;
 mod error;
@@ -29,6 +31,7 @@ mod error;
 mod fake;
 pub mod packet;
 pub mod pool;
+pub mod process;
 pub mod register;
 
 #[cfg(feature = "cuda")]
@@ -42,9 +45,20 @@ pub use error::GpuError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceCount(pub u32);
 
+/// How many times this process asked the driver to initialise (each [`available`] call, which is `cuInit` where a
+/// driver is present). Counted also where no driver is installed, so that a test on a machine without a GPU can
+/// prove that a code path never reaches for CUDA (converting CPU tensors must not initialise it: start-up cost on
+/// GPU nodes, and a process forked afterwards cannot use CUDA).
+pub fn init_calls() -> u64 {
+    INIT_CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static INIT_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Whether CUDA can be used here: the driver library loads, initialises, and reports how many devices it sees
-/// (possibly 0). Never panics: a missing driver is [`GpuError::NoDriver`].
+/// (possibly 0). Never panics: a missing driver is [`GpuError::NoDriver`]. Counted by [`init_calls`].
 pub fn available() -> Result<DeviceCount, GpuError> {
+    INIT_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     #[cfg(feature = "cuda")]
     {
         driver::available()
@@ -67,5 +81,12 @@ mod tests {
             Err(e @ GpuError::Driver { .. }) => assert!(e.to_string().contains("cu"), "{e}"),
             Err(other) => panic!("unexpected error from available(): {other}"),
         }
+    }
+
+    #[test]
+    fn every_probe_is_counted() {
+        let before = init_calls();
+        let _ = available();
+        assert!(init_calls() > before);
     }
 }

@@ -512,6 +512,7 @@ impl From<FormatError> for GpuError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::copy::ExternalMemory;
     use crate::fake::FakeDevice;
     use tenso_format::{encode, QDType, QuantScheme};
 
@@ -623,6 +624,77 @@ mod tests {
                 "chunk {chunk}: two staging buffers, reused"
             );
         }
+    }
+
+    /// Memory handed out by a consumer's caching allocator (a slice of one arena): dropping it frees nothing.
+    #[derive(Debug)]
+    struct Borrowed {
+        ptr: DevPtr,
+        len: usize,
+    }
+
+    impl DeviceBuf for Borrowed {
+        fn ptr(&self) -> DevPtr {
+            self.ptr
+        }
+        fn len(&self) -> usize {
+            self.len
+        }
+    }
+
+    #[test]
+    fn tensors_in_the_consumers_allocator_cost_no_device_wide_sync() {
+        // Issue #19, defect 3: each tensor in tenso's own cuMemAlloc'ed memory is a cuMemFree later, which may
+        // wait for the whole device (the fake counts every free as such a wait); memory from the consumer's
+        // allocator (torch's, CuPy's) is given back to it instead.
+        let dev = FakeDevice::new(16);
+        let data: Vec<Vec<u8>> = (1..=3).map(|k| body(DType::Float32, 10 * k)).collect();
+        let names = ["t0", "t1", "t2"];
+        let entries: Vec<(&str, Item<'_>)> = data
+            .iter()
+            .zip(names)
+            .map(|(d, name)| (name, leaf(DType::Float32, &[(d.len() / 4) as u64], d)))
+            .collect();
+        let packet = encode(&Item::Bundle(entries), &EncodeOptions::default()).unwrap();
+
+        // tenso's own allocations: one device-wide wait per tensor when they go.
+        let received = read_all(&dev, &packet).unwrap();
+        assert_eq!(dev.device_syncs(), 0);
+        drop(received);
+        assert_eq!(dev.device_syncs(), 3);
+
+        // The consumer's arena (allocated once, as a caching allocator keeps its blocks).
+        let arena = dev.alloc(4096).unwrap();
+        let next = std::cell::Cell::new(arena.ptr());
+        let asked = std::cell::RefCell::new(Vec::new());
+        let consumer = ExternalMemory::new(&dev, |len: usize| {
+            asked.borrow_mut().push(len);
+            let ptr = next.get();
+            next.set(ptr + len.div_ceil(256) as u64 * 256);
+            Ok(Borrowed { ptr, len })
+        });
+        let got = read_packet(&consumer, &mut &packet[..], &DecodeOptions::default()).unwrap();
+        let Some(Received::Bundle(tensors)) = got else {
+            panic!("bundle expected")
+        };
+        assert_eq!(*asked.borrow(), vec![40, 80, 120]);
+        for ((_, t), d) in tensors.iter().zip(&data) {
+            assert_eq!(dev.read(t.buf.ptr(), d.len()), *d);
+        }
+        drop(tensors);
+        assert_eq!(dev.device_syncs(), 3, "no free, no device-wide wait");
+        assert_eq!(dev.pending(), 0);
+
+        // A consumer that hands back too little is refused before any copy.
+        let short = ExternalMemory::new(&dev, |len: usize| {
+            Ok(Borrowed {
+                ptr: arena.ptr(),
+                len: len - 1,
+            })
+        });
+        let err = read_packet(&short, &mut &packet[..], &DecodeOptions::default()).unwrap_err();
+        assert!(matches!(err, GpuError::BadLength { .. }), "{err}");
+        drop(arena);
     }
 
     #[test]

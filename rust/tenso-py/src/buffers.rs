@@ -236,11 +236,30 @@ pub(crate) unsafe fn view_over<'py>(
     Ok(array)
 }
 
-/// A fresh, writeable uint8 array of `n` bytes whose first byte is 64-byte aligned.
+/// A fresh, writeable uint8 array of `n` bytes whose first byte is 64-byte aligned. Its contents are unspecified:
+/// callers write every byte they expose.
 ///
-/// NumPy's allocator is used on purpose: it asks the kernel for transparent huge pages on large blocks, which is
-/// what makes a first write into fresh memory cheap; we over-allocate by 63 bytes and slice to the alignment.
+/// From [`crate::bufcache::MIN_BLOCK`] bytes up the memory is a block of the buffer cache, whose owner (the view's
+/// `base`) gives it back when NumPy frees the last view, so the next packet of that size reuses pages already
+/// faulted in. Below that, or with the cache off, NumPy's allocator is used: it asks the kernel for transparent huge
+/// pages on large blocks; we over-allocate by 63 bytes and slice to the alignment.
 pub(crate) fn alloc_aligned(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyUntypedArray>> {
+    if let Some(owner) = crate::bufcache::lease(py, n)? {
+        let ptr = owner.get().ptr();
+        // SAFETY: the block behind `ptr` is a page-aligned private mapping of at least `n` bytes (its size class) that
+        // `owner` owns exclusively and keeps mapped until it is dropped; `owner` becomes the view's base, so the
+        // memory outlives the view, and nothing else refers to it, so the view may be writeable.
+        let view = unsafe {
+            view_over(
+                owner.as_any(),
+                descr_for_npy(py, NPY_TYPES::NPY_UBYTE),
+                &[n as u64],
+                ptr,
+                true,
+            )?
+        };
+        return Ok(view.cast_into::<PyUntypedArray>()?);
+    }
     let total = n
         .checked_add(63)
         .ok_or_else(|| PyValueError::new_err("allocation size overflows"))?;

@@ -1,11 +1,12 @@
 //! `tenso.gpu`'s native half: packets streamed between Python sources/destinations and CUDA memory through
 //! `tenso-gpu`'s pinned staging, and the DLPack hand-off of the device memory (`dlpark` capsules).
 //!
-//! * `_gpu_read_to_device(source, device_id)`: `source` is a bytes-like object (read from memory, without the GIL)
-//!   or a `fill(view) -> int` callable (`tenso.core._make_filler`: file, socket). Each tensor gets its own device
-//!   allocation, owned by a [`PyDeviceTensor`] that exports it through `__dlpack__` (versioned or legacy capsule,
-//!   writable: the memory is fresh and nobody else holds it), so torch, CuPy and JAX import it without a copy and
-//!   without any framework-specific allocation here.
+//! * `_gpu_read_to_device(source, device_id, alloc=None)`: `source` is a bytes-like object (read from memory, without
+//!   the GIL) or a `fill(view) -> int` callable (`tenso.core._make_filler`: file, socket). With `alloc` (torch, CuPy:
+//!   `tenso.frameworks._consumer_alloc`) each tensor goes into memory of the framework's own caching allocator
+//!   ([`Consumed`]: no `cuMemFree` later, so no device-wide synchronisation per free); without it (JAX) each tensor
+//!   gets its own device allocation, owned by a [`PyDeviceTensor`] that exports it through `__dlpack__` (versioned
+//!   or legacy capsule, writable: the memory is fresh and nobody else holds it).
 //! * `_gpu_write_from_device(tensors, write, check_integrity)`: imports each DLPack producer on the device
 //!   (`stream=` handshake on our copy stream, so the producer's pending work is ordered first), and streams it
 //!   device -> staging -> `write(memoryview)`.
@@ -15,7 +16,6 @@
 //!
 //! Every entry point checks [`tenso_gpu::available`] first (cudarc panics without libcuda).
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -31,11 +31,12 @@ use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 use pyo3::types::{PyDict, PyTuple};
 use tenso_format::{DType, DecodeOptions, EncodeOptions};
-use tenso_gpu::copy::{DeviceBuf, DeviceMemory};
+use tenso_gpu::copy::{DeviceBuf, DeviceMemory, ExternalMemory};
 use tenso_gpu::dlpack::{dl_dtype, is_c_contiguous, wire_dtype};
 use tenso_gpu::packet::{
     read_packet, write_packet, DeviceTensor, Outgoing, Received, SourceTensor,
 };
+use tenso_gpu::process::ProcessCache;
 use tenso_gpu::register::HostRegistration;
 use tenso_gpu::{CudaBuf, CudaRegistrar, Device, GpuError};
 
@@ -49,19 +50,17 @@ const CHUNK: usize = 8 << 20;
 
 type Shared = Arc<Mutex<Device>>;
 
-/// One `Device` (primary context, streams, staging pool) per ordinal, for the life of the process.
+/// One `Device` (primary context, streams, staging pool) per ordinal, for the life of the process that opened it; a
+/// forked child gets `GpuError::Forked` (its copy of the parent's handles is not valid in it) instead.
 fn device(ordinal: i32) -> Result<Shared, GpuError> {
-    static DEVICES: OnceLock<Mutex<HashMap<i32, Shared>>> = OnceLock::new();
+    static DEVICES: OnceLock<Mutex<ProcessCache<i32, Shared>>> = OnceLock::new();
     let mut devices = DEVICES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if let Some(d) = devices.get(&ordinal) {
-        return Ok(Arc::clone(d));
-    }
-    let d = Arc::new(Mutex::new(Device::open(ordinal, CHUNK)?));
-    devices.insert(ordinal, Arc::clone(&d));
-    Ok(d)
+    devices.get_or_make(ordinal, || {
+        Ok(Arc::new(Mutex::new(Device::open(ordinal, CHUNK)?)))
+    })
 }
 
 fn gpu_error(err: GpuError) -> PyErr {
@@ -127,25 +126,27 @@ fn with_view<'py, R>(
     Ok(out)
 }
 
-/// `io::Read` over a Python `fill(view) -> int` callable (with the GIL).
-struct PyFill<'a, 'py> {
-    fill: &'a Bound<'py, PyAny>,
+/// `io::Read` over a Python `fill(view) -> int` callable, run without the GIL: each read attaches for the call only,
+/// so the copies and stream waits between reads let other Python threads run.
+struct PyFill {
+    fill: Py<PyAny>,
 }
 
-impl io::Read for PyFill<'_, '_> {
+impl io::Read for PyFill {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let py = self.fill.py();
-        with_view(py, buf.as_mut_ptr(), buf.len(), true, |view| {
-            let n = self.fill.call1((view,))?;
-            if n.is_none() {
-                return Err(pyo3::exceptions::PyBlockingIOError::new_err(
-                    "source is non-blocking and has no data ready",
-                ));
-            }
-            n.extract::<usize>()
+        Python::attach(|py| {
+            with_view(py, buf.as_mut_ptr(), buf.len(), true, |view| {
+                let n = self.fill.bind(py).call1((view,))?;
+                if n.is_none() {
+                    return Err(pyo3::exceptions::PyBlockingIOError::new_err(
+                        "source is non-blocking and has no data ready",
+                    ));
+                }
+                n.extract::<usize>()
+            })
         })
         .map_err(carry)
     }
@@ -280,41 +281,118 @@ fn require_gpu() -> PyResult<()> {
     }
 }
 
-/// Reads one packet into fresh device memory on `device_id`: None, a DeviceTensor, or a dict of them (bundle).
-#[pyfunction]
-fn _gpu_read_to_device<'py>(
-    py: Python<'py>,
-    source: &Bound<'py, PyAny>,
-    device_id: i64,
-) -> PyResult<Option<Bound<'py, PyAny>>> {
-    require_gpu()?;
-    let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
-    let opts = DecodeOptions::default();
-    let received = if source.is_callable() {
-        let dev = shared
-            .lock_py_attached(py)
-            .unwrap_or_else(|p| p.into_inner());
-        read_packet(&*dev, &mut PyFill { fill: source }, &opts)
-    } else {
-        let bytes = Source::new(source)?;
-        let slice = bytes.bytes();
-        py.detach(|| {
-            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
-            read_packet(&*dev, &mut &slice[..], &opts)
-        })
+/// Device memory from the consumer's allocator (`alloc(nbytes) -> (address, owner, stream)`, tenso.gpu's torch and
+/// CuPy allocators): `owner` (an empty uint8 tensor) owns it and gives it back to its allocator when it goes.
+#[derive(Debug)]
+struct Consumed {
+    ptr: u64,
+    len: usize,
+    owner: Py<PyAny>,
+}
+
+impl DeviceBuf for Consumed {
+    fn ptr(&self) -> u64 {
+        self.ptr
     }
-    .map_err(gpu_error)?;
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// One tensor's memory from the consumer: its allocator is called (with the GIL), and our copy streams are made to
+/// wait for the consumer's stream, on which the memory may still be in use by work queued before it was freed.
+fn consume(dev: &Device, alloc: &Py<PyAny>, len: usize) -> Result<Consumed, GpuError> {
+    let (ptr, owner, stream) = Python::attach(|py| {
+        alloc
+            .bind(py)
+            .call1((len,))?
+            .extract::<(u64, Py<PyAny>, usize)>()
+    })
+    .map_err(|e| GpuError::Io(carry(e)))?;
+    if len > 0 {
+        // SAFETY: the stream is the consumer's current stream on this device (tenso.gpu passes the handle its
+        // framework reports for the device the memory was allocated on), alive while its framework runs.
+        unsafe { dev.wait_for(stream) }?;
+    }
+    Ok(Consumed { ptr, len, owner })
+}
+
+/// `(owner, wire dtype name, shape)` of a tensor read into consumer memory.
+fn consumed_tuple<'py>(py: Python<'py>, t: DeviceTensor<Consumed>) -> PyResult<Bound<'py, PyAny>> {
+    (t.buf.owner.bind(py).clone(), t.dtype.name(), t.shape)
+        .into_pyobject(py)
+        .map(Bound::into_any)
+}
+
+fn received_to_py<'py, B>(
+    py: Python<'py>,
+    received: Option<Received<B>>,
+    one: impl Fn(Python<'py>, DeviceTensor<B>) -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
     Ok(match received {
         None => None,
-        Some(Received::Dense(t)) => Some(Bound::new(py, PyDeviceTensor::new(t)?)?.into_any()),
+        Some(Received::Dense(t)) => Some(one(py, t)?),
         Some(Received::Bundle(entries)) => {
             let dict = PyDict::new(py);
             for (key, t) in entries {
-                dict.set_item(key, Bound::new(py, PyDeviceTensor::new(t)?)?)?;
+                dict.set_item(key, one(py, t)?)?;
             }
             Some(dict.into_any())
         }
     })
+}
+
+/// Reads one packet into device memory on `device_id`: None, a tensor, or a dict of them (bundle). Without `alloc`
+/// each tensor is a DeviceTensor over memory tenso allocated; with `alloc` (see [`Consumed`]) each is
+/// `(owner, dtype name, shape)` in memory of the consumer's allocator.
+#[pyfunction]
+#[pyo3(signature = (source, device_id, alloc=None))]
+fn _gpu_read_to_device<'py>(
+    py: Python<'py>,
+    source: &Bound<'py, PyAny>,
+    device_id: i64,
+    alloc: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    require_gpu()?;
+    let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
+    let opts = DecodeOptions::default();
+    let alloc = alloc.map(|a| a.clone().unbind());
+    let mut fill;
+    let bytes;
+    let mut slice: &[u8];
+    let reader: &mut (dyn io::Read + Send) = if source.is_callable() {
+        fill = PyFill {
+            fill: source.clone().unbind(),
+        };
+        &mut fill
+    } else {
+        bytes = Source::new(source)?;
+        slice = bytes.bytes();
+        &mut slice
+    };
+    match alloc {
+        None => {
+            let received = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    read_packet(&*dev, reader, &opts)
+                })
+                .map_err(gpu_error)?;
+            received_to_py(py, received, |py, t| {
+                Ok(Bound::new(py, PyDeviceTensor::new(t)?)?.into_any())
+            })
+        }
+        Some(alloc) => {
+            let received = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let consumer = ExternalMemory::new(&*dev, |len| consume(&dev, &alloc, len));
+                    read_packet(&consumer, reader, &opts)
+                })
+                .map_err(gpu_error)?;
+            received_to_py(py, received, consumed_tuple)
+        }
+    }
 }
 
 /// Our copy stream, handed to producers in the `stream=` handshake.
@@ -464,35 +542,43 @@ fn _gpu_write_from_device(
         integrity: check_integrity,
         ..EncodeOptions::default()
     };
-    let dev = shared
-        .lock_py_attached(py)
-        .unwrap_or_else(|p| p.into_inner());
-    // The producers ordered their pending writes before stream 0 (the handshake); waiting for it here makes the
-    // data ready for both copy streams.
-    tenso_gpu::copy::CopyEngine::sync(&*dev, 0).map_err(gpu_error)?;
-    // SAFETY: every SourceTensor points to the C-contiguous device memory (N * itemsize bytes from ptr: dlpark's
-    // validation and is_c_contiguous in import) of a tensor whose DLPack export we hold (owners) until this returns, and whose pending writes
-    // finished (the sync above).
-    let n = unsafe {
-        write_packet(&*dev, &out, &opts, |chunk| {
-            with_view(py, chunk.as_ptr().cast_mut(), chunk.len(), false, |v| {
-                write.call1((v,)).map(drop)
-            })
-            .map_err(|e| GpuError::Io(carry(e)))
+    let write = write.clone().unbind();
+    // Without the GIL for the whole copy (stream waits included): only each chunk's write(view) attaches.
+    let n = py
+        .detach(|| {
+            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+            // The producers ordered their pending writes before stream 0 (the handshake); waiting for it here makes
+            // the data ready for both copy streams.
+            tenso_gpu::copy::CopyEngine::sync(&*dev, 0)?;
+            // SAFETY: every SourceTensor points to the C-contiguous device memory (N * itemsize bytes from ptr:
+            // dlpark's validation and is_c_contiguous in import) of a tensor whose DLPack export we hold (owners)
+            // until this returns, and whose pending writes finished (the sync above).
+            unsafe {
+                write_packet(&*dev, &out, &opts, |chunk| {
+                    Python::attach(|py| {
+                        with_view(py, chunk.as_ptr().cast_mut(), chunk.len(), false, |v| {
+                            write.bind(py).call1((v,)).map(drop)
+                        })
+                    })
+                    .map_err(|e| GpuError::Io(carry(e)))
+                })
+            }
         })
-    }
-    .map_err(gpu_error)?;
+        .map_err(gpu_error)?;
     drop(owners);
     Ok(n)
 }
 
-/// A C-contiguous, native-endian host array copied into fresh device memory on `device_id` through the pinned
-/// staging (one staging copy; the GIL is released for the copy).
+/// A C-contiguous, native-endian host array copied into device memory on `device_id` through the pinned staging (one
+/// staging copy; the GIL is released for the copy): a DeviceTensor over memory tenso allocated, or with `alloc` (see
+/// [`Consumed`]) the owner of memory from the consumer's allocator.
 #[pyfunction]
+#[pyo3(signature = (array, device_id, alloc=None))]
 fn _gpu_from_host<'py>(
     array: &Bound<'py, PyUntypedArray>,
     device_id: i64,
-) -> PyResult<Bound<'py, PyDeviceTensor>> {
+    alloc: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
     require_gpu()?;
     let py = array.py();
     let (dtype, swap) = wire_dtype_of(&array.dtype())?;
@@ -505,23 +591,46 @@ fn _gpu_from_host<'py>(
     let shared = device(ordinal(device_id)?).map_err(gpu_error)?;
     let source = Source::new(array.as_any())?;
     let bytes = source.bytes();
-    let buf = py
-        .detach(|| {
-            let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let buf = dev.alloc(bytes.len())?;
-            let mut at = 0;
-            // SAFETY: buf was just allocated with bytes.len() bytes and is ours alone; upload drains before returning.
-            unsafe {
-                tenso_gpu::copy::upload(&*dev, buf.ptr(), bytes.len(), |chunk| {
-                    chunk.copy_from_slice(&bytes[at..at + chunk.len()]);
-                    at += chunk.len();
-                    Ok(())
+    let alloc = alloc.map(|a| a.clone().unbind());
+    let upload = |dev: &Device, dst: u64| -> Result<(), GpuError> {
+        let mut at = 0;
+        // SAFETY: dst holds bytes.len() bytes of device memory that is ours alone (just allocated); upload drains
+        // before returning.
+        unsafe {
+            tenso_gpu::copy::upload(dev, dst, bytes.len(), |chunk| {
+                chunk.copy_from_slice(&bytes[at..at + chunk.len()]);
+                at += chunk.len();
+                Ok(())
+            })
+        }
+    };
+    match alloc {
+        None => {
+            let buf = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let buf = dev.alloc(bytes.len())?;
+                    upload(&dev, buf.ptr())?;
+                    Ok(buf)
                 })
-            }?;
-            Ok(buf)
-        })
-        .map_err(gpu_error)?;
-    Bound::new(py, PyDeviceTensor::new(DeviceTensor { dtype, shape, buf })?)
+                .map_err(gpu_error)?;
+            Ok(
+                Bound::new(py, PyDeviceTensor::new(DeviceTensor { dtype, shape, buf })?)?
+                    .into_any(),
+            )
+        }
+        Some(alloc) => {
+            let buf = py
+                .detach(|| {
+                    let dev = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let buf = consume(&dev, &alloc, bytes.len())?;
+                    upload(&dev, buf.ptr())?;
+                    Ok(buf)
+                })
+                .map_err(gpu_error)?;
+            Ok(buf.owner.into_bound(py))
+        }
+    }
 }
 
 /// A CUDA DLPack producer copied to host memory through the pinned staging: (flat uint8 array of its C-order bytes,
@@ -608,6 +717,13 @@ fn _gpu_staging_stats(py: Python<'_>, device_id: i64) -> PyResult<(u64, usize, u
     Ok((pool.allocations(), pool.idle(), pool.chunk()))
 }
 
+/// How many times this process asked the CUDA driver to initialise (`cuInit`, or the probe for it where no driver is
+/// installed): tests prove with it that converting CPU tensors never reaches for CUDA.
+#[pyfunction]
+fn _gpu_init_calls() -> u64 {
+    tenso_gpu::init_calls()
+}
+
 /// Whether the NVIDIA driver loads here and reports at least one CUDA device; never raises, never panics
 /// (libcuda is dlopen'ed and checked before any driver call).
 #[pyfunction]
@@ -630,6 +746,7 @@ fn _gpu_problem(py: Python<'_>) -> Option<String> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDeviceTensor>()?;
     m.add_function(wrap_pyfunction!(_gpu_available, m)?)?;
+    m.add_function(wrap_pyfunction!(_gpu_init_calls, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_problem, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_read_to_device, m)?)?;
     m.add_function(wrap_pyfunction!(_gpu_write_from_device, m)?)?;

@@ -4,6 +4,7 @@
 //! O(n) work and converts results; the protocol itself lives in `tenso-format`, the compute kernels (strided gather,
 //! SIMD XXH3, parallel LZ4) in `tenso-kernels`. See `docs/ARCHITECTURE.md` for the functions it exports.
 
+mod bufcache;
 mod buffers;
 mod codec;
 mod decode;
@@ -23,6 +24,7 @@ use tenso_format::DecodeOptions;
 #[pymodule]
 fn tenso_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     codec::register(m)?;
+    bufcache::register(m)?;
     quant::register(m)?;
     parts::register(m)?;
     shm::register(m)?;

@@ -47,16 +47,17 @@ impl PyPrivateMap {
 /// (default: `buffer`) lives: the array's base holds `keep`. `hint_pids`: processes that may hold the file open
 /// (Ray's raylet for the object store). `populate`: fill the page tables up front (read-only, no copy).
 #[pyfunction]
-#[pyo3(signature = (buffer, keep=None, hint_pids=Vec::new(), populate=false))]
+#[pyo3(signature = (buffer, keep=None, hint_pids=None, populate=false))]
 fn _private_view<'py>(
     py: Python<'py>,
     buffer: &Bound<'py, PyAny>,
     keep: Option<Bound<'py, PyAny>>,
-    hint_pids: Vec<u32>,
+    hint_pids: Option<Vec<u32>>,
     populate: bool,
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let src = Source::new(buffer)?;
     let bytes = src.bytes();
+    let hint_pids = hint_pids.unwrap_or_default();
     let Ok(mut map) = py.detach(|| resolver().private_view(bytes, &hint_pids, populate)) else {
         return Ok(None);
     };

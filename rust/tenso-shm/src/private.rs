@@ -210,21 +210,26 @@ pub struct Resolver {
 
 /// The process's resolver.
 pub fn resolver() -> &'static Resolver {
-    static RESOLVER: LazyLock<Resolver> = LazyLock::new(|| Resolver {
-        state: Mutex::new(State {
-            routes: [true; 3],
-            files: Vec::new(),
-            maps: None,
-            last_failure: None,
-        }),
-        views: AtomicU64::new(0),
-        fallbacks: AtomicU64::new(0),
-        resolved: Default::default(),
-    });
+    static RESOLVER: LazyLock<Resolver> = LazyLock::new(|| Resolver::new([true; 3]));
     &RESOLVER
 }
 
 impl Resolver {
+    /// A resolver that tries the routes marked `true` (indexed by `Route as usize`), knowing no file yet.
+    fn new(routes: [bool; 3]) -> Resolver {
+        Resolver {
+            state: Mutex::new(State {
+                routes,
+                files: Vec::new(),
+                maps: None,
+                last_failure: None,
+            }),
+            views: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            resolved: Default::default(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -695,17 +700,7 @@ mod tests {
         s.unlink().expect("unlink");
         bytes_of(&s)[100] = 9;
         // A private resolver, so that the process-wide one's routes stay as they are for the other tests.
-        let r = Resolver {
-            state: Mutex::new(State {
-                routes: [false, true, true],
-                files: Vec::new(),
-                maps: None,
-                last_failure: None,
-            }),
-            views: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
-            resolved: Default::default(),
-        };
+        let r = Resolver::new([false, true, true]);
         let src = &bytes_of(&s)[64..4096];
         let err = r.private_view(src, &[], false).unwrap_err();
         assert!(matches!(err, NoRoute::NoFile { .. }), "{err}");
