@@ -143,11 +143,11 @@ class _Reader:
 @pytest.mark.parametrize("kind", list(_payloads()))
 def test_values_come_back_equal_writeable_and_mapped(cluster, kind):
     x = _payloads()[kind]
-    views = tenso.cow.stats()["views"]
+    before = tenso.cow.stats()
     got = ray.get(ray.put(x))
     assert _same(got, x)
-    assert tenso.cow.stats()["views"] > views  # copy-on-write views of the store, not copies
-    assert tenso.cow.stats()["copies"] == 0
+    assert tenso.cow.stats()["views"] > before["views"]  # copy-on-write views of the store, not copies
+    assert tenso.cow.stats()["copies"] == before["copies"]  # (the counters are this process's, since it started)
     _write(got)  # writeable: Ray's default semantics
     if kind == "parameter":
         assert type(got) is torch.nn.Parameter and got.requires_grad

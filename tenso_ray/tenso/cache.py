@@ -95,18 +95,22 @@ def _to_device(value: Any, device: str, zero_copy: bool = False) -> Any:
     return from_host(value, device, zero_copy)
 
 
+# The objects at the root of a zero-copy pool view (the pool's mapping; the pins of a pinned read).
+_POOL_OWNERS = frozenset({"_Mapping", "_PinnedEntry"})
+
+
 def private_value(a: np.ndarray) -> np.ndarray:
-    """A pool read made private: a copy-on-write view of a pinned view; a value that is already a copy as it is (a
-    pinned read copies when the pin table is full) or copied again if read-only (a bundle's arrays are decoded into
-    NumPy memory: nothing to map)."""
+    """A pool read made private: a copy-on-write view of a view of the pool; a value already in this process's own
+    memory (a pinned read copies when the pin table is full; a bundle's arrays are decoded) as it is if writeable,
+    else copied: there is nothing to map."""
     if a.flags.writeable:
         return a
-    base = a
-    while isinstance(base.base, np.ndarray):
-        base = base.base
-    if base.base is None:  # NumPy's own memory, not the pool's
-        return a.copy()
-    return private_array(a)
+    root: Any = a
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if type(root).__name__ in _POOL_OWNERS:
+        return private_array(a)
+    return a.copy()
 
 
 class TensoCache:
