@@ -9,7 +9,8 @@ What runs:
     through a lease.
   * Transfers, in batches, of three kinds: ``scatter`` (client -> worker, ``scatter(direct=True)``, checked by a task
     on that worker), ``w2w`` (a task on worker A makes the value, a task on worker B takes it as input and checks
-    it) and ``gather`` (a task on a worker makes it, ``gather(direct=True)``, checked in the client). Every value is
+    it) and ``gather`` (a task on worker A makes it, a task on worker B returns it as is, ``gather(direct=True)``
+    from B, checked in the client: B hands on the block it received by reference). Every value is
     a function of (seed, index) (a per-index multiplier and offset drawn from ``default_rng([seed, index])``, the
     index in the first word), so a value delivered to the wrong place, stale or torn is caught: *wrong values*.
   * Random drops: in the client and in every worker (a worker plugin, so restarted workers too), the comm's
@@ -23,10 +24,12 @@ What runs:
     reports as failed (lost scattered data, an erred or cancelled future) are resubmitted and counted by reason, and
     so is a transfer still pending after ``--batch-timeout`` seconds (the scheduler's and the workers' states of its
     keys go into the report's ``timeouts``); only a value that arrives and differs counts as wrong.
-  * At the end: every future is released, the pool's ``used_bytes`` must come back to the baseline taken before the
-    run (waiting up to a few claim timeouts), and after ``uninstall`` and the cluster's close the names in
-    ``/dev/shm`` and its used bytes must equal those at the start (``--shm-ours-only``, on a host other jobs share:
-    none of this run's names is left and none of its processes maps an unlinked ``/dev/shm`` file).
+  * At the end: every future is released, the tracebacks kept in Dask's in-memory log records are let go (a failed
+    send's traceback keeps the values it carried alive, pooled arrays included; counted in the report), the pool's
+    ``used_bytes`` must come back to the baseline taken before the run (waiting up to a few claim timeouts), and
+    after ``uninstall`` and the cluster's close the names in ``/dev/shm`` and its used bytes must equal those at the
+    start (``--shm-ours-only``, on a host other jobs share: none of this run's names is left and none of its
+    processes maps an unlinked ``/dev/shm`` file).
 
     .venv/bin/python benchmarks/stress_dask.py [--transfers 10000] [--seed N]
 
@@ -166,6 +169,11 @@ def same_value(x: Any, spec: tuple[Any, ...]) -> Optional[str]:
     return None
 
 
+def pass_on(x: Any) -> Any:
+    """A task that returns its input as is (an array that arrived through the pool goes on by reference)."""
+    return x
+
+
 def check_task(x: Any, spec: tuple[Any, ...]) -> Optional[str]:
     """Runs where the value landed (a worker)."""
     return same_value(x, spec)
@@ -261,10 +269,19 @@ def process_report(dask_worker: Any = None) -> dict[str, Any]:
     """This process's pid, tenso.dask counters and drop counters."""
     import tenso.dask as td
 
+    from tenso.dask import leases
+
     state = _drops()
+    st = td._state
+    held = [h for h in list(leases._held.values()) if h.root() is not None]
     return {
         "pid": os.getpid(),
         "counts": td.counts(),
+        # What this process still holds in the pool: arrays over blocks, references sent and not yet claimed.
+        "blocks_held": len(held),
+        "blocks_held_bytes": sum(h.nbytes for h in held),
+        "held_by": sorted({type(r).__name__ for h in held for r in gc.get_referrers(h.root())})[:10],
+        "references_pending": len(st.pending) if st is not None else 0,
         "drops": state.drops if state else 0,
         "leases_dropped": state.leases_dropped if state else 0,
         "lease_messages": state.messages if state else 0,
@@ -273,6 +290,24 @@ def process_report(dask_worker: Any = None) -> dict[str, Any]:
 
 def _collect_garbage(dask_worker: Any = None) -> int:
     return gc.collect()
+
+
+def _forget_logged_tracebacks(dask_worker: Any = None) -> int:
+    """Drop the tracebacks in this process's in-memory Dask log records; how many there were.
+
+    Dask keeps each process's recent log records (``client.get_worker_logs``, 10,000 by default), tracebacks
+    included, and the traceback of a send that failed (every injected drop) keeps that message's frames alive: the
+    values it carried, among them arrays that arrived through the pool and hold their blocks. The run counts
+    them and lets them go before it checks that the pool is back to its baseline."""
+    from distributed.utils import DequeHandler
+
+    n = 0
+    for handler in list(DequeHandler._instances):
+        for record in list(handler.deque):
+            if record.exc_info:
+                record.exc_info = None
+                n += 1
+    return n
 
 
 def _drop_plugin(p: float, seed: int) -> Any:
@@ -574,7 +609,10 @@ def run_stress(
                         )
                         t.futures, t.result_future = [made, chk], chk
                     else:
-                        t.futures, t.result_future = [made], made
+                        # Through the other worker: it receives the value and returns that very object, which
+                        # then travels on to the client by reference to its block (no copy).
+                        fwd = client.submit(pass_on, made, workers=[t.dst], allow_other_workers=True, pure=False)
+                        t.futures, t.result_future = [made, fwd], fwd
                 for dst, group in to_scatter.items():
                     futs = scatter([make_value(t.spec) for t in group], dst)
                     for j, t in enumerate(group):
@@ -695,6 +733,8 @@ def run_stress(
                     log(f"  {done}/{transfers} transfers done, {time.monotonic() - t_start:.0f} s")
             del todo
 
+            out["logged_tracebacks_dropped"] = sum(client.run(_forget_logged_tracebacks).values())
+            out["logged_tracebacks_dropped"] += _forget_logged_tracebacks()
             gc.collect()
             client.run(_collect_garbage)
             out["run_s"] = round(time.monotonic() - t_start, 1)
@@ -765,6 +805,8 @@ def run_stress(
     out["leases_dropped"] = sum(r.get("leases_dropped", 0) for r in reports.values())
     out["leases_sent"] = sum(r["counts"]["leases_sent"] for r in reports.values())
     out["leases_received"] = sum(r["counts"]["leases_received"] for r in reports.values())
+    # Of the leases sent, those that handed on a block the sender held (a new reference, no copy).
+    out["leases_forwarded"] = sum(r["counts"].get("leases_forwarded", 0) for r in reports.values())
     out["frames_sent"] = sum(r["counts"]["frames_sent"] for r in reports.values())
     out["done"] = sum(v["done"] for v in out["by_kind"].values())
     if out["wrong"]:
@@ -789,7 +831,8 @@ def summary(r: dict[str, Any]) -> str:
         f"(seed {r['seed']}, drop p={r['drop_p']}, claim timeout {r['claim_timeout_s']} s)",
         "  by kind: " + ", ".join(f"{k} {v['done']} ({v['wrong']} wrong)" for k, v in r["by_kind"].items()),
         f"  wrong values: {r['wrong']}",
-        f"  leases sent {r['leases_sent']}, received {r['leases_received']}, frames sent {r['frames_sent']}",
+        f"  leases sent {r['leases_sent']} ({r['leases_forwarded']} by reference), received {r['leases_received']}, "
+        f"frames sent {r['frames_sent']}",
         f"  drops injected {r['drops_injected']} (messages carrying {r['leases_dropped']} leases), "
         f"cancelled decoys {r['cancelled_decoys']}, workers SIGKILLed {r['kills']}",
         f"  resubmitted: {r['retries'] or 0}; scatter retries: {r['scatter_retries'] or 0}",

@@ -158,3 +158,97 @@ def test_loop_of_large_packets_stays_bounded_and_memory_returns_when_idle(tmp_pa
     assert r["end"]["retained_bytes"] == 0 and r["end"]["idle_trims"] >= 1, r["end"]
     assert r["held"] - r["after"] >= 2 * n, (r["held"], r["after"])
     assert r["after"] <= r["base"] + n, (r["base"], r["after"])
+
+
+# Forks while another thread keeps leasing and giving back blocks, with an idle period of 0 so that the trimmer
+# thread takes the cache lock after every give-back too. A child that inherited the lock held by a thread it does
+# not have would hang on its first large allocation; each child must allocate from the cache and exit. A child still
+# running after a generous limit is a hang (killed, and the run stops there): never a judgement on speed.
+FORKS = r"""
+import json, os, signal, sys, threading, time, warnings
+import numpy as np
+import tenso
+from tenso import config
+
+warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() of a multi-threaded process
+config.set_buffer_cache(idle_seconds=0.0)
+x = np.arange(256 * 1024, dtype=np.float32)  # 1 MiB
+small = np.arange(96 * 1024, dtype=np.float32)  # 384 KiB, above the cache's smallest block
+stop = threading.Event()
+rounds = [0]
+
+def hammer():
+    while not stop.is_set():
+        packet = tenso.dumps(x)
+        back = tenso.loads(packet, copy=True)
+        del packet, back
+        rounds[0] += 1
+
+def owner(obj):
+    while getattr(obj, "base", None) is not None:
+        obj = obj.base
+    return obj
+
+def child():
+    code = 3
+    try:
+        for _ in range(3):
+            packet = tenso.dumps(small)
+            back = tenso.loads(packet, copy=True)
+            ok = np.array_equal(back, small) and type(owner(back)).__name__ == "_CachedBuffer"
+            del packet, back
+            if not ok:
+                code = 4
+                break
+        else:
+            code = 0
+    finally:
+        os._exit(code)
+
+threads = [threading.Thread(target=hammer, daemon=True) for _ in range(2)]
+for t in threads:
+    t.start()
+forks, limit = int(sys.argv[1]), float(sys.argv[2])
+result = {"forks": 0, "hung": 0, "bad": []}
+for _ in range(forks):
+    pid = os.fork()
+    if pid == 0:
+        child()
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                result["bad"].append(code)
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            result["hung"] += 1
+            break
+        time.sleep(0.002)
+    result["forks"] += 1
+    if result["hung"]:
+        break
+stop.set()
+for t in threads:
+    t.join()
+result["rounds"] = rounds[0]
+result["stats"] = config.buffer_cache_stats()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_children_allocate_while_other_threads_use_the_cache(tmp_path):
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS)
+    proc = subprocess.run([sys.executable, str(script), "1000", "30"], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    assert r["hung"] == 0, f"a forked child hung on its first large allocation after {r['forks']} forks: {r}"
+    assert r["bad"] == [], r
+    assert r["forks"] == 1000 and r["rounds"] > 0, r
+    # The hammering threads really went through the cache (and the trimmer) while the children were forked.
+    assert r["stats"]["hits"] + r["stats"]["misses"] >= 2 * r["rounds"], r["stats"]

@@ -182,13 +182,133 @@ def test_inspect_shows_entries_with_their_own_flags(tmp_path):
     assert "2 integrity footers verified" in out
 
 
+# ---------------------------------------------------------------- canonical padding and trailing bytes ----------
+
+
+def _all_nodes(node):
+    yield node
+    for entry in node.get("entries", []):
+        yield from _all_nodes(entry)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_golden_fixture_is_canonical(entry):
+    files = [golden_path(f, n) for f, n in GOLDEN]
+    proc = tenso_cmd("verify", "--strict", *files, entry=entry)
+    out, err = text(proc)
+    assert proc.returncode == 0, out + err
+    lines = out.splitlines()
+    assert len(lines) == len(files) and all(line.startswith(f"{p}: ok, ") for p, line in zip(files, lines)), out
+    reports = [json.loads(line) for line in text(tenso_cmd("inspect", "--json", *files, entry=entry))[0].splitlines()]
+    for path, rep in zip(files, reports):
+        assert rep["canonical"] is True and rep["nonzero_padding"] == [], path
+        assert all(n["canonical_padding"] for n in _all_nodes(rep["packet"])), path
+
+
+def _quant_pad(packet, start=0):
+    """Where the padding of the v4 quantized packet at `start` begins: header 10, shape, scheme and axis bytes,
+    group size and num_scales, scales and zero points (FORMAT.md 9.1); no exponent byte (alignment 64)."""
+    ndim = packet[start + 8]
+    ns_at = start + 10 + 4 * ndim + 2 + 4
+    num_scales = int.from_bytes(packet[ns_at:ns_at + 4], "little")
+    return ns_at + 4 + 8 * num_scales
+
+
+def _crafted():
+    """(name, canonical packet, offset of an ignored byte, JSON path of the packet holding it, kind, node path).
+    Offsets come from FORMAT.md's layouts, worked out here independently of the engine's walk."""
+    sp = pytest.importorskip("scipy.sparse")
+    f32 = np.arange(3, dtype=np.float32)
+    quant = golden_path("v4-0.24.0", "quant_qint8_per_channel").read_bytes()
+    cases = [
+        # v4 dense: header 10 + shape 4, padding 14..64
+        ("dense_v4", bytes(tenso.dumps(f32)), 20, [], "body padding", []),
+        # v3, alignment 16: header 8 + shape 4, exponent byte at 12, padding 13..16
+        ("dense_v3_cust_align", bytes(tenso.dumps(f32, protocol=3, alignment=16)), 13, [], "body padding", []),
+        ("quantized", quant, _quant_pad(quant), [], "body padding", []),
+        # string tensor: header 10 + count 4, padding 14..64
+        ("string", bytes(tenso.dumps(tenso.StringTensor(["a", "bé"]))), 40, [], "body padding", []),
+        # bundle entry 'w' at 10: klen 4, key 1, vlen 4 -> leaf at 19, its padding 33..83
+        ("bundle_entry", bytes(tenso.dumps({"w": f32})), 19 + 63, ["w"], "body padding", ["w"]),
+        # sparse: header 10, rows and cols 8, length 4 -> component 0 at 22, its padding 36..86
+        ("sparse_component", bytes(tenso.dumps(sp.coo_matrix(np.eye(3, dtype=np.float32)))), 22 + 14, [0],
+         "body padding", []),
+        ("reserved_byte", bytes(tenso.dumps(f32)), 9, [], "reserved header byte", []),
+    ]
+    return cases
+
+
+def test_crafted_packets_start_canonical(tmp_path):
+    # The packets below are only non-canonical by the one byte each test changes.
+    files = []
+    for name, packet, *_ in _crafted():
+        files.append(tmp_path / f"{name}.tenso")
+        files[-1].write_bytes(packet)
+    proc = tenso_cmd("verify", "--strict", *files)
+    assert proc.returncode == 0 and "warning" not in text(proc)[0], text(proc)
+
+
+@pytest.mark.parametrize("case", ["dense_v4", "dense_v3_cust_align", "quantized", "string", "bundle_entry",
+                                  "sparse_component", "reserved_byte"])
+def test_nonzero_padding_is_reported(case, tmp_path):
+    name, packet, offset, path, kind, node_path = next(c for c in _crafted() if c[0] == case)
+    assert packet[offset] == 0
+    bad = bytearray(packet)
+    bad[offset] = 0x5A
+    f = tmp_path / f"{name}.tenso"
+    f.write_bytes(bytes(bad))
+    # Readers ignore the byte: the packet still decodes.
+    tenso.loads(bytes(bad))
+    proc = tenso_cmd("verify", f)
+    out, err = text(proc)
+    lines = out.splitlines()
+    assert proc.returncode == 0, out + err
+    assert len(lines) == 2 and lines[0].startswith(f"{f}: ok, ") and lines[1].startswith(f"{f}: warning: "), out
+    assert f"non-zero {kind} at offset {offset}" in lines[1], lines[1]
+    proc = tenso_cmd("verify", "--strict", f)
+    out, err = text(proc)
+    assert proc.returncode == 1 and not err, out + err
+    assert out.splitlines() == [f"{f}: not canonical: " + lines[1][len(f"{f}: warning: "):]], out
+    rep = json.loads(text(tenso_cmd("inspect", "--json", f))[0])
+    assert rep["valid"] is True and rep["canonical"] is False
+    [region] = rep["nonzero_padding"]
+    assert (region["path"], region["kind"], region["first_nonzero"], region["nonzero_bytes"]) == (path, kind, offset, 1)
+    node = rep["packet"]
+    for key in node_path:
+        node = next(e for e in node["entries"] if e["key"] == key)
+    assert node["canonical_padding"] is False
+    assert sum(not n["canonical_padding"] for n in _all_nodes(rep["packet"])) == 1
+    assert "padding: non-zero" in text(tenso_cmd("inspect", f))[0]
+
+
+@pytest.mark.parametrize("tail", [b"\x00", b"\x00\x00\x00", b"junk"])
+def test_trailing_bytes_are_reported(tail, tmp_path):
+    good = golden_path("v4-0.24.0", "bundle_with_sparse")
+    f = tmp_path / "trailing.tenso"
+    size = len(good.read_bytes())
+    f.write_bytes(good.read_bytes() + tail)
+    proc = tenso_cmd("verify", f)
+    out, _ = text(proc)
+    lines = out.splitlines()
+    n = len(tail)
+    phrase = f"{n} trailing byte{'s' if n > 1 else ''} after the packet at offset {size}"
+    assert proc.returncode == 0 and len(lines) == 2 and lines[1] == f"{f}: warning: {phrase}", out
+    proc = tenso_cmd("verify", "--strict", f, good)
+    out, _ = text(proc)
+    assert proc.returncode == 1
+    assert out.splitlines()[0] == f"{f}: not canonical: {phrase}" and out.splitlines()[1].startswith(f"{good}: ok")
+    rep = json.loads(text(tenso_cmd("inspect", "--json", f))[0])
+    assert (rep["trailing_bytes"], rep["canonical"], rep["nonzero_padding"]) == (n, False, [])
+
+
 # ---------------------------------------------------------------- hostile input ----------------------------------
 
 
-def test_verify_hostile_corpus_names_each_class():
+@pytest.mark.parametrize("strict", [[], ["--strict"]], ids=["default", "strict"])
+def test_verify_hostile_corpus_names_each_class(strict):
     cases = HOSTILE["cases"]
     files = [tensohelp.HOSTILE / "corpus" / c["file"] for c in cases]
-    proc = tenso_cmd("verify", *files)
+    proc = tenso_cmd("verify", *strict, *files)
     out, err = text(proc)
     assert proc.returncode == 1
     lines = out.splitlines()

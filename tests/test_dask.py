@@ -192,13 +192,26 @@ def test_registered_everywhere(client):
 
 def test_writeable_result_owns_its_lease(client):
     x = np.arange(1 << 18, dtype=np.float64)
+    views = td.counts()["private_views"]
     y = _round_trip(client, x)
     y[0] = -1.0  # writeable, and nobody else's memory
     assert y[0] == -1.0 and x[0] == 0.0
     used = td._state.cache.stats["used_bytes"]
+    view = y[1:]
     del y
     gc.collect()
-    assert td._state.cache.stats["used_bytes"] < used  # released when the last view went away
+    assert view[0] == 1.0
+    if td.counts()["private_views"] > views:
+        # A private view of its lease: the reference is held while any view of the array lives.
+        assert td._state.cache.stats["used_bytes"] == used
+        del view
+        gc.collect()
+        # Released when the last view went away (and once the workers dropped the values _round_trip released: the
+        # block went to this client by reference, so B's replica shares it).
+        deadline = time.monotonic() + 10
+        while td._state.cache.stats["used_bytes"] >= used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert td._state.cache.stats["used_bytes"] < used
 
 
 def test_matmul_on_and_off(client):
@@ -230,7 +243,8 @@ def test_uninstall_restores_exactly(client):
             Comm.handshake_info.__module__,
         )
 
-    assert set(client.run(tables).values()) == {("tenso.dask", "tenso.dask", "tenso.dask")}
+    for mods in client.run(tables).values():
+        assert all(m.split(".")[:2] == ["tenso", "dask"] for m in mods), mods  # the package's modules
     snapshot = (dict(dask_serialize._lookup), dict(dask_deserialize._lookup))
     td.uninstall(client)
     try:
@@ -240,12 +254,12 @@ def test_uninstall_restores_exactly(client):
         restored = (dict(dask_serialize._lookup), dict(dask_deserialize._lookup))
         for table, before in zip(restored, snapshot):
             for cls, fn in table.items():
-                assert fn.__module__ != "tenso.dask", cls
+                assert not fn.__module__.startswith("tenso.dask"), cls
             assert set(table) <= set(before)  # nothing added
         assert Comm.__dict__["handshake_info"].__module__ == "distributed.comm.core"
     finally:
         td.install(client, pool_size=POOL, min_bytes=MIN)
-    assert tables()[0] == "tenso.dask"
+    assert tables()[0].startswith("tenso.dask.")
 
 
 def test_spilled_data_round_trips(client):
@@ -363,14 +377,14 @@ def _slow_adoption(seconds: float, dask_worker=None) -> None:
     """Make this worker's next adoption late: it sleeps past the sender's claim timeout first."""
     import tenso.dask as t
 
-    original = t._lease_receive
+    original = t.leases._lease_receive
 
-    def late(lease):
-        t._lease_receive = original
+    def late(lease, **kwargs):
+        t.leases._lease_receive = original
         time.sleep(seconds)
-        return original(lease)
+        return original(lease, **kwargs)
 
-    t._lease_receive = late
+    t.leases._lease_receive = late
 
 
 def test_a_lease_lost_before_delivery_is_fetched_again(client):
@@ -408,7 +422,9 @@ def test_sigkilled_worker_frees_its_leases(client):
         dask_worker._tenso_test_hold = (sent, kept)
         return st.cache.stats["used_bytes"]
 
-    assert client.run(hold, workers=[a])[a] >= baseline + 8 * (1 << 20)
+    # The four sent are held by this worker until adopted; the four kept too where they are private views of their
+    # leases (copied out of them, and released, where this machine has no route to a private mapping).
+    assert client.run(hold, workers=[a])[a] >= baseline + 4 * (1 << 20)
     pid = client.run(os.getpid, workers=[a])[a]
     os.kill(pid, signal.SIGKILL)
     _wait_restarted(client, pid)

@@ -320,20 +320,30 @@ class TensoCache:
     def lease(self, nbytes: int) -> tuple:
         """Borrow ``nbytes`` of recycled, pre-faulted pool memory: returns ``(handle, memoryview)``.
 
-        The block is this process's until :meth:`release` or :meth:`adopt` by another
-        process that received ``handle`` (which then holds it); it is freed if the holding
-        process dies. It counts in ``used_bytes`` but is never evicted.
+        The block has one reference, this process's, until :meth:`release` or :meth:`adopt` by
+        another process that received ``handle`` (which then holds it); a holder hands the block on
+        without copying it with :meth:`share`. The block is freed with its last reference (the
+        references of a dead process are dropped). It counts in ``used_bytes`` but is never evicted.
+        Write it before handing ``handle`` on, never after.
         """
         self._check_open()
         return self._pool._lease(nbytes)
 
-    def adopt(self, handle: tuple) -> memoryview:
-        """Take over a lease handed over by another process; returns its memory."""
+    def share(self, handle: tuple) -> tuple:
+        """A new reference to the block of ``handle`` (a reference this process holds), for another process to
+        :meth:`adopt`: the block is handed on by reference, and lives until its last reference is released."""
         self._check_open()
-        return self._pool._adopt(tuple(handle))
+        return tuple(self._pool._share(tuple(handle)))
+
+    def adopt(self, handle: tuple, writeable: bool = True) -> memoryview:
+        """Take over the reference ``handle`` names (handed over by another process); returns the block's memory,
+        writeable only when ``writeable`` and this is the block's only reference."""
+        self._check_open()
+        return self._pool._adopt(tuple(handle), writeable)
 
     def release(self, handle: tuple) -> None:
-        """Free a lease this process holds (a ``ValueError`` if it was freed, or adopted by another process)."""
+        """Drop a reference this process holds (a ``ValueError`` if it was dropped, or adopted by another
+        process); the last reference frees the block."""
         self._check_open()
         self._pool._release(tuple(handle))
 

@@ -3,7 +3,7 @@
 ::
 
     tenso inspect [--json] FILE|- ...    header, kind, shapes, dtypes, flags, sizes, bundle entries
-    tenso verify FILE|- ...              full decode and integrity check; exit 0 if all valid, 1 otherwise
+    tenso verify [--strict] FILE|- ...   full decode and integrity check; exit 0 if all valid, 1 otherwise
     tenso convert IN OUT [--protocol 3|4] [--check-integrity] [--compress]
 
 ``convert`` picks each side's format from its extension: ``.npy`` (one array),
@@ -11,6 +11,11 @@
 needs the ``safetensors`` package) and anything else, or ``-`` for stdin and
 stdout, a tenso packet. A value that the target format cannot hold (a sparse
 matrix to ``.npy``, a nested bundle to ``.npz``) is refused, never approximated.
+
+``verify`` and ``inspect`` also report bytes that readers ignore but a writer
+must not leave behind: non-zero padding (and a non-zero reserved header byte)
+and bytes after the packet. ``verify`` warns about them, or with ``--strict``
+fails the file.
 
 Exit status: 0 on success, 1 for input that is invalid or cannot be converted
 (the reason on one line, no traceback), 2 for a usage error.
@@ -241,8 +246,8 @@ def _alignment(view: memoryview, info: dict[str, Any], exponent_at: int) -> int:
     return config.DEFAULT_ALIGNMENT if info["flags"] & config.FLAG_ALIGNED else 1
 
 
-def _bundle_entries(view: memoryview, version: int) -> list[tuple[str, memoryview]]:
-    """The (key, value packet) pairs of a bundle that :func:`tenso.loads` has already accepted."""
+def _bundle_entries(view: memoryview, version: int) -> list[tuple[str, int, memoryview]]:
+    """The (key, offset, value packet) triples of a bundle that :func:`tenso.loads` has already accepted."""
     count = view[_header_size(version) - (2 if version == 4 else 1)]
     pos = _header_size(version)
     out = []
@@ -251,13 +256,22 @@ def _bundle_entries(view: memoryview, version: int) -> list[tuple[str, memoryvie
         key = bytes(view[pos + 4:pos + 4 + klen]).decode("utf-8")
         pos += 4 + klen
         (vlen,) = struct.unpack_from("<I", view, pos)
-        out.append((key, view[pos + 4:pos + 4 + vlen]))
+        out.append((key, pos + 4, view[pos + 4:pos + 4 + vlen]))
         pos += 4 + vlen
     return out
 
 
-def _describe(view: memoryview, value: Any) -> dict[str, Any]:
-    """Everything ``inspect`` reports about one valid packet and its decoded ``value``."""
+def _own_regions(regions: list[dict[str, Any]], start: int, length: int, depth: int) -> list[dict[str, Any]]:
+    """The non-zero padding regions of the packet at ``start`` (``depth`` bundle levels down), sparse components
+    included, from a :func:`tenso_rs._padding_report` of the whole input."""
+    return [r for r in regions
+            if start <= r["offset"] < start + length and sum(isinstance(p, str) for p in r["path"]) == depth]
+
+
+def _describe(view: memoryview, value: Any, regions: list[dict[str, Any]], start: int = 0,
+              depth: int = 0) -> dict[str, Any]:
+    """Everything ``inspect`` reports about one valid packet and its decoded ``value``; ``regions`` are the non-zero
+    padding regions of the whole input and ``start`` the packet's offset in it."""
     info = get_packet_info(view)
     version, flags = info["version"], info["flags"]
     node: dict[str, Any] = {
@@ -268,14 +282,15 @@ def _describe(view: memoryview, value: Any) -> dict[str, Any]:
         "dtype_code": info["dtype_code"],
         "integrity": bool(info["integrity_protected"]),
         "compressed": bool(info.get("compressed", False)),
+        "canonical_padding": not _own_regions(regions, start, len(view), depth),
     }
     shape_end = _header_size(version) + 4 * info["ndim"]
     if isinstance(value, dict):
         entries = []
         # Walk the wire entries rather than the dict: a key repeated on the wire is listed each time.
-        for key, sub in _bundle_entries(view, version):
+        for key, offset, sub in _bundle_entries(view, version):
             entry: dict[str, Any] = {"key": key, "packet_bytes": len(sub)}
-            entry.update(_describe(sub, loads(sub)))
+            entry.update(_describe(sub, loads(sub), regions, start + offset, depth + 1))
             entries.append(entry)
         node["entry_count"] = len(entries)
         node["entries"] = entries
@@ -317,13 +332,20 @@ def _count_footers(node: dict[str, Any]) -> int:
     return int(node["integrity"]) + sum(_count_footers(e) for e in node.get("entries", []))
 
 
-def _packet_length(data: bytes) -> Optional[int]:
-    """The length of the packet at the start of ``data``; None where the packet does not record it
-    (a top-level compressed packet, FORMAT.md section 6.2)."""
-    try:
-        return int(_rs._frame(data, len(data)))
-    except ValueError:
-        return None
+def _region_text(region: dict[str, Any]) -> str:
+    """``non-zero body padding at offset 20 (2 of 50 bytes) in entry 'w'``."""
+    where = "".join(f" in entry {p!r}" if isinstance(p, str) else f" in sparse component {p}" for p in region["path"])
+    count = f" ({region['nonzero_bytes']} of {region['length']} bytes)" if region["length"] > 1 else ""
+    return f"non-zero {region['kind']} at offset {region['first_nonzero']}{count}{where}"
+
+
+def _non_canonical(padding: dict[str, Any], size: int) -> list[str]:
+    """What a canonical writer would have written differently, one phrase each; empty if nothing."""
+    problems = [_region_text(r) for r in padding["nonzero"]]
+    end = padding["end"]
+    if end is not None and end < size:
+        problems.append(f"{size - end} trailing byte{'s' if size - end > 1 else ''} after the packet at offset {end}")
+    return problems
 
 
 def _inspect_one(path: str) -> tuple[dict[str, Any], bool]:
@@ -353,11 +375,14 @@ def _inspect_one(path: str) -> tuple[dict[str, Any], bool]:
         except Exception:  # noqa: BLE001, S110 - no readable header: the error above says why
             pass
         return report, False
+    padding = _rs._padding_report(data)
     report["valid"] = True
     report["error"] = None
-    length = _packet_length(data)
-    report["trailing_bytes"] = None if length is None else len(data) - length
-    report["packet"] = _describe(memoryview(data), value)
+    end = padding["end"]
+    report["trailing_bytes"] = None if end is None else len(data) - end
+    report["nonzero_padding"] = padding["nonzero"]
+    report["canonical"] = not _non_canonical(padding, len(data))
+    report["packet"] = _describe(memoryview(data), value, padding["nonzero"])
     return report, True
 
 
@@ -404,6 +429,8 @@ def _print_report(report: dict[str, Any], out: Any) -> None:
         print(f"alignment: {node['alignment']}", file=out)
     if node["integrity"]:
         print("integrity: xxh3-64 footer verified", file=out)
+    for region in report["nonzero_padding"]:
+        print(f"padding: {_region_text(region)} (writers must write zeros)", file=out)
     if report["trailing_bytes"]:
         print(f"trailing: {report['trailing_bytes']} bytes after the packet (ignored by readers)", file=out)
     _print_tree(node, "  ", out)
@@ -435,14 +462,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             value = loads(data)
             if isinstance(value, StringTensor):
                 value.to_list()  # every string decodes as UTF-8
+            padding = _rs._padding_report(data)
         except Exception as exc:  # noqa: BLE001 - any failure is the verdict on this input
             print(f"{path}: {_one_line(exc)}")
             status = 1
             continue
-        node = _describe(memoryview(data), value)
+        problems = "; ".join(_non_canonical(padding, len(data)))
+        if problems and args.strict:
+            print(f"{path}: not canonical: {problems}")
+            status = 1
+            continue
+        node = _describe(memoryview(data), value, padding["nonzero"])
         footers = _count_footers(node)
         checked = f", {footers} integrity footer{'s' if footers > 1 else ''} verified" if footers else ""
         print(f"{path}: ok, {node['kind']} v{node['version']} packet, {len(data)} bytes{checked}")
+        if problems:
+            print(f"{path}: warning: {problems}")
     return status
 
 
@@ -483,8 +518,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="decode and validate packets, integrity footers included",
                        description="Decode every packet fully (structure, limits, sparse indices, UTF-8 strings, "
                                    "XXH3 footers). One line per file: 'FILE: ok, ...' or 'FILE: ErrorClass: "
-                                   "message'. Exit status 0 if all are valid, 1 otherwise.")
+                                   "message'. A valid packet with non-zero padding (or reserved header byte) or "
+                                   "bytes after its end gets a second line 'FILE: warning: ...'; with --strict it "
+                                   "is 'FILE: not canonical: ...' instead and counts as invalid. Exit status 0 if "
+                                   "all are valid, 1 otherwise.")
     p.add_argument("files", nargs="+", metavar="FILE", help="a packet file, or - for stdin")
+    p.add_argument("--strict", action="store_true",
+                   help="fail a packet with non-zero padding or trailing bytes (writers must pad with zeros)")
     p.set_defaults(func=_cmd_verify, parser_for_errors=p)
 
     p = sub.add_parser("convert", help="convert between protocols 3 and 4, .npy, .npz and .safetensors",

@@ -31,6 +31,7 @@
 //!   caller into [`Slot`]s; [`skeleton`]: everything but the bodies, for writers that stream bodies from elsewhere;
 //! * [`frame()`]: incremental stream framing;
 //! * [`packet_info`]: header inspection;
+//! * [`check_padding`]: non-zero padding and the packet's end, for validators;
 //! * [`quant`]: quantization arithmetic; `lz4` and `hash` (features `lz4`, `xxh3`; [`hash::Xxh3Fn`] plugs in a faster
 //!   XXH3).
 //!
@@ -64,6 +65,7 @@ pub mod header;
 pub mod info;
 #[cfg(feature = "lz4")]
 pub mod lz4;
+pub mod padding;
 pub mod quant;
 pub mod sparse;
 
@@ -81,3 +83,4 @@ pub use error::FormatError;
 pub use frame::{frame, Frame};
 pub use header::{parse_header, Header};
 pub use info::{packet_info, PacketInfo, PacketKind};
+pub use padding::{check_padding, NonZeroPadding, PaddingKind, PaddingReport, PathStep};

@@ -407,3 +407,55 @@ fn corpus_truncations_are_clean_errors() {
         }
     }
 }
+
+/// `check_padding` against the decoder itself: every fixture is canonical, and in every small fixture, a byte is
+/// reported as non-zero padding after it is changed exactly when the decoder ignores it (the packet decodes to the
+/// same value as before the change).
+#[test]
+fn corpus_padding_is_canonical_and_exactly_the_ignored_bytes() {
+    let opts = DecodeOptions::default();
+    let mut checked = 0;
+    for c in cases() {
+        let report = check_padding(&c.bytes, &opts).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert!(
+            report.nonzero.is_empty(),
+            "{}: {:?}",
+            c.name,
+            report.nonzero
+        );
+        let compressed = c.json["options"]["compress"].as_bool().unwrap();
+        assert!(
+            report.end == Some(c.bytes.len()) || (compressed && report.end.is_none()),
+            "{}: end {:?} of {}",
+            c.name,
+            report.end,
+            c.bytes.len()
+        );
+        if c.bytes.len() > 2048 {
+            continue;
+        }
+        let value = decode(&c.bytes).unwrap();
+        let mut bytes = c.bytes.clone();
+        for at in 0..bytes.len() {
+            let old = bytes[at];
+            bytes[at] = if old == 0 { 0x5a } else { 0 };
+            let ignored = decode(&bytes).is_ok_and(|v| v == value);
+            let reported = check_padding(&bytes, &opts).is_ok_and(|r| {
+                r.nonzero
+                    .iter()
+                    .any(|n| n.first_nonzero == at && n.nonzero == 1)
+            });
+            // A byte that was zero and is reported now was padding; a non-zero byte set to zero never is.
+            assert_eq!(
+                ignored,
+                reported && old == 0,
+                "{} ({:?}): byte {at} (was {old:#x}): ignored by the decoder {ignored}, reported {reported}",
+                c.name,
+                c.version
+            );
+            bytes[at] = old;
+            checked += 1;
+        }
+    }
+    assert!(checked > 10_000, "only {checked} byte positions checked");
+}

@@ -16,10 +16,19 @@
 //!              per idle period while blocks are retained, and waits without a timeout while none are)
 //! ```
 //!
+//! Fork: a child of `fork(2)` has only the forking thread, so a lock that another thread (the trimmer, or a thread
+//! leasing or giving back a block) held at that instant would stay locked in the child forever, and its first large
+//! allocation would hang. The cache therefore registers `fork` handlers (through `tenso_shm::lock::register_at_fork`,
+//! the mechanism that also resets the shm crate's pid cache): the forking thread takes the cache lock just before
+//! the fork (no holder waits on anything while holding it, so this only waits out a short critical section) and
+//! releases it just after, in the parent and in the child; the child also forgets the parent's trimmer thread, so
+//! its first give-back starts its own. The child keeps the retained blocks (its copies of the parent's pages).
+//!
 //! Blocks are anonymous private mappings (page-aligned, so 64-byte alignment holds), advised for transparent huge pages
 //! from 4 MiB as NumPy's allocator does. `tenso.config.set_buffer_cache` and `buffer_cache_stats` reach the settings
 //! and counters through `_buffer_cache_configure` / `_buffer_cache_stats` / `_buffer_cache_clear`.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -122,9 +131,17 @@ fn env_setting<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
 
+static CACHE: OnceLock<Cache> = OnceLock::new();
+
 fn cache() -> &'static Cache {
-    static CACHE: OnceLock<Cache> = OnceLock::new();
     CACHE.get_or_init(|| {
+        // Once per process (a child inherits the registration); the handlers only act once the cache exists.
+        let registered = tenso_shm::lock::register_at_fork(
+            Some(before_fork),
+            Some(after_fork_in_parent),
+            Some(after_fork_in_child),
+        );
+        debug_assert!(registered, "pthread_atfork failed");
         let max_bytes =
             env_setting::<usize>("TENSO_BUFFER_CACHE_BYTES").unwrap_or(DEFAULT_MAX_BYTES);
         let idle = env_setting::<f64>("TENSO_BUFFER_CACHE_IDLE_S")
@@ -146,6 +163,21 @@ fn cache() -> &'static Cache {
             wake: Condvar::new(),
         }
     })
+}
+
+impl State {
+    /// Moves the oldest retained blocks into `evicted` (to be unmapped outside the lock) until at most `limit`
+    /// bytes stay retained.
+    fn evict_down_to(&mut self, limit: usize, evicted: &mut Vec<Block>) {
+        while self.retained > limit {
+            let old = self
+                .free
+                .pop_front()
+                .expect("retained > 0 means a block is retained");
+            self.retained -= old.len;
+            evicted.push(old);
+        }
+    }
 }
 
 impl Cache {
@@ -179,14 +211,8 @@ impl Cache {
             if block.len > st.max_bytes {
                 evicted.push(block);
             } else {
-                while st.retained + block.len > st.max_bytes {
-                    let old = st
-                        .free
-                        .pop_front()
-                        .expect("retained > 0 means a block is retained");
-                    st.retained -= old.len;
-                    evicted.push(old);
-                }
+                let room = st.max_bytes - block.len;
+                st.evict_down_to(room, &mut evicted);
                 st.retained += block.len;
                 st.free.push_back(block);
                 let pid = std::process::id();
@@ -241,6 +267,34 @@ impl Cache {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+thread_local! {
+    /// The cache lock, held by the forking thread from [`before_fork`] to the matching `after_fork_*` handler.
+    static HELD_OVER_FORK: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
+}
+
+/// `fork` prepare handler: takes the cache lock, so that no other thread holds it at the instant of the fork.
+extern "C" fn before_fork() {
+    if let Some(cache) = CACHE.get() {
+        let guard = cache.lock();
+        HELD_OVER_FORK.with(|held| *held.borrow_mut() = Some(guard));
+    }
+}
+
+/// `fork` parent handler: releases the lock [`before_fork`] took.
+extern "C" fn after_fork_in_parent() {
+    drop(HELD_OVER_FORK.with(|held| held.borrow_mut().take()));
+}
+
+/// `fork` child handler: the child's only thread is the forking one, which holds the lock: forget the parent's
+/// trimmer (it does not exist here), then release the lock. Only stores and an unlock (an atomic swap, and a futex
+/// wake nobody waits for): safe in a child of a multi-threaded process.
+extern "C" fn after_fork_in_child() {
+    if let Some(mut guard) = HELD_OVER_FORK.with(|held| held.borrow_mut().take()) {
+        guard.trimmer_pid = 0;
+        guard.trimmer_parked = false;
     }
 }
 
@@ -325,14 +379,7 @@ fn _buffer_cache_configure(max_bytes: Option<usize>, idle_seconds: Option<f64>) 
         let mut st = cache.lock();
         if let Some(m) = max_bytes {
             st.max_bytes = m;
-            while st.retained > st.max_bytes {
-                let old = st
-                    .free
-                    .pop_front()
-                    .expect("retained > 0 means a block is retained");
-                st.retained -= old.len;
-                evicted.push(old);
-            }
+            st.evict_down_to(m, &mut evicted);
         }
         if let Some(s) = idle_seconds {
             st.idle = Duration::from_secs_f64(s);
@@ -348,16 +395,28 @@ fn _buffer_cache_configure(max_bytes: Option<usize>, idle_seconds: Option<f64>) 
 /// idle_trims.
 #[pyfunction]
 fn _buffer_cache_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    // Read under the lock, published after it: the lock is never held across a call into Python.
+    let (max_bytes, idle, retained, blocks, hits, misses, idle_trims) = {
+        let st = cache().lock();
+        (
+            st.max_bytes,
+            st.idle,
+            st.retained,
+            st.free.len(),
+            st.hits,
+            st.misses,
+            st.idle_trims,
+        )
+    };
     let d = PyDict::new(py);
-    let st = cache().lock();
-    d.set_item("max_bytes", st.max_bytes)?;
-    d.set_item("idle_seconds", st.idle.as_secs_f64())?;
+    d.set_item("max_bytes", max_bytes)?;
+    d.set_item("idle_seconds", idle.as_secs_f64())?;
     d.set_item("min_block", MIN_BLOCK)?;
-    d.set_item("retained_bytes", st.retained)?;
-    d.set_item("retained_blocks", st.free.len())?;
-    d.set_item("hits", st.hits)?;
-    d.set_item("misses", st.misses)?;
-    d.set_item("idle_trims", st.idle_trims)?;
+    d.set_item("retained_bytes", retained)?;
+    d.set_item("retained_blocks", blocks)?;
+    d.set_item("hits", hits)?;
+    d.set_item("misses", misses)?;
+    d.set_item("idle_trims", idle_trims)?;
     Ok(d)
 }
 

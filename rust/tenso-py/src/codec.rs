@@ -24,6 +24,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_loads, m)?)?;
     m.add_function(wrap_pyfunction!(_dump_parts, m)?)?;
     m.add_function(wrap_pyfunction!(_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(_padding_report, m)?)?;
     m.add_function(wrap_pyfunction!(_alloc, m)?)?;
     m.add_function(wrap_pyfunction!(_xxh3_64, m)?)?;
     m.add_function(wrap_pyfunction!(_xxh3_64_chunked, m)?)?;
@@ -361,6 +362,40 @@ fn _frame(buf: &Bound<'_, PyAny>, have: usize) -> PyResult<usize> {
         Frame::Need(n) => Ok(n),
         Frame::Complete(n) => Ok(n),
     }
+}
+
+/// Validates the packet at the start of `buf` and reports what a canonical writer would have written differently
+/// in bytes readers ignore (`tenso verify --strict`): `{"end": int | None, "nonzero": [{"path": [str | int, ...],
+/// "kind": str, "offset": int, "length": int, "first_nonzero": int, "nonzero_bytes": int}, ...]}`. `end` is where
+/// the packet ends (None for a top-level compressed packet); `path` holds bundle keys and sparse component indices.
+#[pyfunction]
+fn _padding_report<'py>(py: Python<'py>, buf: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let source = Source::new(buf)?;
+    let report =
+        tenso_format::check_padding(source.bytes(), &tenso_format::DecodeOptions::default())
+            .map_err(decode_error)?;
+    let regions = PyList::empty(py);
+    for r in &report.nonzero {
+        let path = PyList::empty(py);
+        for step in &r.path {
+            match step {
+                tenso_format::PathStep::Entry(key) => path.append(key)?,
+                tenso_format::PathStep::Component(i) => path.append(i)?,
+            }
+        }
+        let d = PyDict::new(py);
+        d.set_item("path", path)?;
+        d.set_item("kind", r.kind.name())?;
+        d.set_item("offset", r.offset)?;
+        d.set_item("length", r.len)?;
+        d.set_item("first_nonzero", r.first_nonzero)?;
+        d.set_item("nonzero_bytes", r.nonzero)?;
+        regions.append(d)?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("end", report.end)?;
+    out.set_item("nonzero", regions)?;
+    Ok(out)
 }
 
 /// A fresh writeable uint8 array of `n` bytes, 64-byte aligned.

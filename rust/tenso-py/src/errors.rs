@@ -14,7 +14,7 @@
 //! FormatError::TooManyElements  TensoFormatError     "Packet exceeds maximum elements: ..."
 //! FormatError::DimTooLarge      ValueError (encode)  "Dimension ... does not fit in a 32-bit shape field ..."
 //! ShmError::Io                  OSError subclass by errno (FileNotFoundError, FileExistsError, PermissionError, ...)
-//! ShmError::Full                TensoCacheFullError  (a MemoryError)
+//! ShmError::{Full, NoReferenceSlot} TensoCacheFullError  (a MemoryError)
 //! ShmError::BadPool             TensoFormatError     "Invalid TensoCache magic: ..." / "Invalid TensoCache layout: ..."
 //! ShmError::{BadName, TooSmall, KeyTooLong, BadLease} and others: ValueError (a bad argument, not bad bytes)
 //! a missing optional module       ImportError naming the extra that installs it, the import error as __cause__
@@ -82,7 +82,9 @@ pub(crate) fn shm_error(err: ShmError) -> PyErr {
                 }
             })
         }
-        ShmError::Full { .. } => TensoCacheFullError::new_err(err.to_string()),
+        ShmError::Full { .. } | ShmError::NoReferenceSlot => {
+            TensoCacheFullError::new_err(err.to_string())
+        }
         ShmError::BadPool { reason } => {
             // 0.19.4 and 0.24.0 check the magic first and say "Invalid TensoCache magic"; a segment too small to
             // hold a pool header has no magic either.

@@ -624,16 +624,31 @@ fn ttl_ns(ttl: Option<f64>) -> PyResult<u64> {
     }
 }
 
+/// A lease handle as Python sees it: `(slot, stamp, offset, len, reference, tag)`.
+type LeaseTuple = (u32, u64, u64, u64, u32, u64);
+
 fn lease_tuple<'py>(py: Python<'py>, h: &LeaseHandle) -> PyResult<Bound<'py, PyTuple>> {
-    PyTuple::new(py, [u64::from(h.slot), h.stamp, h.offset, h.len])
+    PyTuple::new(
+        py,
+        [
+            u64::from(h.slot),
+            h.stamp,
+            h.offset,
+            h.len,
+            u64::from(h.reference),
+            h.tag,
+        ],
+    )
 }
 
-fn lease_handle(t: (u32, u64, u64, u64)) -> LeaseHandle {
+fn lease_handle(t: LeaseTuple) -> LeaseHandle {
     LeaseHandle {
         slot: t.0,
         stamp: t.1,
         offset: t.2,
         len: t.3,
+        reference: t.4,
+        tag: t.5,
     }
 }
 
@@ -856,9 +871,10 @@ impl PyPool {
             .map_err(PyRuntimeError::new_err)
     }
 
-    /// Leases `n` bytes of recycled, pre-faulted pool memory: returns `(handle, memoryview)`. The lease is this
-    /// process's until `_release(handle)` (from any process) or `_adopt(handle)` by another; it is freed if the
-    /// owning process dies.
+    /// Leases `n` bytes of recycled, pre-faulted pool memory: returns `(handle, memoryview)`, the view writeable
+    /// for this process to fill the block before it hands the handle on. The block has one reference, this
+    /// process's, until `_adopt(handle)` by another or `_release(handle)`; it is freed with its last reference (and
+    /// a dead process's references are cleared).
     fn _lease<'py>(
         &self,
         py: Python<'py>,
@@ -869,35 +885,63 @@ impl PyPool {
         let lease = pool.lease(n).map_err(shm_error)?;
         let range = lease.range();
         let handle = lease.into_handle();
-        // SAFETY: the lease holder (this process, until it hands the lease over) is the block's only writer.
+        // SAFETY: the block was just made with a single reference, this process's, and its handle is not out yet:
+        // this process is its only writer until it hands the handle on (and, by contract, stops writing then).
         let view = unsafe { PyMapping::view_mut(&mapping, range)? };
         Ok((lease_tuple(py, &handle)?, PyMemoryView::from(&view)?))
     }
 
-    /// Takes over a lease made by another process; returns its memory.
+    /// A new reference to the block of `handle` (a reference this process holds), held by this process until
+    /// another adopts it: how a holder hands the block on without copying it.
+    fn _share<'py>(&self, py: Python<'py>, handle: LeaseTuple) -> PyResult<Bound<'py, PyTuple>> {
+        let mapping = self.handle.get(py)?;
+        let shared = mapping
+            .get()
+            .pool()
+            .share(lease_handle(handle))
+            .map_err(shm_error)?;
+        lease_tuple(py, &shared)
+    }
+
+    /// Takes over the reference `handle` names (made by another process); returns the block's memory: writeable
+    /// when `writeable` and this is the block's only reference (a batch handed over once), read-only otherwise
+    /// (published bytes that other holders may be reading are never written).
+    #[pyo3(signature = (handle, writeable=true))]
     fn _adopt<'py>(
         &self,
         py: Python<'py>,
-        handle: (u32, u64, u64, u64),
+        handle: LeaseTuple,
+        writeable: bool,
     ) -> PyResult<Bound<'py, PyMemoryView>> {
         let mapping = self.handle.get(py)?;
         let pool = mapping.get().pool();
         let lease = pool.adopt(lease_handle(handle)).map_err(shm_error)?;
         let range = lease.range();
-        let _ = lease.into_handle();
-        // SAFETY: as in `_lease`: the adopted lease is now this process's.
-        let view = unsafe { PyMapping::view_mut(&mapping, range)? };
+        let handle = lease.into_handle();
+        let view = if writeable && pool.references(&handle) == 1 {
+            // SAFETY: this process holds the block's only reference, and nobody else can make one (sharing needs a
+            // reference): it is the block's only reader and writer.
+            unsafe { PyMapping::view_mut(&mapping, range)? }
+        } else {
+            PyMapping::view(&mapping, range)?
+        };
         PyMemoryView::from(&view)
     }
 
-    /// Frees a lease.
-    fn _release(&self, py: Python<'_>, handle: (u32, u64, u64, u64)) -> PyResult<()> {
+    /// Drops the reference `handle` names (this process must hold it); the last reference frees the block.
+    fn _release(&self, py: Python<'_>, handle: LeaseTuple) -> PyResult<()> {
         let mapping = self.handle.get(py)?;
         mapping
             .get()
             .pool()
             .release(lease_handle(handle))
             .map_err(shm_error)
+    }
+
+    /// How many references the block of `handle` has (0 once it is freed).
+    fn _references(&self, py: Python<'_>, handle: LeaseTuple) -> PyResult<u32> {
+        let mapping = self.handle.get(py)?;
+        Ok(mapping.get().pool().references(&lease_handle(handle)))
     }
 
     /// Page-locks the whole mapping for CUDA (in device `device_id`'s primary context, portable to every context),

@@ -56,6 +56,8 @@ pub enum ShmError {
     BadLease,
     /// The lease is held by another process (it adopted it): only its holder may free it.
     LeaseHeldElsewhere,
+    /// The pool's pin table, which also holds the references to leases, has no free slot.
+    NoReferenceSlot,
 }
 
 impl ShmError {
@@ -93,6 +95,10 @@ impl fmt::Display for ShmError {
             ShmError::LeaseHeldElsewhere => write!(
                 f,
                 "this lease is held by another process (it was adopted); only its holder may release it"
+            ),
+            ShmError::NoReferenceSlot => write!(
+                f,
+                "the tenso cache pool's pin table is full: no room for another reference to a lease"
             ),
         }
     }

@@ -51,6 +51,25 @@ unsafe extern "C" {
     ) -> std::ffi::c_int;
 }
 
+/// A `fork` handler: a plain function the C library calls around every `fork(2)` it performs.
+pub type ForkHandler = Option<extern "C" fn()>;
+
+/// Registers `fork` handlers with the C library (`pthread_atfork`): `prepare` runs in the forking thread just before
+/// the fork, `parent` and `child` just after it, in each process. Every `fork` that goes through the C library runs
+/// them (Python's `os.fork`, `multiprocessing`); a child inherits the registration. Registering twice runs the
+/// handlers twice, so callers register once per process (a `Once`). The `child` handler runs in a process with one
+/// thread, whose memory is a copy of the parent's: it must only do what is safe there (atomics, unlocking a lock
+/// that `prepare` took). Returns false if the C library refused (out of memory), or under Miri (no `fork` there).
+pub fn register_at_fork(prepare: ForkHandler, parent: ForkHandler, child: ForkHandler) -> bool {
+    if cfg!(miri) {
+        return false;
+    }
+    // SAFETY: the handlers are plain `extern "C"` functions without arguments, as pthread_atfork expects; what each
+    // does around a fork is the registering caller's contract (documented above). Registering has no other
+    // precondition.
+    unsafe { pthread_atfork(prepare, parent, child) == 0 }
+}
+
 extern "C" fn forget_pid_in_child() {
     forget_pid();
 }
@@ -72,10 +91,9 @@ pub fn current_pid() -> u32 {
         return pid; // Miri has no pthread_atfork (and never forks): no cache
     }
     AT_FORK.call_once(|| {
-        // SAFETY: the handler is a plain `extern "C"` function that only stores to an atomic, which is
-        // async-signal-safe as a fork child handler must be; registering has no other precondition.
-        let rc = unsafe { pthread_atfork(None, None, Some(forget_pid_in_child)) };
-        debug_assert_eq!(rc, 0, "pthread_atfork failed");
+        // The handler only stores to an atomic, which is async-signal-safe as a fork child handler must be.
+        let ok = register_at_fork(None, None, Some(forget_pid_in_child));
+        debug_assert!(ok, "pthread_atfork failed");
     });
     if AT_FORK.is_completed() {
         PID.store(pid, Ordering::Relaxed);

@@ -9,8 +9,9 @@ use crate::error::ShmError;
 
 /// First word of a pool segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TNSOPOOL");
-/// Layout version of this module (2: pending owners in the entries, the pin table, the eviction counter).
-pub const VERSION: u64 = 2;
+/// Layout version of this module (2: pending owners in the entries, the pin table, the eviction counter; 3: a lease
+/// lives as long as its references, which are slots of the pin table).
+pub const VERSION: u64 = 3;
 /// Size of the header.
 pub const HEADER_SIZE: u64 = 4096;
 /// Size of one index entry.
@@ -36,6 +37,7 @@ pub const MIN_PIN_SLOTS: u64 = 64;
 pub(super) const FREE: u32 = 0;
 pub(super) const RESERVED: u32 = 1;
 pub(super) const READY: u32 = 2;
+/// A lease: a block outside the keys, freed when its last reference (a pin slot naming it) goes.
 pub(super) const LEASED: u32 = 3;
 /// Removed from the index (deleted, replaced, expired) while pinned: the block stays until the last pin goes.
 pub(super) const RETIRED: u32 = 4;
@@ -89,7 +91,8 @@ pub(super) struct Entry {
     /// The process writing (reserved, or rewritten in place) or leasing this entry; 0 once settled.
     pub(super) owner: AtomicU32,
     pub(super) next: AtomicU32,
-    /// Pin slots naming this entry at its current stamp (live or not yet cleared), under the lock.
+    /// Pin slots naming this entry at its current stamp (live or not yet cleared), under the lock: the pins of a
+    /// READY or RETIRED entry, the references of a LEASED one.
     pub(super) pins: AtomicU32,
     _pad32: AtomicU32,
     _pad: [AtomicU64; 5],
@@ -98,14 +101,16 @@ pub(super) struct Entry {
 
 const _: () = assert!(std::mem::size_of::<Entry>() == ENTRY_SIZE as usize);
 
-/// One pin: `count` views of entry `slot` at generation `stamp` held by process `pid` (0 = free slot).
+/// One pin: `count` views of entry `slot` at generation `stamp` held by process `pid` (0 = free slot). A reference
+/// to a lease is a pin slot with `count` 1 and a `tag` of its own (unique in the pool's life), so that a handle names
+/// one reference and a late adoption cannot take a newer reference that reuses the slot.
 #[repr(C)]
 pub(super) struct PinSlot {
     pub(super) pid: AtomicU32,
     pub(super) slot: AtomicU32,
     pub(super) stamp: AtomicU64,
     pub(super) count: AtomicU64,
-    _pad: AtomicU64,
+    pub(super) tag: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<PinSlot>() == PIN_SLOT_SIZE as usize);

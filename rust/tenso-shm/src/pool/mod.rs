@@ -16,7 +16,7 @@
 //! ```
 //!
 //! The code is split by concern: `layout` (the bytes above), `read` (lock-free lookups and the checked read
-//! API), `write` (reservations, leases and the other key changes), `index` (the locked structure changes: chains,
+//! API), `write` (reservations and the other key changes), `lease` (leases and their references), `index` (the locked structure changes: chains,
 //! slots, blocks), `evict` (the eviction policy, reaping and expiry), `pin` (the pin table) and `recover` (rebuilding
 //! after a dead lock holder, and the invariant check).
 //!
@@ -56,6 +56,7 @@ use crate::segment::Segment;
 mod evict;
 mod index;
 mod layout;
+mod lease;
 mod pin;
 mod read;
 mod recover;
@@ -69,9 +70,10 @@ pub use layout::{
     BLOCK_ALIGN, BYTES_PER_ENTRY, ENTRY_SIZE, HEADER_SIZE, MAGIC, MAX_ENTRIES, MAX_KEY_LEN,
     MAX_PIN_SLOTS, MIN_ENTRIES, MIN_PIN_SLOTS, PIN_SLOT_SIZE, VERSION,
 };
+pub use lease::{Lease, LeaseHandle};
 pub use pin::{Pin, Pinned};
 pub use read::{Batched, Hit, Packet, Park, Probe, Spin};
-pub use write::{Lease, LeaseHandle, Reservation};
+pub use write::Reservation;
 
 use layout::{entries_for, pin_slots_for, Layout};
 use std::sync::atomic::Ordering;

@@ -1,4 +1,5 @@
-//! The pin table: which processes hold zero-copy views of which entries.
+//! The pin table: which processes hold zero-copy views of which entries (and which hold references to which leases:
+//! see `lease`).
 //!
 //! A pin slot records `count` views of entry `slot` at generation `stamp` held by process `pid`. Slots are only
 //! read and written under the lock. Each entry counts the slots that name it at its current stamp (`Entry::pins`),
@@ -8,7 +9,7 @@
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
-use super::layout::{READY, RETIRED};
+use super::layout::{LEASED, READY, RETIRED};
 use super::read::Hit;
 use super::{Locked, Pool};
 use crate::lock::{current_pid, process_alive};
@@ -184,7 +185,7 @@ impl Locked<'_> {
         Pinning::Full
     }
 
-    /// Empties a pin slot; frees its entry if that was a retired entry's last pin.
+    /// Empties a pin slot; frees its entry if that was a retired entry's last pin or a lease's last reference.
     pub(super) fn release_pin_slot(&mut self, index: u32) {
         let p = self.pool.pin_slot(index);
         let (slot, stamp) = (
@@ -195,6 +196,7 @@ impl Locked<'_> {
         p.count.store(0, Ordering::Relaxed);
         p.slot.store(0, Ordering::Relaxed);
         p.stamp.store(0, Ordering::Relaxed);
+        p.tag.store(0, Ordering::Relaxed);
         let h = self.h();
         h.pins_used.store(
             h.pins_used.load(Ordering::Relaxed).saturating_sub(1),
@@ -205,12 +207,13 @@ impl Locked<'_> {
         }
         let e = self.pool.entry(slot);
         let state = e.state.load(Ordering::Relaxed);
-        if !matches!(state, READY | RETIRED) || e.stamp.load(Ordering::Relaxed) != stamp {
+        if !matches!(state, READY | RETIRED | LEASED) || e.stamp.load(Ordering::Relaxed) != stamp {
             return; // a stale pin: the entry it named is gone
         }
         let pins = e.pins.load(Ordering::Relaxed).saturating_sub(1);
         e.pins.store(pins, Ordering::Relaxed);
-        if pins == 0 && state == RETIRED {
+        // A retired entry's last pin, or a lease's last reference: nobody can read the block any more.
+        if pins == 0 && matches!(state, RETIRED | LEASED) {
             self.free_entry(slot);
         }
     }
@@ -240,14 +243,18 @@ impl Locked<'_> {
         }
     }
 
-    /// Entries pinned by live processes (clears dead pins first).
+    /// Entries pinned by live processes (clears dead pins first); leases, whose references are pin slots too, are
+    /// not counted.
     pub(super) fn pinned_entries(&mut self) -> u64 {
         self.clear_dead_pins();
         if self.h().pins_used.load(Ordering::Relaxed) == 0 {
             return 0;
         }
         (0..self.pool.layout.max_entries as u32)
-            .filter(|&s| self.pool.entry(s).pins.load(Ordering::Relaxed) > 0)
+            .filter(|&s| {
+                let e = self.pool.entry(s);
+                e.pins.load(Ordering::Relaxed) > 0 && e.state.load(Ordering::Relaxed) != LEASED
+            })
             .count() as u64
     }
 }

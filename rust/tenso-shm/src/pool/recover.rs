@@ -58,7 +58,7 @@ impl Locked<'_> {
             let live = *alive.entry(pid).or_insert_with(|| process_alive(pid));
             let names = u64::from(slot) < lay.max_entries && {
                 let e = pool.entry(slot);
-                matches!(e.state.load(Ordering::Relaxed), READY | RETIRED)
+                matches!(e.state.load(Ordering::Relaxed), READY | RETIRED | LEASED)
                     && e.stamp.load(Ordering::Relaxed) == p.stamp.load(Ordering::Relaxed)
             };
             if live && names && p.count.load(Ordering::Relaxed) > 0 {
@@ -99,6 +99,8 @@ impl Locked<'_> {
                     // Odd and READY: an in-place write, fine while its writer lives.
                     READY => !odd || live_owner,
                     RETIRED => !odd && pins[slot as usize] > 0,
+                    // A lease lives as long as a live process references it.
+                    LEASED => !odd && pins[slot as usize] > 0,
                     _ => !odd && live_owner,
                 };
             if !keep {
@@ -172,7 +174,7 @@ impl Locked<'_> {
                 ttl += 1;
             }
             e.pins.store(
-                if matches!(state, READY | RETIRED) {
+                if matches!(state, READY | RETIRED | LEASED) {
                     pins[slot as usize]
                 } else {
                     0
@@ -194,7 +196,7 @@ impl Locked<'_> {
                 continue;
             }
             let e = pool.entry(p.slot.load(Ordering::Relaxed));
-            if matches!(e.state.load(Ordering::Relaxed), READY | RETIRED)
+            if matches!(e.state.load(Ordering::Relaxed), READY | RETIRED | LEASED)
                 && e.stamp.load(Ordering::Relaxed) == p.stamp.load(Ordering::Relaxed)
             {
                 pins_used += 1;
@@ -263,6 +265,12 @@ impl Locked<'_> {
             if state == RETIRED && e.pins.load(Ordering::Relaxed) == 0 {
                 return Err(format!("RETIRED entry {slot} has no pins"));
             }
+            if state == LEASED
+                && e.pins.load(Ordering::Relaxed) == 0
+                && e.owner.load(Ordering::Relaxed) == 0
+            {
+                return Err(format!("LEASED entry {slot} has no references"));
+            }
         }
         if sum != used {
             return Err(format!("entries hold {sum} bytes, header says {used}"));
@@ -299,7 +307,7 @@ impl Locked<'_> {
                 return Err(format!("pin slot {i} names entry {slot}, out of range"));
             }
             let e = pool.entry(slot);
-            if matches!(e.state.load(Ordering::Relaxed), READY | RETIRED)
+            if matches!(e.state.load(Ordering::Relaxed), READY | RETIRED | LEASED)
                 && e.stamp.load(Ordering::Relaxed) == p.stamp.load(Ordering::Relaxed)
             {
                 counts[slot as usize] += 1;

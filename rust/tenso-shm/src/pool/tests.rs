@@ -153,24 +153,158 @@ fn leases() {
     assert_eq!(lease.range().start % 64, 0);
     let handle = lease.into_handle();
     assert_eq!(p.0.stats().used_bytes, 1024);
+    assert_eq!(p.0.references(&handle), 1);
     // Another handle on the same pool, as another process would open it (Miri cannot open by name).
     let other = (!cfg!(miri)).then(|| Pool::open(p.0.name()).unwrap());
     let adopted = other.as_ref().unwrap_or(&p.0).adopt(handle).unwrap();
     // Only the holder may free it: after an adoption by another process, the lender's release is refused.
-    p.0.entry(handle.slot)
-        .owner
+    p.0.pin_slot(handle.reference)
+        .pid
         .store(current_pid() + 1, Ordering::Relaxed);
     assert!(matches!(
         p.0.release(handle),
         Err(ShmError::LeaseHeldElsewhere)
     ));
-    p.0.entry(handle.slot)
-        .owner
+    p.0.pin_slot(handle.reference)
+        .pid
         .store(current_pid(), Ordering::Relaxed);
     drop(adopted);
     assert_eq!(p.0.stats().used_bytes, 0);
     assert!(matches!(p.0.release(handle), Err(ShmError::BadLease)));
+    assert_eq!(p.0.references(&handle), 0);
     p.0.check().unwrap();
+}
+
+#[test]
+fn a_shared_lease_lives_until_its_last_reference() {
+    let p = tmp_pool("lease-share", 1 << 20);
+    let first = p.0.lease(100).unwrap().into_handle();
+    // Handed on twice by reference: three references to one block, one copy of the bytes.
+    let second = p.0.share(first).unwrap();
+    let third = p.0.share(second).unwrap();
+    assert_eq!(p.0.references(&first), 3);
+    assert_ne!(first.reference, second.reference);
+    assert_ne!(second.tag, third.tag);
+    assert_eq!(p.0.lease_range(&first), p.0.lease_range(&third));
+    assert_eq!(p.0.stats().used_bytes, 128);
+    assert_eq!(
+        p.0.stats().pinned,
+        0,
+        "references to leases are not pinned entries"
+    );
+    p.0.check().unwrap();
+    // The first holder lets go (or gives up on a hand-off): the block stays for the others.
+    p.0.release(first).unwrap();
+    assert!(matches!(p.0.release(first), Err(ShmError::BadLease)));
+    assert!(matches!(p.0.share(first), Err(ShmError::BadLease)));
+    assert_eq!(p.0.references(&second), 2);
+    let adopted = p.0.adopt(third).unwrap();
+    assert_eq!(p.0.stats().used_bytes, 128);
+    drop(adopted);
+    assert_eq!(p.0.stats().used_bytes, 128);
+    p.0.check().unwrap();
+    // The last reference frees it.
+    p.0.release(second).unwrap();
+    assert_eq!(p.0.stats().used_bytes, 0);
+    assert_eq!(p.0.references(&second), 0);
+    p.0.check().unwrap();
+}
+
+#[test]
+fn a_reference_is_taken_over_once() {
+    let p = tmp_pool("lease-once", 1 << 20);
+    let held = p.0.lease(64).unwrap().into_handle();
+    let sent = p.0.share(held).unwrap();
+    // A reused pin slot with another tag is not the reference the handle named.
+    let forged = LeaseHandle {
+        tag: sent.tag + 1000,
+        ..sent
+    };
+    assert!(matches!(p.0.adopt(forged), Err(ShmError::BadLease)));
+    let other_block = LeaseHandle {
+        stamp: sent.stamp + 1,
+        ..sent
+    };
+    assert!(matches!(p.0.adopt(other_block), Err(ShmError::BadLease)));
+    // Only a holder can share: a reference held by another process does not entitle this one.
+    p.0.pin_slot(sent.reference)
+        .pid
+        .store(current_pid() + 1, Ordering::Relaxed);
+    assert!(matches!(p.0.share(sent), Err(ShmError::LeaseHeldElsewhere)));
+    let adopted = p.0.adopt(sent).unwrap().into_handle();
+    p.0.release(adopted).unwrap();
+    p.0.release(held).unwrap();
+    assert_eq!(p.0.stats().used_bytes, 0);
+    p.0.check().unwrap();
+}
+
+#[test]
+fn a_full_reference_table_refuses_a_lease_cleanly() {
+    let p = tmp_pool_with_pins("lease-full", 1 << 20, MIN_PIN_SLOTS);
+    let first = p.0.lease(64).unwrap().into_handle();
+    let mut refs = vec![first];
+    while refs.len() < MIN_PIN_SLOTS as usize {
+        refs.push(p.0.share(first).unwrap());
+    }
+    assert!(matches!(p.0.share(first), Err(ShmError::NoReferenceSlot)));
+    assert!(matches!(p.0.lease(64), Err(ShmError::NoReferenceSlot)));
+    assert_eq!(
+        p.0.stats().used_bytes,
+        64,
+        "the refused lease's block went back"
+    );
+    for r in refs {
+        p.0.release(r).unwrap();
+    }
+    assert_eq!(p.0.stats().used_bytes, 0);
+    p.0.check().unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "spawns a process")]
+fn dead_holders_references_are_swept() {
+    let p = tmp_pool("lease-dead", 1 << 20);
+    let dead = dead_pid();
+    // Block A: held by a live holder and by a dead one. Block B: held by dead processes only.
+    let a = p.0.lease(4096).unwrap().into_handle();
+    let a_dead = p.0.share(a).unwrap();
+    let b = p.0.lease(4096).unwrap().into_handle();
+    let b_dead = p.0.share(b).unwrap();
+    for h in [a_dead, b, b_dead] {
+        p.0.pin_slot(h.reference).pid.store(dead, Ordering::Relaxed);
+    }
+    assert_eq!(p.0.references(&b), 2, "nothing swept yet");
+    // Sweeps clear dead holders' references with dead pins: before an eviction, in recovery, and in `stats`.
+    let _ = p.0.stats();
+    assert_eq!(p.0.references(&b), 0, "only dead processes held B: freed");
+    assert_eq!(p.0.references(&a), 1, "A keeps its live holder");
+    assert_eq!(p.0.stats().used_bytes, 4096);
+    p.0.check().unwrap();
+    p.0.release(a).unwrap();
+    assert_eq!(p.0.stats().used_bytes, 0);
+    p.0.check().unwrap();
+}
+
+#[test]
+#[cfg_attr(miri, ignore = "spawns a process")]
+fn recovery_keeps_leases_with_live_references_only() {
+    let p = tmp_pool("lease-recover", 1 << 20);
+    let dead = dead_pid();
+    let live = p.0.lease(4096).unwrap().into_handle();
+    let gone = p.0.lease(4096).unwrap().into_handle();
+    p.0.pin_slot(gone.reference)
+        .pid
+        .store(dead, Ordering::Relaxed);
+    {
+        let mut l = p.0.lock();
+        l.recover();
+    }
+    p.0.check().unwrap();
+    assert_eq!(p.0.references(&live), 1);
+    assert_eq!(p.0.references(&gone), 0);
+    assert_eq!(p.0.stats().used_bytes, 4096);
+    p.0.release(live).unwrap();
+    assert_eq!(p.0.stats().used_bytes, 0);
 }
 
 #[test]

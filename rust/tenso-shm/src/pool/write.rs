@@ -1,11 +1,11 @@
-//! Writes: reservations and their commit (puts), deletes, `keys`/`clear`, and leases (blocks outside the keys).
+//! Writes: reservations and their commit (puts), deletes, `keys`/`clear`. Leases are in `lease`.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use super::evict::Room;
-use super::index::{Locked, Owner};
-use super::layout::{expired, now_ns, Key, BLOCK_ALIGN, LEASED, READY, RESERVED};
+use super::index::Owner;
+use super::layout::{expired, now_ns, Key, BLOCK_ALIGN, READY, RESERVED};
 use super::Pool;
 use crate::error::ShmError;
 use crate::lock::{self, current_pid};
@@ -148,83 +148,6 @@ impl Pool {
             }
         }
     }
-
-    /// Takes `len` bytes of the data region as a lease: recycled, pre-faulted shared memory for a same-host hand-off
-    /// that is not a cache entry. The lease belongs to this process (it is freed if the process dies) until
-    /// [`Pool::adopt`]ed by another one or released.
-    pub fn lease(&self, len: u64) -> Result<Lease<'_>, ShmError> {
-        let alloc_len = len.max(1).next_multiple_of(BLOCK_ALIGN);
-        let mut l = self.lock();
-        let slot = l.new_entry(
-            &Key::new(b"")?,
-            len,
-            alloc_len,
-            LEASED,
-            current_pid(),
-            Room::EvictLru,
-        )?;
-        let e = self.entry(slot);
-        let handle = LeaseHandle {
-            slot,
-            stamp: e.stamp.load(Ordering::Relaxed),
-            offset: e.offset.load(Ordering::Relaxed),
-            len,
-        };
-        Ok(Lease {
-            pool: self,
-            handle,
-            owned: true,
-        })
-    }
-
-    /// Takes over a lease handed over by another process (it now dies with this one).
-    pub fn adopt(&self, handle: LeaseHandle) -> Result<Lease<'_>, ShmError> {
-        let l = self.lock();
-        l.lease_slot(&handle)?;
-        let e = self.entry(handle.slot);
-        l.drop_ownership(e);
-        l.take_ownership(e, current_pid());
-        Ok(Lease {
-            pool: self,
-            handle,
-            owned: true,
-        })
-    }
-
-    /// Frees a lease by handle. Only the process that holds it may: the one that took it until another adopts
-    /// it, the adopter afterwards ([`ShmError::LeaseHeldElsewhere`] otherwise). A lease whose holder died is freed
-    /// by the pool itself. So a sender that gives up on a hand-off can release its lease exactly when the recipient
-    /// has not adopted it: the pool lock orders the two, and neither side writes into the block to find out.
-    pub fn release(&self, handle: LeaseHandle) -> Result<(), ShmError> {
-        let mut l = self.lock();
-        l.lease_slot(&handle)?;
-        if self.entry(handle.slot).owner.load(Ordering::Relaxed) != current_pid() {
-            return Err(ShmError::LeaseHeldElsewhere);
-        }
-        l.free_entry(handle.slot);
-        Ok(())
-    }
-
-    /// The block of a lease as a range of the mapping (see [`Packet::range`](super::Packet::range)).
-    pub fn lease_range(&self, handle: &LeaseHandle) -> Range<usize> {
-        self.mapping_range(handle.offset, handle.len)
-    }
-}
-
-impl Locked<'_> {
-    fn lease_slot(&self, handle: &LeaseHandle) -> Result<(), ShmError> {
-        if u64::from(handle.slot) >= self.pool.layout.max_entries {
-            return Err(ShmError::BadLease);
-        }
-        let e = self.pool.entry(handle.slot);
-        if e.state.load(Ordering::Relaxed) != LEASED
-            || e.stamp.load(Ordering::Relaxed) != handle.stamp
-            || e.offset.load(Ordering::Relaxed) != handle.offset
-        {
-            return Err(ShmError::BadLease);
-        }
-        Ok(())
-    }
 }
 
 /// Space reserved by [`Pool::reserve`] for one packet.
@@ -343,54 +266,6 @@ impl Drop for Reservation<'_> {
         let mut l = self.pool.lock();
         if self.still_ours() {
             l.free_entry(self.slot);
-        }
-    }
-}
-
-/// Identifies a lease across processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseHandle {
-    /// Entry slot.
-    pub slot: u32,
-    /// The entry's stamp at lease time (tells a reused slot apart).
-    pub stamp: u64,
-    /// Offset in the data region.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-/// A block of pool memory outside the cache's keys ([`Pool::lease`]). Released on drop unless handed off with
-/// [`Lease::into_handle`].
-#[derive(Debug)]
-pub struct Lease<'p> {
-    pool: &'p Pool,
-    handle: LeaseHandle,
-    owned: bool,
-}
-
-impl Lease<'_> {
-    /// The block as a range of the pool's mapping: `len` bytes, 64-byte aligned, writable by the lease holder only.
-    pub fn range(&self) -> Range<usize> {
-        self.pool.lease_range(&self.handle)
-    }
-
-    /// The handle.
-    pub fn handle(&self) -> LeaseHandle {
-        self.handle
-    }
-
-    /// Gives up ownership without freeing: another process [`Pool::adopt`]s or [`Pool::release`]s the handle.
-    pub fn into_handle(mut self) -> LeaseHandle {
-        self.owned = false;
-        self.handle
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        if self.owned {
-            let _ = self.pool.release(self.handle);
         }
     }
 }
