@@ -9,8 +9,9 @@ that cluster:
   ref024     tenso 0.24.0's tenso.ray.register(include_torch=True), from .refvenvs/tenso-0.24.0 (ray + torch installed
              there); its workers run that venv's python (runtime_env py_executable)
   tenso      this package: tenso.ray.register(include_torch=True) + ray.init(runtime_env=tenso.ray.runtime_env(...));
-             torch tensors in the default safe mode (each reader gets its own copy)
-  tenso_zc   the same job switched to torch_zero_copy=True for its torch cells (torch payload only)
+             torch tensors in the default safe mode (private copy-on-write views of the store; the torch_zero_copy
+             mode this script used to compare is deprecated: the safe mode is as fast). bench_ray_cow.py has the
+             issue #17 rows (torch, bfloat16, state dict; Ray's zero-copy flag; memory).
 
 Cells run interleaved: for every repetition and cell, each driver in turn (rotating who goes first) runs one batch.
 Per cell we record medians of driver wall and CPU time per operation:
@@ -143,12 +144,8 @@ def driver(mode: str, address: str) -> None:
     payloads: dict = {}
     print("@@ready", flush=True)
     for line in sys.stdin:
-        name, op, k, zero_copy = line.split()
+        name, op, k = line.split()
         k = int(k)
-        if mode == "tenso":
-            # tenso and tenso_zc share this job (one fewer set of workers): switch the torch mode job-wide.
-            tenso.ray.register(include_torch=True, torch_zero_copy=zero_copy == "1")
-            time.sleep(0.002)
         if name not in payloads:
             payloads.clear()
             payloads[name] = make(name)
@@ -177,10 +174,8 @@ def run_reps(procs: dict, modes: list, reps: int, samples: dict) -> None:
             for op in OPS:
                 order = modes[r % len(modes):] + modes[: r % len(modes)]
                 for mode in order:
-                    if mode == "tenso_zc" and name != "torch_64MiB":
-                        continue
-                    p = procs["tenso" if mode == "tenso_zc" else mode]
-                    p.stdin.write(f"{name} {op} {k} {int(mode == 'tenso_zc')}\n")
+                    p = procs[mode]
+                    p.stdin.write(f"{name} {op} {k}\n")
                     p.stdin.flush()
                     res = json.loads(_reply(p, mode))
                     if "error" in res:
@@ -196,7 +191,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 repetitions")
     ap.add_argument("--driver")
     ap.add_argument("--address")
-    ap.add_argument("--modes", default="default,ray_zc,ref024,tenso,tenso_zc")
+    ap.add_argument("--modes", default="default,ray_zc,ref024,tenso")
     args = ap.parse_args()
     if args.driver:
         driver(args.driver, args.address)
@@ -221,8 +216,6 @@ def main() -> None:
     modes = args.modes.split(",")
     procs = {}
     for mode in modes:
-        if mode == "tenso_zc":
-            continue
         py = REF_PY if mode == "ref024" else MAIN_PY
         if mode == "ref024" and not os.path.exists(REF_PY):
             print("skipping ref024: .refvenvs/tenso-0.24.0 missing", file=sys.stderr)
@@ -236,7 +229,7 @@ def main() -> None:
         )
     for mode, p in procs.items():
         assert _reply(p, mode) == "ready", mode
-    modes = [m for m in modes if m in procs or (m == "tenso_zc" and "tenso" in procs)]
+    modes = [m for m in modes if m in procs]
     samples: dict = {}
     try:
         run_reps(procs, modes, reps, samples)
@@ -274,9 +267,7 @@ def check_targets(by: dict, modes: list) -> list:
             add(f"{payload} {op} wall vs default", payload, op, "wall", 0.95)
     for payload, put_target in (("torch_64MiB", 5), ("bf16_64MiB", 5), ("noncontig_64MiB", 3)):
         add(f"{payload} put vs default", payload, "put_get", "put", put_target)
-        add(f"{payload} get vs default", payload, "put_get", "get", 50, impl="tenso_zc" if "torch" in payload else "tenso")
-        if "torch" in payload:
-            add(f"{payload} get vs default (safe mode)", payload, "put_get", "get", 5)
+        add(f"{payload} get vs default", payload, "put_get", "get", 50 if payload != "torch_64MiB" else 20)
         for op in ("task_in", "task_out"):
             add(f"{payload} {op} wall vs default", payload, op, "wall", 5)
     if "ref024" in modes:

@@ -84,5 +84,53 @@ def hook() -> dict:
         ray.shutdown()
 
 
+def zero_copy_leak() -> dict:
+    """One actor writes to the torch tensor it got with ray.get: what do the driver and the next task read?
+
+    ``TENSO_HELPER_MODE=ray`` with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` in the environment: Ray's own zero-copy
+    mode; ``TENSO_HELPER_MODE=tenso``: tenso.ray's default safe mode.
+    """
+    import os
+
+    import ray
+    import torch
+
+    tenso_mode = os.environ.get("TENSO_HELPER_MODE") == "tenso"
+    env: dict = {"env_vars": {k: v for k, v in os.environ.items() if k == "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"}}
+    if tenso_mode:
+        import tenso.ray
+
+        env = tenso.ray.runtime_env(include_torch=True)
+    ray.init(
+        num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        object_store_memory=100 << 20, runtime_env=env,
+    )
+    try:
+        if tenso_mode:
+            tenso.ray.register(include_torch=True)
+        ref = ray.put(torch.zeros(1 << 18))
+
+        @ray.remote
+        class Reader:
+            def write(self, refs):
+                x = ray.get(refs[0])
+                x[0] = -1
+                return float(x[0])
+
+        @ray.remote
+        def read(refs):
+            return float(ray.get(refs[0])[0])
+
+        reader = Reader.remote()
+        wrote = ray.get(reader.write.remote([ref]))
+        return {"wrote": wrote, "driver": float(ray.get(ref)[0]), "next_task": ray.get(read.remote([ref]))}
+    finally:
+        ray.shutdown()
+
+
 if __name__ == "__main__":
-    print(json.dumps({"lineage": lineage, "hook": hook}[sys.argv[1]]()))
+    import warnings
+
+    warnings.simplefilter("ignore")  # Ray's zero-copy mode warns about non-writable arrays; the outcome is the JSON
+    scenarios = {"lineage": lineage, "hook": hook, "zero_copy_leak": zero_copy_leak}
+    print(json.dumps(scenarios[sys.argv[1]]()))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import tenso
+import tenso.cow
 from tenso import tenso_rs
 from tenso.cache import TensoCache
 from tenso.errors import TensoCacheFullError, TensoError
@@ -495,3 +496,91 @@ def test_lock_holder_dying_mid_change_is_recovered():
         s = assert_invariants(c)
         assert s["recoveries"] == 1
         assert s["entries"] == 11
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Copy-on-write reads (issue #17): get(private=True) and get(device="torch")
+# ---------------------------------------------------------------------------------------------------------------
+def _cow(a) -> bool:
+    """Whether ``a`` is a view of a private copy-on-write mapping (tenso.cow), not a copy nor the pool itself."""
+    while a is not None:
+        if type(a).__name__ == "_PrivateMap":
+            return True
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+    return False
+
+
+def test_private_get_is_a_writeable_view_that_nobody_else_sees(cache):
+    value = np.arange(1 << 18, dtype=np.float32)  # 1 MiB: mapped copy-on-write, not copied
+    cache.put("w", value)
+    assert not cache.get("w").flags.writeable  # the default keeps the seed's read-only views
+    a = cache.get("w", private=True)
+    b = cache.get("w", private=True)
+    assert a.flags.writeable and _cow(a) and _cow(b)
+    a[0] = -1.0
+    assert float(a[0]) == -1.0  # its writer reads its write ...
+    assert float(b[0]) == 0.0 and float(cache.get("w")[0]) == 0.0  # ... nobody else does
+    code = (
+        "import sys\nfrom tenso.cache import TensoCache\n"
+        "c = TensoCache(name=sys.argv[1], create=False)\n"
+        "v = c.get('w', private=True); assert float(v[0]) == 0.0; v[1] = -2.0\n"
+    )
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code, cache.name], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(a[1]) == 1.0 and float(cache.get("w")[1]) == 1.0  # another process's write stayed there
+    np.testing.assert_array_equal(cache.get("w"), value)
+
+
+def test_private_views_pin_their_entry_while_they_live(cache):
+    room = cache.stats["data_region_size"]
+    cache.put("held", np.full(room // 3 // 8, 3.0))
+    view = cache.get("held", private=True)
+    ref = weakref.ref(view.base) if view.base is not None else None
+    for i in range(6):  # puts that need room: the pinned entry is never evicted, nor its block reused
+        try:
+            cache.put(f"other{i}", np.full(room // 3 // 8, float(i)))
+        except TensoCacheFullError:
+            pass
+    assert "held" in cache and bool((view == 3.0).all())
+    assert cache.stats["pinned"] >= 1
+    del view
+    gc.collect()
+    assert ref is None or ref() is None
+    assert cache.stats["pinned"] == 0
+
+
+def test_private_get_of_dicts_small_values_and_missing_keys(cache):
+    cache.put("d", {"big": np.ones(1 << 17, np.float64), "small": np.arange(4)})
+    d = cache.get("d", private=True)
+    # A dict is one bundle entry whose arrays are decoded into NumPy memory: private copies, writeable.
+    assert d["big"].flags.writeable and d["small"].flags.writeable
+    d["big"][0] = 5.0
+    assert float(cache.get("d")["big"][0]) == 1.0
+    assert cache.get("missing", private=True) is None
+
+
+def test_device_torch_reads_through_a_private_view(cache):
+    torch = pytest.importorskip("torch")
+    cache.put("t", torch.arange(1 << 18, dtype=torch.float32))
+    views = tenso.cow.stats()["views"]
+    t = cache.get("t", device="torch")
+    assert tenso.cow.stats()["views"] == views + 1  # a mapping, not a copy
+    t[0] = -1.0
+    assert float(cache.get("t", device="torch")[0]) == 0.0 and float(cache.get("t")[0]) == 0.0
+
+
+def test_private_get_falls_back_to_a_counted_copy(cache, monkeypatch):
+    cache.put("w", np.ones(1 << 18, np.float32))
+    monkeypatch.setattr(tenso.cow, "_warned", False)
+    before = tenso.cow.stats()["copies"]
+    tenso_rs._private_view_routes([])
+    try:
+        with pytest.warns(RuntimeWarning, match="copy-on-write"):
+            a = cache.get("w", private=True)
+    finally:
+        tenso_rs._private_view_routes(None)
+    assert tenso.cow.stats()["copies"] == before + 1 and not _cow(a) and a.flags.writeable
+    a[0] = 0.0
+    assert float(cache.get("w")[0]) == 1.0

@@ -16,6 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
+import tenso.cow  # noqa: E402
 import tenso.ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -132,14 +133,30 @@ def test_numpy_round_trips_everywhere(registered, key):
     ray.kill(holder)
 
 
+def _cow(a) -> bool:
+    """Whether ``a`` is a view of a private copy-on-write mapping (tenso.cow), not a copy nor the store itself."""
+    while a is not None:
+        if type(a).__name__ == "_PrivateMap":
+            return True
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+    return False
+
+
 @pytest.mark.parametrize("key", ["bfloat16", "strided", "fortran", "c_float32"])
 def test_bodies_travel_out_of_band(registered, key):
-    # An in-band (pickled) body would come back as a fresh writeable copy; out of band it is a read-only view of the
-    # object store, for the layouts where Ray's default copies as well.
-    x = _arrays()[key]
+    # An in-band (pickled) body would come back as a fresh copy. Out of band, arrays of builtin dtypes in C or
+    # Fortran order come back as Ray's read-only views of the object store; the layouts Ray's default copies come
+    # back writeable, as copy-on-write views of the store (no copy either).
+    base = np.arange(256 * 256 * 4, dtype=np.float32).reshape(256, 256, 4)  # 1 MiB: mapped, not copied
+    x = {"bfloat16": base.astype(ml_dtypes.bfloat16), "strided": base[:, ::3, 1:], "fortran": np.asfortranarray(base),
+         "c_float32": base}[key]
     got = ray.get(ray.put(x))
-    assert not got.flags.writeable
+    _check_same(got, x)
     assert not got.flags.owndata
+    if key in ("bfloat16", "strided"):
+        assert got.flags.writeable and _cow(got)
+    else:
+        assert not got.flags.writeable and not _cow(got)
 
 
 @pytest.mark.parametrize("step", [2, 4])
@@ -148,10 +165,13 @@ def test_large_strided_views(registered, step):
     # comes back); step 4: too sparse, gathered once into C order.
     base = np.arange(1024 * 1024, dtype=np.float32).reshape(1024, 1024)
     x = base[:, ::step]
-    for got in (ray.get(ray.put(x)), ray.get(_echo.remote(x))):
+    for echo, got in enumerate((ray.get(ray.put(x)), ray.get(_echo.remote(x)))):
         assert np.array_equal(got, x) and got.dtype == x.dtype
-        assert not got.flags.writeable
         assert got.strides == (x.strides if step == 2 else (x.shape[1] * 4, 4))
+        if echo and step == 4:  # the task received it gathered, C-contiguous: it returns Ray's read-only view
+            assert not got.flags.writeable and not _cow(got)
+        else:
+            assert got.flags.writeable and _cow(got)  # as writeable as Ray's copy, without the copy
 
 
 def test_owned_copy_is_private_and_aligned():
@@ -176,9 +196,11 @@ def test_default_ray_copies_bfloat16_in_band(cluster):
 def test_dict_of_arrays_uses_the_array_path(registered):
     d = {f"k{i}": np.full(1024, i, dtype=np.float32) for i in range(20)}
     d["bf"] = np.ones(8, ml_dtypes.bfloat16)
+    d["bf_big"] = np.ones(1 << 17, ml_dtypes.bfloat16)
     got = ray.get(_echo.remote(d))
     assert set(got) == set(d)
-    assert got["bf"].dtype == ml_dtypes.bfloat16 and not got["bf"].flags.writeable
+    assert got["bf"].dtype == ml_dtypes.bfloat16 and got["bf"].flags.writeable  # small: a copy
+    assert _cow(got["bf_big"]) and not got["k3"].flags.writeable  # a view of the store; Ray's read-only view
 
 
 def test_sparse_and_quantized_ride_the_array_path(registered):
@@ -262,17 +284,17 @@ def test_unregister_reaches_workers(registered):
         env = tenso.ray.runtime_env()
         state = ray.get([_worker_state.remote() for _ in range(4)] + [_worker_state.options(runtime_env=env).remote()])
         assert all(s == (False, None) for s in state), state
-        # and a worker-side reduction after unregister already uses Ray's own path
-        got = ray.get(_echo.remote(_arrays()["bfloat16"]))
-        assert got.flags.writeable
+        # and a worker-side reduction after unregister already uses Ray's own path (an in-band copy)
+        got = ray.get(_echo.remote(np.ones(1 << 17, ml_dtypes.bfloat16)))
+        assert got.flags.writeable and not _cow(got)
     finally:
         tenso.ray.register(include_torch=torch is not None)
     # registering again reaches the workers that were switched off, with their next payload
     time.sleep(0.01)
     state = ray.get([_worker_state.remote(np.ones(3)) for _ in range(4)])
     assert all(s == (True, "_reduce_ndarray") for s in state), state
-    got = ray.get(_echo.remote(_arrays()["bfloat16"]))
-    assert not got.flags.writeable  # the worker's return went out of band again
+    got = ray.get(_echo.remote(np.ones(1 << 17, ml_dtypes.bfloat16)))
+    assert _cow(got)  # the worker's return went out of band again
 
 
 def test_register_needs_ray_init(monkeypatch):
@@ -405,12 +427,19 @@ def test_torch_safe_by_default(registered):
 
 
 @needs_torch
-def test_torch_zero_copy_mode_is_explicit(cluster):
-    tenso.ray.register(include_torch=True, torch_zero_copy=True)
+def test_torch_zero_copy_is_deprecated_and_as_safe_as_the_default(cluster):
+    with pytest.warns(DeprecationWarning, match="torch_zero_copy is deprecated"):
+        tenso.ray.register(include_torch=True, torch_zero_copy=True)
+    with pytest.warns(DeprecationWarning, match="torch_zero_copy is deprecated"):
+        env = tenso.ray.runtime_env(include_torch=True, torch_zero_copy=True)
+    assert "torch_zero_copy" not in json.loads(env["env_vars"][tenso.ray.OPTIONS_ENV])
     try:
-        ref = ray.put(torch.zeros(1024))
+        ref = ray.put(torch.zeros(1 << 18))
+        views = tenso.cow.stats()["views"]
         a, b = ray.get(ref), ray.get(ref)
-        assert a.data_ptr() == b.data_ptr()  # both views of the stored object: no copy
+        assert tenso.cow.stats()["views"] == views + 2  # two copy-on-write views, no copy
+        a[0] = 1.0
+        assert float(b[0]) == 0.0 and float(ray.get(ref)[0]) == 0.0  # the flag no longer shares writes
     finally:
         tenso.ray.register(include_torch=True)
 

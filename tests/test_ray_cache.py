@@ -9,6 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+import tenso.cow  # noqa: E402
 import tenso.ray  # noqa: E402
 from tenso.ray_cache import NODE_CACHE_ENV  # noqa: E402
 
@@ -52,19 +53,20 @@ def cache(cluster):
 
 @ray.remote
 def _read(refs, device=None):
-    """What a task sees through the cache: (checksum, first value, read-only, pid, dtype name)."""
+    """What a task sees through the cache: (checksum, a private view, pid, type name)."""
     import tenso.ray as tr
 
     value = tr.cached_get(refs[0], device=device)
     if isinstance(value, dict):
-        return {k: (float(np.asarray(v, dtype=np.float64).sum()), _readonly(v)) for k, v in value.items()}
-    return float(np.asarray(value, dtype=np.float64).sum()), _readonly(value), os.getpid(), type(value).__name__
+        return {k: (float(np.asarray(v, dtype=np.float64).sum()), _private(v)) for k, v in value.items()}
+    return float(np.asarray(value, dtype=np.float64).sum()), _private(value), os.getpid(), type(value).__name__
 
 
-def _readonly(v) -> bool:
+def _private(v) -> bool:
+    """Whether ``v`` is a writeable view (not a copy) over a private mapping (tenso.cow), as the pool hands out."""
     if isinstance(v, np.ndarray):
-        return not v.flags.writeable
-    return True  # torch has no read-only flag: the module docs say such tensors share the pool
+        return bool(v.flags.writeable) and not v.flags.owndata
+    return True  # torch tensors: checked through their values in the tests that write
 
 
 def test_many_tasks_share_one_copy(cache):
@@ -72,14 +74,14 @@ def test_many_tasks_share_one_copy(cache):
     ref = ray.put(weights)
     out = ray.get([_read.remote([ref]) for _ in range(8)])
     assert {o[0] for o in out} == {float(weights.sum(dtype=np.float64))}
-    assert all(o[1] for o in out)  # read-only views
+    assert all(o[1] for o in out)  # private copy-on-write views, not copies
     stats = cache.stats
     assert stats["entries"] == 1  # materialized once on this node
     assert stats["used_bytes"] >= weights.nbytes
     # The driver reads the same pool entry: a zero-copy view over shared memory, equal to the object.
     local = tenso.ray.cached_get(ref)
     np.testing.assert_array_equal(local, weights)
-    assert not local.flags.writeable
+    assert _private(local)
     assert cache.stats["entries"] == 1
 
 
@@ -92,11 +94,16 @@ def test_dict_of_arrays_every_array_zero_copy_and_aligned(cache):
     for k, v in state.items():
         np.testing.assert_array_equal(got[k], v)
         assert got[k].dtype == v.dtype
-        assert not got[k].flags.writeable and not got[k].flags.owndata
-        assert got[k].__array_interface__["data"][0] % 64 == 0  # each array has its own 64-byte-aligned block
+        assert got[k].flags.writeable
+        # Arrays of 64 KiB and more are copy-on-write views of their own 64-byte-aligned block; smaller ones are
+        # copied (a copy of a few pages costs less than a mapping).
+        big = v.nbytes >= tenso.cow.PRIVATE_MIN_BYTES
+        assert got[k].flags.owndata is not big
+        if big:
+            assert got[k].__array_interface__["data"][0] % 64 == 0
     assert cache.stats["entries"] == len(state) + 1  # one entry per array, plus the manifest
     out = ray.get(_read.remote([ref]))
-    assert out["layer3.weight"] == (3.0 * (5000 + 21), True)
+    assert out["layer3.weight"][0] == 3.0 * (5000 + 21) and out["bias"][1]
     assert tenso.ray.uncache(ref)
     assert cache.stats["entries"] == 0
     assert not tenso.ray.uncache(ref)
@@ -199,8 +206,43 @@ def test_torch_tensors_and_state_dicts(cache):
     owned = tenso.ray.cached_get(rt, device="torch", copy=True)
     owned[0] = -1.0
     assert float(tenso.ray.cached_get(rt, device="torch")[0]) == 0.0
+    got[1] = -2.0  # a copy-on-write view: the write stays in this tensor
+    assert float(got[1]) == -2.0 and float(tenso.ray.cached_get(rt, device="torch")[1]) == 1.0
     out = ray.get(_read.remote([rt], "torch"))
     assert out[0] == float(t.double().sum()) and out[3] == "Tensor"
+
+
+@ray.remote
+def _write_through(refs, device=None):
+    """A task that reads an object through the cache, writes to its view, and reports what it saw before and
+    after its own write."""
+    import tenso.ray as tr
+
+    value = tr.cached_get(refs[0], device=device)
+    before = float(value[0])
+    value[0] = -7.0
+    return before, float(value[0])
+
+
+@pytest.mark.parametrize("device", [None, "torch"])
+def test_a_write_through_a_cached_view_reaches_nobody_else(cache, device):
+    if device == "torch" and torch is None:
+        pytest.skip("PyTorch is not installed")
+    original = np.arange(1 << 18, dtype=np.float32) + 1.0  # 1 MiB: a copy-on-write view, not a copy
+    ref = ray.put(original)
+    copies = tenso.cow.stats()["copies"]
+    mine = tenso.ray.cached_get(ref, device=device)
+    mine[0] = 99.0  # the driver writes to its view
+    assert float(mine[0]) == 99.0  # ... and reads its own write
+    # Tasks one after the other: each sees the published bytes, its own write, and never another's.
+    for _ in range(3):
+        assert ray.get(_write_through.remote([ref], device)) == (1.0, -7.0)
+    # Two concurrent readers.
+    assert ray.get([_write_through.remote([ref], device) for _ in range(2)]) == [(1.0, -7.0)] * 2
+    assert float(mine[0]) == 99.0  # the tasks' writes did not reach the driver's view
+    assert float(tenso.ray.cached_get(ref, device=device)[0]) == 1.0  # a new view: the published bytes
+    assert float(ray.get(ref)[0]) == 1.0  # the owner's object
+    assert cache.stats["entries"] == 1 and tenso.cow.stats()["copies"] == copies  # no fallback copy
 
 
 def test_pools_of_dead_sessions_are_swept(cluster):
@@ -375,7 +417,7 @@ def test_two_nodes_each_reads_through_its_own_pool_and_nothing_is_left():
         names = [read[0] for read in r[job]]
         assert len(r[job]) == 2 and len(set(names)) == 2, r  # one pool per node
         assert all(read[1] == 8 << 20 for read in r[job]), r  # runtime_env(node_cache=) sized each, whoever came first
-        assert all(read[2] == expected and read[3] is False for read in r[job]), r
+        assert all(read[2] == expected and read[3] is True for read in r[job]), r  # private views
     assert r["job1_left"] == []  # the job ended: its pools went, on both nodes, though workers created them
     assert len(set(r["job3_names"])) == 2 and sorted(r["job3_names"]) == r["job3_before"]
     assert r["removed_gone"] and len(r["job3_after_remove"]) == 1  # the removed node's pool went with it

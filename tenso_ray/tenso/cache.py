@@ -34,6 +34,9 @@ Guarantees across processes:
   ``pin=True``: a pinned view's entry is never evicted, and its block is not reused
   after a ``delete``, while the view lives (or until its process dies).
 * The views keep the mapping alive: they remain valid memory after ``close()``.
+* ``get(private=True)`` returns writeable copy-on-write views of a pinned entry:
+  the semantics of ``copy=True`` at the cost of a mapping (see :meth:`TensoCache.get`).
+  A pinned entry is never rewritten in place, so those views never change under a reader.
 
 Lifetime: a pool created without a name is removed when its creator exits; a named
 one lives until :meth:`TensoCache.unlink` (the rule is in :mod:`tenso.shm`).
@@ -46,7 +49,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import tenso_rs as _rs
-from .frameworks import from_host, map_arrays, to_host
+from .cow import private_array
+from .frameworks import _parse_device, from_host, map_arrays, to_host
 from .shm import generated_name, unlink_name
 
 __all__ = ["TensoCache"]
@@ -89,6 +93,24 @@ def _to_device(value: Any, device: str, zero_copy: bool = False) -> Any:
     if isinstance(value, dict):
         return map_arrays(value, lambda array: from_host(array, device, zero_copy))
     return from_host(value, device, zero_copy)
+
+
+# The objects at the root of a zero-copy pool view (the pool's mapping; the pins of a pinned read).
+_POOL_OWNERS = frozenset({"_Mapping", "_PinnedEntry"})
+
+
+def private_value(a: np.ndarray) -> np.ndarray:
+    """A pool read made private: a copy-on-write view of a view of the pool; a value already in this process's own
+    memory (a pinned read copies when the pin table is full; a bundle's arrays are decoded) as it is if writeable,
+    else copied: there is nothing to map."""
+    if a.flags.writeable:
+        return a
+    root: Any = a
+    while isinstance(root, np.ndarray):
+        root = root.base
+    if type(root).__name__ in _POOL_OWNERS:
+        return private_array(a)
+    return a.copy()
 
 
 class TensoCache:
@@ -187,26 +209,57 @@ class TensoCache:
         return self._pool.put(key, tensor, ttl, evict)
 
     def get(
-        self, key: str, copy: bool = False, device: Optional[str] = None, *, pin: bool = False
+        self,
+        key: str,
+        copy: bool = False,
+        device: Optional[str] = None,
+        *,
+        pin: bool = False,
+        private: bool = False,
     ) -> Optional[Any]:
         """Retrieve a tensor; None if the key is missing or expired.
 
         By default the result is a read-only zero-copy view of the pool (see the
         module docs for how long its bytes stay). ``copy=True`` returns a whole,
         writeable copy. ``device`` ("torch", "torch:cuda:0", "jax", "cupy:0")
-        converts the value with that framework (implies a copy); ImportError names
-        the extra to install when the framework is missing.
+        converts the value with that framework into a value this process owns;
+        ImportError names the extra to install when the framework is missing.
 
         ``pin=True`` (zero-copy reads): the entry is pinned until the last view of the
         result is garbage-collected (or its process dies), and eviction passes it over;
         if the pool's pin table is full, the result is a private copy instead.
+
+        ``private=True``: writeable arrays with the semantics of ``copy=True`` at the
+        cost of a mapping: copy-on-write views of the pinned entry (reads share the
+        pool's pages; a write copies the pages it touches into this process alone).
+        The entry stays pinned while any view lives. Small arrays (under 64 KiB), a
+        dict's arrays (a bundle is decoded into NumPy memory), values other than
+        arrays and dicts of arrays, and systems where the pool
+        cannot be mapped privately (counted, one ``RuntimeWarning``; see
+        :mod:`tenso.cow`) get a copy instead. ``device="torch"`` (CPU) reads this way
+        too, without a copy; other devices read the pinned entry once, by their own
+        copy.
         """
         if device is None:
+            if private and not copy:
+                return self._private_get(key)
             return self._pool.get(key, copy, pin)
-        value = self._pool.get(key, True)
-        if value is None:
-            return None
-        return _to_device(value, device, zero_copy=True)  # our own copy: converted without a second one
+        framework, spec = _parse_device(device)
+        if framework in ("numpy", "torch") and spec in ("", "cpu"):
+            value = self._private_get(key)
+            return None if value is None else _to_device(value, device, zero_copy=True)
+        value = self._pool.get(key, False, True)  # pinned while the device's own copy reads it
+        if isinstance(value, (np.ndarray, dict)):
+            return _to_device(value, device)
+        value = self._pool.get(key, True) if value is not None else None
+        return None if value is None else _to_device(value, device, zero_copy=True)
+
+    def _private_get(self, key: str) -> Optional[Any]:
+        """``key``'s value as copy-on-write views of its pinned entry (see :meth:`get`)."""
+        value = self._pool.get(key, False, True)
+        if isinstance(value, (np.ndarray, dict)):
+            return map_arrays(value, private_value)
+        return None if value is None else self._pool.get(key, True)
 
     def get_many(self, keys: list[str], copy: bool = False, *, pin: bool = False) -> list[Optional[Any]]:
         """:meth:`get` of several keys in one call (None for each missing one).

@@ -27,12 +27,15 @@ Naming and lifetime (all in ``/dev/shm``)::
   space of ``/dev/shm`` (:func:`default_size`). All of it is reserved at creation.
 
 Entries (:func:`lookup`, :func:`store`, :func:`remove`): an array, or a dict of arrays stored as one entry per array
-(``<key>/0``, ``<key>/1``, ...) plus a manifest written last under the key itself. Reads are zero-copy views that
-**pin** their entries until the views are garbage-collected: a put that needs room evicts the least recently used
-entries that no live view pins, so a long job keeps hitting instead of filling the pool, and a view handed out is
-never overwritten. A process that dies holding pins frees them. The pool's size is the bound: only when pinned
-entries fill it does :func:`store` give up (a *fallback*: the caller serves its own value). :func:`stats` adds the
-counters hits, misses and fallbacks (this process) to the pool's own (evictions, pinned, usage).
+(``<key>/0``, ``<key>/1``, ...) plus a manifest written last under the key itself. An entry is never written after it
+is published (a put of a key never rewrites a pinned entry in place: the pool gives it a new block). Reads are
+zero-copy views that **pin** their entries until the views are garbage-collected, and :func:`deliver` hands them out
+as private copy-on-write mappings (:mod:`tenso.cow`) that hold those pins: a reader's write copies the pages it
+touches into its own memory and reaches nobody else. Pins keep the bytes: a put that needs room evicts the least
+recently used entries that no live view pins, so a long job keeps hitting instead of filling the pool, and a view
+handed out is never overwritten. A process that dies holding pins frees them. The pool's size is the bound: only when
+pinned entries fill it does :func:`store` give up (a *fallback*: the caller serves its own value). :func:`stats` adds
+the counters hits, misses and fallbacks (this process) to the pool's own (evictions, pinned, usage).
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .cache import TensoCache, parse_size
+from .cache import TensoCache, parse_size, private_value
 from .errors import TensoCacheFullError
-from .frameworks import from_host, map_arrays, to_host
+from .frameworks import _parse_device, from_host, map_arrays, to_host
 from .shm import SHM_DIR, process_alive, sweep, unlink_name
 
 __all__ = ["attach", "attached", "drop", "lookup", "store", "remove", "deliver", "stats", "default_size", "pool_name"]
@@ -445,12 +448,21 @@ def remove(cache: TensoCache, key: str) -> bool:
 
 
 def deliver(value: Any, device: Optional[str] = None, copy: bool = False) -> Any:
-    """Pool views as the caller asked: NumPy views (``copy=True``: writeable copies), or ``device`` ("torch",
-    "torch:cuda:0", "jax", "cupy:0") through :func:`tenso.frameworks.from_host` (CPU torch shares the pool's
-    memory unless ``copy``). Dicts come back as plain ``dict``."""
+    """Pinned pool views as the caller asked: writeable NumPy arrays private to this process (copy-on-write views
+    of the pinned entries; ``copy=True``: copies), or ``device`` ("torch", "torch:cuda:0", "jax", "cupy:0") through
+    :func:`tenso.frameworks.from_host` (CPU torch over the same private views unless ``copy``). Dicts come back as
+    plain ``dict``.
+
+    A view holds the pinned pool view it was made from, so the entry stays pinned -- never evicted, never rewritten
+    -- while any view lives; a write through it copies the touched pages into this process only."""
     if device is None:
-        return map_arrays(value, np.array) if copy else value
-    return map_arrays(value, lambda a: from_host(a, device, zero_copy=not copy))
+        return map_arrays(value, np.array if copy else private_value)
+    framework, spec = _parse_device(device)
+    if not copy and framework == "torch" and spec in ("", "cpu"):
+        return map_arrays(value, lambda a: from_host(private_value(a), device, zero_copy=True))
+    # Other devices read the pinned bytes once, by their own copy (JAX arrays are immutable: a CPU JAX array may
+    # alias the pinned entry itself).
+    return map_arrays(value, lambda a: from_host(a, device, zero_copy=not copy and framework == "jax"))
 
 
 def stats(cache: TensoCache) -> dict[str, Any]:

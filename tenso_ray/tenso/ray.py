@@ -37,17 +37,34 @@ Policies
   keep NumPy's own (in-band) pickling.
 * Subclasses: Ray dispatches by exact type. ``numpy.memmap`` is registered and arrives as a plain read-only
   ``numpy.ndarray`` (the file mapping does not travel); ``torch.nn.Parameter`` is registered and arrives as a
-  ``Parameter`` that owns its memory, with ``requires_grad`` kept. Other subclasses keep Ray's default.
-* ``torch.Tensor`` (``include_torch=True``): safe by default: the receiver gets a tensor that owns its memory (one
-  copy out of the object store), so writes never reach the stored object. ``register(include_torch=True,
-  torch_zero_copy=True)`` hands out tensors over the object store itself, with no copy: writing to one changes the
-  stored object for every reader on the node. CUDA tensors are staged through host memory and restored on the same
-  device index. ``requires_grad`` is kept; the autograd graph is not.
+  writeable ``Parameter`` (a copy-on-write view, as tensors below), with ``requires_grad`` kept. Other subclasses keep
+  Ray's default.
+* ``torch.Tensor`` (``include_torch=True``), every dtype (bfloat16, float8, complex, bool) and state dicts of them:
+  zero-copy *and* safe. A CPU tensor comes back writeable, over a private copy-on-write mapping of the object
+  store's pages (see "Copy-on-write views" below): no copy, and a write stays in the process that made it.
+  CUDA tensors are staged through host memory and restored on the same device index. ``requires_grad`` is kept;
+  the autograd graph is not. ``torch_zero_copy=True`` (which used to share the store's pages, writes included) is
+  deprecated and ignored: the default is now as fast and safe.
 * JAX arrays (``include_jax=True``): copied to host, restored with ``jax.numpy.asarray``.
 * SciPy sparse matrices, ``tenso.QuantizedTensor`` and containers (dict, list, dataclasses) pickle as objects that
   hold ndarrays, so each of their arrays takes the ndarray path above. Ray never consults a registration for
   ``dict`` or ``list`` themselves.
-* Arrays from the object store are read-only; ``numpy.array(x)`` gives a writeable copy.
+* NumPy arrays that Ray's default hands back as writeable copies (ml_dtypes, datetime and structured dtypes,
+  non-contiguous layouts) come back as writeable copy-on-write views. C- and Fortran-contiguous arrays of builtin
+  dtypes stay Ray's read-only views of the store, unless ``register(writeable_numpy=True)`` (or the same option
+  of :func:`runtime_env`) makes them copy-on-write views too; ``numpy.array(x)`` gives a writeable copy either way.
+
+Copy-on-write views
+-------------------
+Bytes in the object store are never written after they are sealed; a reader that may write gets a ``MAP_PRIVATE``
+mapping of the same pages (:mod:`tenso.cow`). Reads hit the store's shared pages; the first write to a page copies
+that page alone into the writer's memory, invisible to every other reader, the owner and the driver. The view holds
+Ray's buffer, so the object stays pinned in the store (not evicted, not spilled away, its bytes unchanged) until the
+last view of it dies -- also after its ``ObjectRef`` is gone. The store keeps its pages in a file that the raylet
+has already unlinked; the route to it (``/proc/self/map_files``, or the raylet's descriptor) is found once per
+mapping. Where none works (another user's store, no ``/proc``, not Linux) each reader gets one copy, as before:
+counted in ``tenso.cow.stats()``, with one ``RuntimeWarning`` per process. Bodies up to 100 KiB (Ray's inline limit,
+``RAY_max_direct_call_object_size``) are always copied: Ray may keep them in the owner's heap, not in the store.
 
 The header is a small tuple, not a tenso packet header: the payload lives inside one Ray job and is read only by
 this module, and a tuple pickles in about a microsecond. ``PickleBuffer`` needs pickle protocol 5, which is what Ray
@@ -60,10 +77,12 @@ import json
 import os
 import pickle
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .cow import PRIVATE_MIN_BYTES, private_bytes
 from .frameworks import from_host, to_host, torch_bytes, torch_from_bytes
 
 try:
@@ -73,7 +92,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("tenso.ray requires Ray; install it with: pip install 'tenso-ray[ray]'") from exc
 
 # The node-local object cache lives in its own module; it is part of this module's API.
-from .ray_cache import NODE_CACHE_ENV, cached_get, drop_node_cache, node_cache, uncache
+from .ray_cache import NODE_CACHE_ENV, cached_get, drop_node_cache, node_cache, raylet_pid, uncache
 
 __all__ = [
     "register",
@@ -104,6 +123,7 @@ _BUILTIN_KINDS = frozenset("biufc")
 # Per-process registration state.
 # ---------------------------------------------------------------------------------------------------------------
 _options: Optional[dict[str, bool]] = None  # what this process has installed, or None
+_writeable_numpy = False  # _options' "writeable_numpy", read by every ndarray rebuild
 _replaced: dict[type, Optional[Callable[..., Any]]] = {}  # what each of our entries replaced in Ray's table
 _state_path: Optional[str] = None  # the job's state file (workers only)
 _state_token: Optional[tuple[int, int]] = None  # (mtime_ns, size) of the state file when last read
@@ -146,7 +166,7 @@ def _reduce_ndarray(a: np.ndarray) -> Any:
         if span is not None:
             return _rebuild_strided, (_buffer(span), dtype.str, a.shape, a.strides)
         a = np.ascontiguousarray(a)  # the one gather copy: pickle5 can only hand out contiguous memory
-        order = "C"
+        return _rebuild_gathered, (_buffer(a), dtype.str, a.shape)
     if a.ndim == 1:
         return _rebuild_ndarray1, (_buffer(a), dtype.str)
     return _rebuild_ndarray, (_buffer(a), dtype.str, a.shape, order)
@@ -181,7 +201,38 @@ def _rebuild_strided(buf: Any, descr: str, shape: tuple[int, ...], strides: tupl
     extent = sum((n - 1) * s for n, s in zip(shape, strides)) + flat.itemsize
     if min(strides, default=0) < 0 or extent > flat.nbytes:
         raise ValueError(f"strided body of {flat.nbytes} bytes cannot hold shape {shape} with strides {strides}")
-    return np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=False)
+    # Ray's default hands a strided array back as a writeable copy: a private view of the span gives the same.
+    flat = _private(buf).view(descr)
+    return np.lib.stride_tricks.as_strided(flat, shape=shape, strides=strides, writeable=True)
+
+
+# Ray keeps objects up to max_direct_call_object_size (100 KiB unless RAY_max_direct_call_object_size says otherwise)
+# in the owner's heap and inlines them into tasks: bodies that small may not be in the store at all. They are copied,
+# which costs less than a mapping anyway, and never counted as a fallback. A larger body is always in the store.
+_INLINE_MAX = int(os.environ.get("RAY_max_direct_call_object_size") or 100 * 1024)
+_PRIVATE_MIN = max(PRIVATE_MIN_BYTES, _INLINE_MAX + 1)
+
+
+def _private(buf: Any) -> np.ndarray:
+    """A copy-on-write view of an out-of-band body (a copy where no route works): writeable, private, and holding
+    Ray's buffer -- so the object stays pinned in the store, its bytes unchanged -- while any view of it lives."""
+    return private_bytes(buf, hint_pids=_hint_pids(), min_bytes=_PRIVATE_MIN)
+
+
+_hints: tuple[int, ...] = ()
+_hints_for: Any = None  # the Ray worker object _hints was computed for
+
+
+def _hint_pids() -> tuple[int, ...]:
+    # The raylet runs the object store and keeps its unlinked file open: a route to it when /proc/self/map_files is
+    # closed to this process. Looked up once per connection.
+    global _hints, _hints_for
+    worker = ray._private.worker.global_worker
+    node = getattr(worker, "node", None)
+    if node is not _hints_for:
+        pid = raylet_pid()
+        _hints, _hints_for = ((pid,) if pid else ()), node
+    return _hints
 
 
 def _fallback(obj: Any) -> Any:
@@ -195,20 +246,30 @@ def _reduce_memmap(a: np.ndarray) -> Any:
 
 
 def _rebuild_bytes(buf: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    # ml_dtypes, datetime and structured arrays: Ray's default copies them in band (writeable); a private view.
     _adopt()
-    return np.frombuffer(buf, dtype=np.uint8).view(dtype).reshape(shape)
+    return _private(buf).view(dtype).reshape(shape)
+
+
+def _rebuild_gathered(buf: Any, descr: str, shape: tuple[int, ...]) -> np.ndarray:
+    # A non-contiguous array gathered by the sender: Ray's default gives a writeable copy; a private view.
+    _adopt()
+    return _private(buf).view(descr).reshape(shape)
 
 
 def _rebuild_ndarray1(buf: Any, descr: Any) -> np.ndarray:
     _adopt()
+    if _writeable_numpy:
+        return _private(buf).view(descr)
     return np.frombuffer(buf, dtype=descr)
 
 
 def _rebuild_ndarray(buf: Any, descr: Any, shape: tuple[int, ...], order: str) -> np.ndarray:
     _adopt()
+    flat = _private(buf).view(descr) if _writeable_numpy else np.frombuffer(buf, dtype=descr)
     if order == "C":
-        return np.frombuffer(buf, dtype=descr).reshape(shape)
-    return np.frombuffer(buf, dtype=descr).reshape(shape, order="F")
+        return flat.reshape(shape)
+    return flat.reshape(shape, order="F")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,8 +289,7 @@ def _reduce_tensor(t: Any) -> Any:
     if t.layout != _torch_strided() or t.is_quantized or t.device.type == "meta":
         return _default(t)  # sparse, quantized and meta tensors keep what Ray did before us
     buf, dtype, shape, device = _torch_body(t)
-    zero_copy = bool(_options and _options.get("torch_zero_copy"))
-    return _rebuild_tensor, (buf, dtype, shape, device, t.requires_grad, zero_copy)
+    return _rebuild_tensor, (buf, dtype, shape, device, t.requires_grad)
 
 
 def _torch_strided() -> Any:
@@ -251,17 +311,17 @@ def _reduce_parameter(p: Any) -> Any:
     return _rebuild_parameter, (buf, dtype, shape, device, p.requires_grad)
 
 
-def _tensor_from(buf: Any, dtype: str, shape: tuple[int, ...], device: str, zero_copy: bool) -> Any:
-    # Safe mode: exactly one copy, into fresh memory the tensor owns. Zero-copy mode documents that writes reach the
-    # stored object; for a device tensor the view is only read, by the one host-to-device copy.
-    return torch_from_bytes(buf, dtype, shape, device, zero_copy)
+def _tensor_from(buf: Any, dtype: str, shape: tuple[int, ...], device: str) -> Any:
+    # CPU: a tensor over a private copy-on-write view of the stored bytes (a copy where no route works): writes stay
+    # in this process. Another device: the stored bytes are only read, by the one host-to-device copy.
+    if device == "cpu":
+        return torch_from_bytes(_private(buf), dtype, shape, "cpu", True)
+    return torch_from_bytes(buf, dtype, shape, device, True)
 
 
-def _rebuild_tensor(
-    buf: Any, dtype: str, shape: tuple[int, ...], device: str, requires_grad: bool, zero_copy: bool
-) -> Any:
+def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], device: str, requires_grad: bool) -> Any:
     _adopt()
-    t = _tensor_from(buf, dtype, shape, device, zero_copy)
+    t = _tensor_from(buf, dtype, shape, device)
     if requires_grad:
         t.requires_grad_(True)
     return t
@@ -271,7 +331,7 @@ def _rebuild_parameter(buf: Any, dtype: str, shape: tuple[int, ...], device: str
     import torch
 
     _adopt()
-    return torch.nn.Parameter(_tensor_from(buf, dtype, shape, device, False), requires_grad=requires_grad)
+    return torch.nn.Parameter(_tensor_from(buf, dtype, shape, device), requires_grad=requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +382,7 @@ def _reducers(options: dict[str, bool]) -> dict[type, Callable[..., Any]]:
 
 def _install(options: dict[str, bool]) -> None:
     """Make this process's reducers match ``options`` (idempotent)."""
-    global _options
+    global _options, _writeable_numpy
     wanted = _reducers(options)  # raises ImportError before anything changes
     table = _table()
     ours = _ours()
@@ -335,6 +395,7 @@ def _install(options: dict[str, bool]) -> None:
             _replaced[cls] = current
         table[cls] = reducer
     _options = dict(options)
+    _writeable_numpy = bool(options.get("writeable_numpy"))
 
 
 def _restore(cls: type) -> None:
@@ -348,10 +409,11 @@ def _restore(cls: type) -> None:
 
 
 def _uninstall() -> None:
-    global _options
+    global _options, _writeable_numpy
     for cls in list(_replaced):
         _restore(cls)
     _options = None
+    _writeable_numpy = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,7 +534,13 @@ def _adopt() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
-def register(include_torch: bool = False, include_jax: bool = False, *, torch_zero_copy: bool = False) -> None:
+def register(
+    include_torch: bool = False,
+    include_jax: bool = False,
+    *,
+    writeable_numpy: bool = False,
+    torch_zero_copy: bool = False,
+) -> None:
     """Register Tenso as the serializer for tensor types in every process of the current Ray job.
 
     Call it after ``ray.init()``. The driver switches at once; workers switch when they start (with
@@ -486,9 +554,12 @@ def register(include_torch: bool = False, include_jax: bool = False, *, torch_ze
         Also register ``torch.Tensor`` and ``torch.nn.Parameter``. Requires PyTorch.
     include_jax : bool, default False
         Also register JAX arrays. Requires JAX.
+    writeable_numpy : bool, default False
+        Hand out NumPy arrays of builtin dtypes (C- or Fortran-contiguous) as writeable copy-on-write views of the
+        object store, like every other array and tensor, instead of Ray's read-only views.
     torch_zero_copy : bool, default False
-        Hand out torch tensors over the object store without copying. Writing to such a tensor changes the stored
-        object for every reader on the node; the default gives each reader its own copy.
+        Deprecated, and ignored: torch tensors are zero-copy and safe by default now (copy-on-write views of the
+        object store). Passing True raises a ``DeprecationWarning``.
 
     Raises
     ------
@@ -499,11 +570,7 @@ def register(include_torch: bool = False, include_jax: bool = False, *, torch_ze
     """
     if not ray.is_initialized():
         raise RuntimeError("tenso.ray.register() needs a connected Ray job: call ray.init() first")
-    options = {
-        "include_torch": bool(include_torch),
-        "include_jax": bool(include_jax),
-        "torch_zero_copy": bool(torch_zero_copy),
-    }
+    options = _make_options(include_torch, include_jax, writeable_numpy, torch_zero_copy)
     _install(options)
     if not _is_worker():
         _publish(options)
@@ -523,10 +590,27 @@ def is_registered() -> bool:
     return _options is not None
 
 
+def _make_options(include_torch: bool, include_jax: bool, writeable_numpy: bool, torch_zero_copy: bool) -> dict:
+    if torch_zero_copy:
+        warnings.warn(
+            "tenso.ray: torch_zero_copy is deprecated and ignored: torch tensors now come back zero-copy and safe "
+            "by default (private copy-on-write views of the object store; a reader's writes stay its own). "
+            "Drop the argument.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return {
+        "include_torch": bool(include_torch),
+        "include_jax": bool(include_jax),
+        "writeable_numpy": bool(writeable_numpy),
+    }
+
+
 def runtime_env(
     include_torch: bool = False,
     include_jax: bool = False,
     *,
+    writeable_numpy: bool = False,
     torch_zero_copy: bool = False,
     base: Optional[dict[str, Any]] = None,
     node_cache: Any = None,
@@ -541,13 +625,7 @@ def runtime_env(
     env_vars = dict(env.get("env_vars") or {})
     if node_cache is not None:
         env_vars[NODE_CACHE_ENV] = str(node_cache)
-    env_vars[OPTIONS_ENV] = json.dumps(
-        {
-            "include_torch": bool(include_torch),
-            "include_jax": bool(include_jax),
-            "torch_zero_copy": bool(torch_zero_copy),
-        }
-    )
+    env_vars[OPTIONS_ENV] = json.dumps(_make_options(include_torch, include_jax, writeable_numpy, torch_zero_copy))
     env["env_vars"] = env_vars
     env["worker_process_setup_hook"] = _HOOK
     return env

@@ -2,9 +2,9 @@
 
 ``cached_get(ref)`` returns the object behind ``ref`` from this node's :class:`~tenso.TensoCache` pool. The first
 process on the node to ask fetches it with ``ray.get`` and encodes it into the pool once; every later task and actor
-on the node gets read-only zero-copy views of those bytes, in microseconds, where ``ray.get`` asks the object store
-again and unpickles the object on every call (and copies torch tensors and ml_dtypes arrays each time). Ray objects
-never change, so the ObjectRef is a key that can never name stale data.
+on the node gets zero-copy views of those bytes (private copy-on-write mappings), in microseconds, where ``ray.get``
+asks the object store again and unpickles the object on every call (and copies torch tensors and ml_dtypes arrays each
+time). Ray objects never change, so the ObjectRef is a key that can never name stale data.
 
 When it applies (``benchmarks/bench_ray_cache.py``; figures in ``integrations/ray/README.md``):
 
@@ -35,9 +35,12 @@ The pool is a :mod:`tenso.nodecache` pool (this module is the Ray adapter over t
   :func:`node_cache`, else ``TENSO_RAY_NODE_CACHE`` from the job's runtime_env (``runtime_env(node_cache="2GB")``)
   or the process's environment, else 1 GiB, capped at half of the free space of ``/dev/shm``. All of it is
   reserved at creation, and every process that opens the pool maps all of it.
-* Results are read-only: numpy arrays have ``writeable=False``; torch tensors (``device="torch"``) share the pool's
-  memory, so writing to one changes the cached object for every reader on the node. Pass ``copy=True`` for
-  values you own. Dicts come back as plain ``dict`` (a torch ``state_dict``'s ``OrderedDict`` included).
+* Results are writeable and private, with no copy: numpy arrays and torch tensors (``device="torch"``) are
+  copy-on-write mappings of the pinned entry (:mod:`tenso.cow`). Reads share the node's one copy; a write copies
+  only the pages it touches, into the writing process, and no other task, actor or later reader sees it. A pool
+  entry is never written after it is published, and stays pinned while any view of it lives. Where the pool cannot
+  be mapped privately, each value is a copy (counted, one ``RuntimeWarning``). ``copy=True`` always copies. Dicts
+  come back as plain ``dict`` (a torch ``state_dict``'s ``OrderedDict`` included).
 * Linux only (POSIX shared memory in ``/dev/shm``); elsewhere ``cached_get`` is ``ray.get``.
 """
 
@@ -101,6 +104,15 @@ def _raylet_pid(node: Any, socket: str) -> Optional[int]:
         except OSError:
             continue
     return None
+
+
+def raylet_pid() -> Optional[int]:
+    """The pid of the raylet serving this process (it runs the node's object store), or None (not connected, a
+    Ray Client session, or not found)."""
+    node = _node()
+    if node is None:
+        return None
+    return _raylet_pid(node, str(node.raylet_socket_name))
 
 
 def _scope(node: Any) -> str:
@@ -168,9 +180,10 @@ def cached_get(
 ) -> Any:
     """``ray.get(ref)`` through this node's shared-memory object cache (a list of refs gives a list).
 
-    Arrays and dicts of arrays (numpy, torch, JAX, CuPy; every dtype the codec knows) come back as read-only
-    NumPy views of the node's one copy, or with ``device="torch"`` as torch tensors over that memory, zero-copy;
-    ``device="torch:cuda:0"``, ``"jax"``, ``"cupy:0"`` and ``copy=True`` make a copy. Anything else, and values under
+    Arrays and dicts of arrays (numpy, torch, JAX, CuPy; every dtype the codec knows) come back as writeable
+    NumPy arrays, or with ``device="torch"`` as torch tensors, that are private copy-on-write views of the node's
+    one copy: zero-copy, and a write stays in this process. ``device="torch:cuda:0"``, ``"jax"``, ``"cupy:0"`` and
+    ``copy=True`` make a copy. Anything else, and values under
     ``min_bytes``, is what ``ray.get`` returns. See the module docs for when this pays and how long entries live.
 
     Pass the ref inside a list or another container when calling a task, so that Ray does not resolve it before
