@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Port .* is already in use:UserWarning"),
     pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
     # A machine without a route to private mappings copies (and says so once): still correct.
-    pytest.mark.filterwarnings("ignore:tenso.dask. no private mapping:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:tenso. cannot map shared memory copy-on-write:RuntimeWarning"),
 ]
 
 POOL = "128MB"

@@ -29,7 +29,7 @@ import numpy as np
 from . import tenso_rs as _rs
 from .tenso_rs import _owned_copy
 
-__all__ = ["private_bytes", "private_array", "stats", "PRIVATE_MIN_BYTES"]
+__all__ = ["private_view", "private_bytes", "private_array", "stats", "PRIVATE_MIN_BYTES"]
 
 #: Buffers smaller than this are copied rather than mapped (a mapping and its unmapping cost more than a copy).
 PRIVATE_MIN_BYTES = 64 * 1024
@@ -40,29 +40,43 @@ _copied_bytes = 0
 _warned = False
 
 
+def _as_bytes(buf: Any) -> np.ndarray:
+    if isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1:
+        return buf
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def private_view(buf: Any, *, keep: Any = None, hint_pids: Iterable[int] = ()) -> Optional[np.ndarray]:
+    """A writeable, flat ``uint8`` copy-on-write view of the pages behind ``buf``, or None where there is no route to
+    the file (counted in :func:`stats` as a copy the caller makes instead; one ``RuntimeWarning`` per process).
+
+    ``keep`` (default: ``buf``) is held until the last view of the result dies; the caller guarantees that the bytes
+    of ``buf`` do not change while it is held. ``hint_pids``: processes that keep the file open (Ray's raylet for its
+    object store), a route when the file is already unlinked and ``/proc/self/map_files`` is not readable.
+    """
+    raw = _as_bytes(buf)
+    try:
+        view: Optional[np.ndarray] = _rs._private_view(raw, buf if keep is None else keep, tuple(hint_pids))
+    except BufferError:
+        view = None  # not one contiguous range after all: no mapping to make
+    if view is None:
+        _fell_back(raw.nbytes)
+    return view
+
+
 def private_bytes(
     buf: Any, *, keep: Any = None, hint_pids: Iterable[int] = (), min_bytes: int = PRIVATE_MIN_BYTES
 ) -> np.ndarray:
-    """The bytes of ``buf`` as a writeable, flat ``uint8`` array private to this process.
-
-    A copy-on-write view of the same pages where ``buf`` lies in a shared file mapping that this process can reopen,
-    else a copy (counted; one ``RuntimeWarning`` per process). ``keep`` (default: ``buf``) is held until the last
-    view of the result dies; the caller guarantees that the bytes of ``buf`` do not change while it is held.
-    ``hint_pids``: processes that keep the file open (Ray's raylet for its object store), a route when the file is
-    already unlinked and ``/proc/self/map_files`` is not readable. Buffers under ``min_bytes`` are copied,
-    uncounted (:data:`PRIVATE_MIN_BYTES`; an adapter raises it where smaller bodies may not be in shared memory).
+    """The bytes of ``buf`` as a writeable, flat ``uint8`` array private to this process: :func:`private_view`
+    where it can map, else a copy. Buffers under ``min_bytes`` are copied, uncounted (:data:`PRIVATE_MIN_BYTES`;
+    an adapter raises it where smaller bodies may not be in shared memory).
     """
-    raw = buf if isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1 else None
-    if raw is None:
-        raw = np.frombuffer(buf, dtype=np.uint8)
+    raw = _as_bytes(buf)
     n = raw.nbytes
     if n < min_bytes:
         return _owned_copy(raw) if n else np.empty(0, np.uint8)
-    view: Optional[np.ndarray] = _rs._private_view(raw, buf if keep is None else keep, tuple(hint_pids))
-    if view is not None:
-        return view
-    _fell_back(n)
-    return _owned_copy(raw)
+    view = private_view(raw, keep=buf if keep is None else keep, hint_pids=hint_pids)
+    return view if view is not None else _owned_copy(raw)
 
 
 def private_array(a: np.ndarray, *, keep: Any = None, hint_pids: Iterable[int] = ()) -> np.ndarray:

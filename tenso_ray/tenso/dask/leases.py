@@ -14,13 +14,12 @@ import mmap
 import os
 import threading
 import time
-import warnings
 import weakref
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .. import tenso_rs
+from .. import cow
 from ..errors import TensoError
 from . import state
 from .state import HANDSHAKE_KEY, LeaseLostError, _Pending, _release_quietly, _State
@@ -179,35 +178,6 @@ class _Reference:
     __slots__ = ("__weakref__",)
 
 
-_warned = False
-
-
-def _private_view(view: memoryview, keep: Any) -> Optional[np.ndarray]:
-    fn = getattr(tenso_rs, "_private_view", None)
-    if fn is None:
-        return None
-    try:
-        out: Optional[np.ndarray] = fn(view, keep)
-    except (ValueError, OSError, BufferError, TypeError):
-        return None  # not a view of one shared file mapping after all: the caller copies
-    return out
-
-
-def _warn_fallback() -> None:
-    global _warned
-    if _warned:
-        return
-    _warned = True
-    stats = getattr(tenso_rs, "_private_view_stats", None)
-    why = (stats() or {}).get("last_failure") if stats is not None else "tenso_rs has no _private_view"
-    warnings.warn(
-        f"tenso.dask: no private mapping of the pool here ({why}); received arrays are copied out of their "
-        "lease (correct, slower; counted in tenso.dask.counts()['received_copies'])",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-
-
 def _lease_receive(lease: dict[str, Any], writeable: bool = True) -> np.ndarray:
     """Adopt the reference a header names; the body as a 1-D uint8 array of this process's: a copy-on-write view
     of the block when ``writeable`` (a read-only view of it otherwise) that drops the reference when the last view
@@ -244,15 +214,14 @@ def _lease_receive(lease: dict[str, Any], writeable: bool = True) -> np.ndarray:
         return raw
     ref = _Reference()
     weakref.finalize(ref, _release_quietly, st.cache, handle)
-    out = _private_view(body, ref) if nbytes else None
+    out = cow.private_view(body, keep=ref) if nbytes else None
     if out is None:
-        # No route to a private mapping (or an empty body): this process's own copy, and the reference goes now.
+        # No route to a private mapping (counted and warned about by tenso.cow), or an empty body: this process's
+        # own copy, and the reference goes now.
         out = np.frombuffer(body, dtype=np.uint8).copy()
         del body, block, ref
         with st.lock:
             state._counts["received_copies"] += 1
-        if nbytes:
-            _warn_fallback()
         return out
     with st.lock:
         state._counts["private_views"] += 1
