@@ -2,7 +2,10 @@
 //!
 //! The fake device is strict where a real one would silently corrupt data: copies run only at `sync` (so a staging
 //! buffer reused before its stream was synchronised shows up as wrong bytes), copies outside an allocation are
-//! errors, and `pending()` shows copies still in flight.
+//! errors, and `pending()` shows copies still in flight. Its driver rules: every call needs its context current on
+//! the calling thread, every free counts as a device-wide synchronisation, and a context is usable only by the
+//! process that created it (a `fork()`ed child gets the driver's `CUDA_ERROR_INITIALIZATION_ERROR`; tests play the
+//! child on one thread with [`pretend_forked`]).
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -351,9 +354,40 @@ unsafe impl crate::register::HostRegistrar for FakeRegistrar {
 /// The driver's error name for a call made without a (or with the wrong) context current on the calling thread.
 pub(crate) const INVALID_CONTEXT: &str = "CUDA_ERROR_INVALID_CONTEXT";
 
+/// The driver's error name for a call in a `fork()`ed child on a context its parent created.
+pub(crate) const FORKED_CHILD: &str = "CUDA_ERROR_INITIALIZATION_ERROR";
+
 thread_local! {
     /// The fake's "context current on this thread" (0: none), per thread as the driver keeps it.
     static FAKE_CURRENT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The process id this thread acts as (None: the real one); set by [`pretend_forked`].
+    static FAKE_PID: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// The process id the fake driver sees on this thread.
+fn fake_pid() -> u32 {
+    FAKE_PID
+        .with(std::cell::Cell::get)
+        .unwrap_or_else(std::process::id)
+}
+
+/// Which process created each fake context.
+static CONTEXT_OWNERS: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
+
+/// Makes the calling thread act as a `fork()`ed child of this process (another pid, same memory) until the guard
+/// is dropped: every fake driver call on a context created before then fails as in a real child.
+pub(crate) fn pretend_forked() -> ForkedChild {
+    FAKE_PID.with(|p| p.set(Some(std::process::id().wrapping_add(1))));
+    ForkedChild
+}
+
+/// Guard of [`pretend_forked`].
+pub(crate) struct ForkedChild;
+
+impl Drop for ForkedChild {
+    fn drop(&mut self) {
+        FAKE_PID.with(|p| p.set(None));
+    }
 }
 
 /// A strict fake of the driver's contexts: numbered contexts (unique in the process), one current per thread (none
@@ -365,13 +399,27 @@ pub(crate) struct FakeContexts;
 static FAKE_CONTEXTS: AtomicUsize = AtomicUsize::new(0);
 
 impl FakeContexts {
-    /// A new context (not made current).
+    /// A new context (not made current), owned by the process the calling thread acts as.
     pub fn create(&self) -> u64 {
-        FAKE_CONTEXTS.fetch_add(1, Ordering::Relaxed) as u64 + 1
+        let ctx = FAKE_CONTEXTS.fetch_add(1, Ordering::Relaxed) as u64 + 1;
+        CONTEXT_OWNERS.lock().unwrap().push((ctx, fake_pid()));
+        ctx
     }
 
     /// A driver call on a resource of `ctx` (memory, stream, event).
     pub fn driver_call(&self, call: &'static str, ctx: u64) -> Result<(), GpuError> {
+        let owner = CONTEXT_OWNERS
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(c, _)| *c == ctx)
+            .map(|(_, pid)| *pid);
+        if owner != Some(fake_pid()) {
+            return Err(GpuError::Driver {
+                call,
+                name: FORKED_CHILD.into(),
+            });
+        }
         if FAKE_CURRENT.with(std::cell::Cell::get) == ctx {
             Ok(())
         } else {
@@ -394,5 +442,47 @@ unsafe impl crate::context::Contexts for FakeContexts {
     unsafe fn set(&self, ctx: Option<u64>) -> Result<(), GpuError> {
         FAKE_CURRENT.with(|c| c.set(ctx.unwrap_or(0)));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver_error(r: Result<impl std::fmt::Debug, GpuError>) -> String {
+        match r {
+            Err(GpuError::Driver { name, .. }) => name,
+            other => panic!("expected a driver error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_forked_child_cannot_use_its_parents_device() {
+        let dev = FakeDevice::new(16);
+        let buf = dev.alloc(64).expect("the parent allocates");
+        let host = [7u8; 16];
+        {
+            let _child = pretend_forked();
+            assert_eq!(driver_error(dev.alloc(16)), FORKED_CHILD);
+            // SAFETY: `host` outlives the (refused) copy; nothing is queued.
+            let refused = unsafe { dev.h2d(0, buf.ptr(), &host) };
+            assert_eq!(driver_error(refused), FORKED_CHILD);
+            assert_eq!(driver_error(dev.sync(0)), FORKED_CHILD);
+            // A device the child opens for itself works.
+            let own = FakeDevice::new(16);
+            assert!(own.alloc(16).is_ok());
+        }
+        // The parent is unaffected, and nothing the child tried reached the device.
+        assert_eq!(dev.pending(), 0);
+        // SAFETY: `host` outlives the copy, which `sync` completes below.
+        unsafe { dev.h2d(0, buf.ptr(), &host) }.expect("the parent copies");
+        dev.sync(0).expect("the parent syncs");
+        assert_eq!(dev.read(buf.ptr(), 16), host);
+        drop(buf);
+        assert_eq!(
+            dev.device_syncs(),
+            1,
+            "a free is a device-wide synchronisation"
+        );
     }
 }
