@@ -156,6 +156,18 @@ def driver(mode: str, address: str) -> None:
         print("@@" + json.dumps(res), flush=True)
 
 
+def _close_drivers(procs: dict) -> None:
+    """Ends every driver subprocess (closing its stdin asks it to exit), also when one died; kills a stuck one."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.stdin.close()
+    for p in procs.values():
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _reply(p: subprocess.Popen, mode: str) -> str:
     # Ray or a plug-in may print to stdout too: our lines carry a prefix.
     while True:
@@ -234,14 +246,7 @@ def main() -> None:
     try:
         run_reps(procs, modes, reps, samples)
     finally:
-        for p in procs.values():  # never leave a driver behind, also when one died
-            if p.poll() is None:
-                p.stdin.close()
-        for p in procs.values():
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _close_drivers(procs)
         ray.shutdown()
 
     results = []

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 
-from bench_ray import _reply
+from bench_ray import _close_drivers, _reply
 from harness import log, machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -331,14 +331,7 @@ def main() -> None:
     try:
         samples, mem = run(procs, args.reps)
     finally:
-        for p in procs.values():  # never leave a driver behind, also when one died
-            if p.poll() is None:
-                p.stdin.close()
-        for p in procs.values():
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _close_drivers(procs)
         ray.shutdown()
 
     by = {key: statistics.median(ts) for key, ts in samples.items()}

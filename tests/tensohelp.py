@@ -258,3 +258,13 @@ def crash_reason(signal_name: str, who: str) -> str:
         if missing:
             reason += f" (CPU lacks {', '.join(missing)})"
     return reason
+
+
+def is_private_view(a: Any) -> bool:
+    """Whether ``a`` is a view of a private copy-on-write mapping (``tenso.cow``: its base chain reaches a
+    ``tenso._PrivateMap``), not a copy nor the shared memory (object store, pool) itself."""
+    while a is not None:
+        if type(a).__name__ == "_PrivateMap":
+            return True
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+    return False

@@ -15,6 +15,7 @@ import weakref
 
 import numpy as np
 import pytest
+from tensohelp import is_private_view as _cow
 
 import tenso
 import tenso.cow
@@ -501,13 +502,6 @@ def test_lock_holder_dying_mid_change_is_recovered():
 # ---------------------------------------------------------------------------------------------------------------
 # Copy-on-write reads (issue #17): get(private=True) and get(device="torch")
 # ---------------------------------------------------------------------------------------------------------------
-def _cow(a) -> bool:
-    """Whether ``a`` is a view of a private copy-on-write mapping (tenso.cow), not a copy nor the pool itself."""
-    while a is not None:
-        if type(a).__name__ == "_PrivateMap":
-            return True
-        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
-    return False
 
 
 def test_private_get_is_a_writeable_view_that_nobody_else_sees(cache):

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from tensohelp import is_private_view as _cow
 
 ray = pytest.importorskip("ray")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -133,13 +134,6 @@ def test_numpy_round_trips_everywhere(registered, key):
     ray.kill(holder)
 
 
-def _cow(a) -> bool:
-    """Whether ``a`` is a view of a private copy-on-write mapping (tenso.cow), not a copy nor the store itself."""
-    while a is not None:
-        if type(a).__name__ == "_PrivateMap":
-            return True
-        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
-    return False
 
 
 @pytest.mark.parametrize("key", ["bfloat16", "strided", "fortran", "c_float32"])
