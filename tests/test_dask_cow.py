@@ -5,7 +5,6 @@ its holders), and the block outlives whichever holder lets go or dies first."""
 from __future__ import annotations
 
 import gc
-import mmap
 import os
 import signal
 import time
@@ -20,7 +19,6 @@ from distributed import Client, LocalCluster  # noqa: E402
 
 import tenso.dask as td  # noqa: E402
 from tenso import tenso_rs  # noqa: E402
-from tenso.dask import leases  # noqa: E402
 
 pytestmark = [
     pytest.mark.dask,
@@ -270,33 +268,6 @@ def test_without_a_route_arrays_are_copied_and_right(client):
     finally:
         client.run(_routes, None)
         _routes(None)
-
-
-def test_written_pages_of_a_private_mapping_are_seen():
-    """The check that keeps a written array from going on by reference: a page written through a MAP_PRIVATE
-    mapping of a shared file is this process's own; a page only read is the file's."""
-    path = f"/dev/shm/tenso-dask-cow-test-{os.getpid()}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        size = 16 * mmap.PAGESIZE
-        os.ftruncate(fd, size)
-        os.pwrite(fd, b"\1" * size, 0)
-        m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        a = np.frombuffer(m, dtype=np.uint8)
-        start = a.__array_interface__["data"][0]
-        assert leases._never_written(start, size)
-        assert int(a.sum()) == size  # read every page
-        assert leases._never_written(start, size)
-        a[5 * mmap.PAGESIZE + 3] = 9
-        assert not leases._never_written(start, size)
-        assert not leases._never_written(start + 5 * mmap.PAGESIZE, 1)
-        assert leases._never_written(start, 5 * mmap.PAGESIZE)
-        assert leases._never_written(start + 6 * mmap.PAGESIZE, 10 * mmap.PAGESIZE)
-        del a
-        m.close()
-    finally:
-        os.close(fd)
-        os.unlink(path)
 
 
 def test_scatter_through_the_scheduler_reaches_the_worker_as_a_lease(client):

@@ -17,6 +17,8 @@ import pytest
 tenso = pytest.importorskip("tenso")
 rs = tenso.tenso_rs
 
+from tenso import cow  # noqa: E402
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="private views need Linux /proc")
 
 
@@ -170,3 +172,49 @@ def test_a_deleted_file_through_a_process_that_holds_it():
         del shared
         gc.collect()
         shm.close()
+
+
+def test_written_pages_of_a_private_mapping_are_seen():
+    """`tenso.cow.never_written` (what keeps a written array from going on by reference or serving as its own
+    source): a page written through a MAP_PRIVATE mapping of a shared file is this process's own; a page only read
+    is the file's."""
+    path = f"/dev/shm/tenso-dask-cow-test-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        size = 16 * mmap.PAGESIZE
+        os.ftruncate(fd, size)
+        os.pwrite(fd, b"\1" * size, 0)
+        m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        a = np.frombuffer(m, dtype=np.uint8)
+        start = a.__array_interface__["data"][0]
+        assert cow.never_written(start, size)
+        assert int(a.sum()) == size  # read every page
+        assert cow.never_written(start, size)
+        a[5 * mmap.PAGESIZE + 3] = 9
+        assert not cow.never_written(start, size)
+        assert not cow.never_written(start + 5 * mmap.PAGESIZE, 1)
+        assert cow.never_written(start, 5 * mmap.PAGESIZE)
+        assert cow.never_written(start + 6 * mmap.PAGESIZE, 10 * mmap.PAGESIZE)
+        del a
+        m.close()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def test_shared_source_of_an_unwritten_view(segment):
+    _, shared = segment
+    view = cow.private_view(shared[64 : 3 * 65536 - 64])
+    assert view is not None
+    part = view[4096 : 8192 + 5]
+    src = cow.shared_source(part)
+    assert src is not None and np.array_equal(src, part)
+    assert src.ctypes.data == shared[64 + 4096 :].ctypes.data, "not the shared bytes themselves"
+    view[5000] ^= 1  # a page inside `part` is now this process's own
+    assert cow.shared_source(part) is None
+    assert cow.shared_source(view[65536 : 65536 + 10]) is not None, "other pages are still the file's"
+    assert cow.shared_source(np.zeros(10)) is None
+    start = view.ctypes.data
+    del view, part, src
+    gc.collect()
+    assert start not in cow._views, "a dead view stays registered"

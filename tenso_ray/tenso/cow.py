@@ -20,8 +20,11 @@ keeps objects that small in the owner's heap, not in the store.
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
 import warnings
+import weakref
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -29,7 +32,7 @@ import numpy as np
 from . import tenso_rs as _rs
 from .tenso_rs import _owned_copy
 
-__all__ = ["private_view", "private_bytes", "private_array", "stats", "PRIVATE_MIN_BYTES"]
+__all__ = ["private_view", "private_bytes", "private_array", "shared_source", "never_written", "stats", "PRIVATE_MIN_BYTES"]
 
 #: Buffers smaller than this are copied rather than mapped (a mapping and its unmapping cost more than a copy).
 PRIVATE_MIN_BYTES = 64 * 1024
@@ -61,7 +64,77 @@ def private_view(buf: Any, *, keep: Any = None, hint_pids: Iterable[int] = ()) -
         view = None  # not one contiguous range after all: no mapping to make
     if view is None:
         _fell_back(raw.nbytes)
+    else:
+        _remember(view, raw)
     return view
+
+
+# The private views this process handed out that are still alive: start address -> (length, the source bytes they
+# map). The source bytes are a view of the shared mapping itself (Ray's object store, the pool), which the process
+# has read or written through before, so its page tables are filled; a fresh private mapping's are not.
+_views: dict[int, tuple[int, np.ndarray]] = {}
+
+
+def _address(x: np.ndarray) -> int:
+    return int(x.__array_interface__["data"][0])
+
+
+def _remember(view: np.ndarray, source: np.ndarray) -> None:
+    start = _address(view)
+    with _lock:
+        _views[start] = (view.nbytes, source)
+    weakref.finalize(view, _forget, start)
+
+
+def _forget(start: int) -> None:
+    with _lock:
+        _views.pop(start, None)
+
+
+def shared_source(x: np.ndarray) -> Optional[np.ndarray]:
+    """The shared bytes behind ``x`` (contiguous in memory) when ``x`` lies in a private view this process handed out
+    and none of its pages was written here: the same bytes as a flat ``uint8`` view of the source mapping, cheaper to
+    read than the fresh private mapping (an adapter that serializes ``x`` reads those instead). None otherwise."""
+    if not _views:
+        return None
+    start = _address(x)
+    end = start + x.nbytes
+    with _lock:
+        found = next(((s, src) for s, (n, src) in _views.items() if s <= start and end <= s + n), None)
+    if found is None or not never_written(start, x.nbytes):
+        return None
+    first, source = found
+    return source[start - first : end - first]
+
+
+_pagemap: Optional[tuple[int, int]] = None  # (pid, fd) of /proc/self/pagemap, reopened after a fork
+_PAGE = mmap.PAGESIZE
+
+
+def never_written(start: int, nbytes: int) -> bool:
+    """Whether no page of ``[start, start + nbytes)`` of a private file mapping of this process was ever written
+    (a written page became the process's own anonymous page). False when it cannot tell (no ``/proc``)."""
+    global _pagemap
+    if nbytes <= 0:
+        return True
+    first = start // _PAGE
+    count = (start + nbytes - 1) // _PAGE - first + 1
+    try:
+        with _lock:
+            if _pagemap is None or _pagemap[0] != os.getpid():
+                _pagemap = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+            raw = os.pread(_pagemap[1], count * 8, first * 8)
+    except OSError:
+        return False
+    if len(raw) != count * 8:
+        return False
+    flags = np.frombuffer(raw, dtype="<u8") >> np.uint64(61)
+    # Bit 63 present, 62 swapped, 61 file page or shared: present and not a file page (or swapped out) means
+    # the page was copied on write.
+    present = (flags & np.uint64(4)) != 0
+    swapped = (flags & np.uint64(2)) != 0
+    file_page = (flags & np.uint64(1)) != 0
+    return not bool(np.any((present & ~file_page) | swapped))
 
 
 def private_bytes(

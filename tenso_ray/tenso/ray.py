@@ -82,7 +82,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .cow import PRIVATE_MIN_BYTES, private_bytes
+from .cow import PRIVATE_MIN_BYTES, private_bytes, shared_source
 from .frameworks import from_host, to_host, torch_bytes, torch_from_bytes
 
 try:
@@ -113,7 +113,16 @@ _HOOK = "tenso.ray.setup_worker"
 
 # PickleBuffer itself, typed to take any object: NumPy's stubs declare no ``__buffer__`` before Python 3.12, so type
 # checkers would reject the ndarrays it is given here.
-_buffer: Callable[[Any], pickle.PickleBuffer] = pickle.PickleBuffer
+_pickle_buffer: Callable[[Any], pickle.PickleBuffer] = pickle.PickleBuffer
+
+
+def _buffer(a: np.ndarray) -> pickle.PickleBuffer:
+    """The out-of-band buffer of ``a`` (contiguous in memory). Where ``a`` is an unwritten private view we handed out
+    (a tensor a task received and returns, say), the same bytes are read from Ray's own store mapping instead, whose
+    page tables this worker has filled already, rather than through the fresh private mapping (a page fault per 64
+    KiB on first read)."""
+    source = shared_source(a)
+    return _pickle_buffer(a if source is None else source)
 
 # Types whose buffer NumPy can rebuild from ``dtype.str`` alone (bool, integers, floats, complex); others (ml_dtypes,
 # structured, datetime) travel with their dtype object.

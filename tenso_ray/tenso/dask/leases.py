@@ -10,8 +10,6 @@ as long as its pages were never written here (``/proc/self/pagemap``); otherwise
 
 from __future__ import annotations
 
-import mmap
-import os
 import threading
 import time
 import weakref
@@ -120,35 +118,6 @@ def _holding(x: np.ndarray) -> Optional[tuple[_Held, int]]:
     return None
 
 
-_pagemap: Optional[tuple[int, int]] = None  # (pid, fd) of /proc/self/pagemap, reopened after a fork
-_pagemap_lock = threading.Lock()
-_PAGE = mmap.PAGESIZE
-
-
-def _never_written(start: int, nbytes: int) -> bool:
-    """Whether no page of ``[start, start + nbytes)`` of a private file mapping of this process was ever written
-    (a written page became the process's own anonymous page). False when it cannot tell (no ``/proc``)."""
-    global _pagemap
-    first = start // _PAGE
-    count = (start + nbytes - 1) // _PAGE - first + 1
-    try:
-        with _pagemap_lock:
-            if _pagemap is None or _pagemap[0] != os.getpid():
-                _pagemap = (os.getpid(), os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
-            raw = os.pread(_pagemap[1], count * 8, first * 8)
-    except OSError:
-        return False
-    if len(raw) != count * 8:
-        return False
-    flags = np.frombuffer(raw, dtype="<u8") >> np.uint64(61)
-    # Bit 63 present, 62 swapped, 61 file page or shared: present and not a file page (or swapped out) means
-    # the page was copied on write.
-    present = (flags & np.uint64(4)) != 0
-    swapped = (flags & np.uint64(2)) != 0
-    file_page = (flags & np.uint64(1)) != 0
-    return not bool(np.any((present & ~file_page) | swapped))
-
-
 def _lease_forward(st: _State, x: np.ndarray) -> Optional[dict[str, Any]]:
     """Send on ``x`` (C- or F-contiguous) by reference if it lies in a block this process holds and was never
     written here: a new reference to the block for the recipient, no copy. None otherwise."""
@@ -156,7 +125,7 @@ def _lease_forward(st: _State, x: np.ndarray) -> Optional[dict[str, Any]]:
     if found is None:
         return None
     entry, offset = found
-    if entry.private and not _never_written(entry.start + offset, x.nbytes):
+    if entry.private and not cow.never_written(entry.start + offset, x.nbytes):
         return None  # written through a private view: those bytes are this process's, not the block's
     now = time.monotonic()
     st.sweep()
