@@ -266,16 +266,19 @@ def _rebuild_gathered(buf: Any, descr: str, shape: tuple[int, ...]) -> np.ndarra
     return _private(buf).view(descr).reshape(shape)
 
 
+def _builtin_flat(buf: Any, descr: Any) -> np.ndarray:
+    # A builtin-dtype body: Ray's read-only view of the store, or with writeable_numpy a private view of it.
+    return _private(buf).view(descr) if _writeable_numpy else np.frombuffer(buf, dtype=descr)
+
+
 def _rebuild_ndarray1(buf: Any, descr: Any) -> np.ndarray:
     _adopt()
-    if _writeable_numpy:
-        return _private(buf).view(descr)
-    return np.frombuffer(buf, dtype=descr)
+    return _builtin_flat(buf, descr)
 
 
 def _rebuild_ndarray(buf: Any, descr: Any, shape: tuple[int, ...], order: str) -> np.ndarray:
     _adopt()
-    flat = _private(buf).view(descr) if _writeable_numpy else np.frombuffer(buf, dtype=descr)
+    flat = _builtin_flat(buf, descr)
     if order == "C":
         return flat.reshape(shape)
     return flat.reshape(shape, order="F")
